@@ -18,7 +18,6 @@ import dmscale.data as D
 from dmscale.data import (ByteTokenizer, ImageData, available_datasets, load_dataset, load_text_corpus,
                           make_lm_batches, read_cifar10_binary, read_idx, safe_extract)
 
-HAS_SKLEARN = importlib.util.find_spec("sklearn") is not None
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import io
 import logging
 import os
 import re
