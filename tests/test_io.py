@@ -1,0 +1,398 @@
+"""Round-trip, integrity and atomicity tests for dmscale.io (save/load without constructors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import io_models as zoo
+from dmscale import io as dio
+
+
+def _roundtrip(model: nn.Module, path: Path, *inputs: Any, **kw: Any) -> nn.Module:
+    """Save, load and check that outputs and state are identical; returns the loaded model."""
+    dio.save(model, path, meta={"note": "test"})
+    loaded = dio.load(path)
+    assert type(loaded) is type(model)
+    assert loaded is not model
+    sd0, sd1 = model.state_dict(), loaded.state_dict()
+    assert list(sd0) == list(sd1)
+    for k in sd0:
+        torch.testing.assert_close(sd0[k], sd1[k], rtol=0, atol=0)
+    with torch.no_grad():
+        out0 = model(*inputs, **kw)
+        out1 = loaded(*inputs, **kw)
+    if hasattr(out0, "logits"):
+        out0, out1 = out0.logits, out1.logits
+    torch.testing.assert_close(out0, out1, rtol=0, atol=0)
+    return loaded
+
+
+def _assert_same_tree(a: nn.Module, b: nn.Module) -> None:
+    """Same classes and training flags at every path."""
+    ma, mb = dict(a.named_modules()), dict(b.named_modules())
+    assert list(ma) == list(mb)
+    for k in ma:
+        assert type(ma[k]) is type(mb[k]), k
+        assert ma[k].training == mb[k].training, k
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+def test_mlp_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = zoo.MLP().eval()
+    m2 = _roundtrip(m, tmp_path / "mlp", torch.randn(3, 8))
+    assert m2.act is torch.nn.functional.gelu
+    assert m2.fc2.bias is None and "bias" in m2.fc2._parameters
+    info = dio.read_structure(tmp_path / "mlp")
+    assert info["format"] == dio.FORMAT_NAME and info["meta"] == {"note": "test"}
+    assert info["root_class"] == "io_models:MLP"
+    assert info["tensors"]["fc1.weight"]["shape"] == [16, 8]
+    assert info["num_parameters"] == sum(p.numel() for p in m.parameters())
+
+
+def test_cnn_batchnorm_residual_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = zoo.SmallCNN()
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):  # populate running stats
+            m(torch.randn(4, 3, 8, 8))
+    m.eval()
+    m2 = _roundtrip(m, tmp_path / "cnn", torch.randn(2, 3, 8, 8))
+    _assert_same_tree(m, m2)
+    assert m2.blocks[1].bn1.num_batches_tracked.item() == 3
+    assert m2.blocks[1].conv1.out_channels == 5
+
+
+def test_pruned_custom_attention_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = zoo.TinyTransformer()
+    zoo.prune_block(m.blocks[0], heads=3, hidden=23)
+    zoo.prune_block(m.blocks[1], heads=1, hidden=40)
+    m.eval()
+    ids = torch.randint(0, 50, (2, 7))
+    m2 = _roundtrip(m, tmp_path / "tt", ids)
+    _assert_same_tree(m, m2)
+    assert m2.blocks[0].attn.num_heads == 3 and m2.blocks[1].attn.num_heads == 1
+    assert m2.blocks[0].fc1.out_features == 23 and tuple(m2.blocks[0].fc1.weight.shape) == (23, 32)
+    assert m2.blocks[0].attn.mode is zoo.Mode.EXACT and m2.blocks[0].attn.dtype_hint is torch.float32
+    assert m2.blocks[0].attn.meta == {"heads": (3,), 3: [1.5, None], "$odd": {"x"}}
+    # ties, shared modules and module references survive by identity
+    assert m2.head.weight is m2.embed.weight
+    assert m2.final_norm is m2.norm and m2.block_list[0] is m2.blocks[0]
+    assert torch.equal(m2.index, m.index)
+    # non-persistent buffers are rebuilt and stay non-persistent
+    assert "pos_scale" in m2.blocks[0]._non_persistent_buffers_set
+    assert "blocks.0.pos_scale" not in m2.state_dict()
+    # a tied model stores the weight once
+    assert len(dio.read_structure(tmp_path / "tt")["tensors"]) == len(
+        {id(t) for t in list(m.parameters()) + list(m.buffers())}
+    ) + 1  # + the plain tensor attribute
+
+
+def test_training_flags_and_requires_grad_kept(tmp_path: Path) -> None:
+    m = zoo.SmallCNN().train()
+    m.blocks[0].eval()
+    m.head.bias.requires_grad_(False)
+    dio.save(m, tmp_path / "m")
+    m2 = dio.load(tmp_path / "m")
+    _assert_same_tree(m, m2)
+    assert m2.training and not m2.blocks[0].training
+    assert not m2.head.bias.requires_grad and m2.head.weight.requires_grad
+    assert isinstance(m2.head.weight, nn.Parameter)
+
+
+def test_overwrite_existing_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m"
+    dio.save(zoo.MLP(hidden=16), path)
+    dio.save(zoo.MLP(hidden=9), path)
+    assert dio.load(path).fc1.out_features == 9
+    monkeypatch.setattr(dio, "_rename_exchange", lambda a, b: False)  # two-rename fallback path
+    dio.save(zoo.MLP(hidden=7), path)
+    assert dio.load(path).fc1.out_features == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
+    d = tmp_path / "precious"
+    d.mkdir()
+    (d / "thesis.txt").write_text("do not delete")
+    with pytest.raises(FileExistsError, match="precious"):
+        dio.save(zoo.MLP(), d)
+    assert (d / "thesis.txt").read_text() == "do not delete"
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_hf_vit_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        image_size=16, patch_size=8, num_labels=3,
+    )
+    m = transformers.ViTForImageClassification(cfg).eval()
+    m2 = _roundtrip(m, tmp_path / "vit", pixel_values=torch.randn(2, 3, 16, 16))
+    _assert_same_tree(m, m2)
+    assert m2.config.to_dict() == m.config.to_dict()
+
+
+def test_hf_resnet_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    m = transformers.ResNetForImageClassification(cfg).eval()
+    _roundtrip(m, tmp_path / "resnet", pixel_values=torch.randn(2, 3, 32, 32))
+
+
+def test_hf_gpt2_tied_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    assert m.lm_head.weight is m.transformer.wte.weight
+    m2 = _roundtrip(m, tmp_path / "gpt2", input_ids=torch.randint(0, 64, (2, 9)))
+    assert m2.lm_head.weight is m2.transformer.wte.weight
+    assert m2.config is m2.transformer.config  # config shared by identity
+    info = dio.read_structure(tmp_path / "gpt2")
+    assert "lm_head.weight" not in info["tensors"] and len(info["objects"]) == 2  # config + generation config
+
+
+def test_hf_llama_pruned_nonuniform_roundtrip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=64, bos_token_id=0, eos_token_id=0,
+    )
+    m = transformers.LlamaForCausalLM(cfg)
+    # simulate an exported model: non-uniform MLP widths and a layer with fewer heads
+    for layer, width in zip(m.model.layers, (40, 24)):
+        keep = torch.arange(width)
+        layer.mlp.gate_proj = zoo.prune_linear(layer.mlp.gate_proj, keep_out=keep)
+        layer.mlp.up_proj = zoo.prune_linear(layer.mlp.up_proj, keep_out=keep)
+        layer.mlp.down_proj = zoo.prune_linear(layer.mlp.down_proj, keep_in=keep)
+        layer.mlp.intermediate_size = width
+    attn = m.model.layers[0].self_attn
+    attn.q_proj = zoo.prune_linear(attn.q_proj, keep_out=torch.arange(16))  # 2 query heads
+    attn.k_proj = zoo.prune_linear(attn.k_proj, keep_out=torch.arange(8))  # 1 kv head
+    attn.v_proj = zoo.prune_linear(attn.v_proj, keep_out=torch.arange(8))
+    attn.o_proj = zoo.prune_linear(attn.o_proj, keep_in=torch.arange(16))
+    m.config.intermediate_size = 40  # edited config
+    m.eval()
+    m2 = _roundtrip(m, tmp_path / "llama", input_ids=torch.randint(0, 64, (2, 9)))
+    assert m2.model.layers[1].mlp.down_proj.in_features == 24
+    assert m2.config.intermediate_size == 40
+    assert m2.config._attn_implementation == m.config._attn_implementation
+    assert "inv_freq" in m2.model.rotary_emb._non_persistent_buffers_set
+    torch.testing.assert_close(m2.model.rotary_emb.inv_freq, m.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ integrity errors
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> Path:
+    """A saved small model."""
+    path = tmp_path / "m"
+    dio.save(zoo.MLP(), path)
+    return path
+
+
+def test_flipped_byte_rejected(saved: Path) -> None:
+    w = saved / dio.WEIGHTS_FILE
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or was modified"):
+        dio.load(saved)
+
+
+def test_truncated_file_rejected(saved: Path) -> None:
+    w = saved / dio.WEIGHTS_FILE
+    w.write_bytes(w.read_bytes()[:-16])
+    with pytest.raises(ValueError, match="truncated"):
+        dio.load(saved)
+
+
+def test_edited_shape_rejected(saved: Path) -> None:
+    f = saved / dio.STRUCTURE_FILE
+    s = json.loads(f.read_text())
+    s["tensors"]["fc1.weight"]["shape"] = [15, 8]
+    f.write_text(json.dumps(s))
+    with pytest.raises(ValueError, match=r"fc1\.weight.*\[15, 8\].*\[16, 8\]"):
+        dio.load(saved)
+
+
+def test_missing_weights_file(saved: Path) -> None:
+    (saved / dio.WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        dio.load(saved)
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        dio.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="structure.json"):
+        dio.read_structure(tmp_path)
+
+
+def test_bad_class_path_rejected(saved: Path) -> None:
+    f = saved / dio.STRUCTURE_FILE
+    s = json.loads(f.read_text())
+    s["module"]["children"]["fc1"]["class"] = "io_models:NotAModule"
+    f.write_text(json.dumps(s))
+    with pytest.raises(TypeError, match="io_models:NotAModule.*not a subclass of torch.nn.Module"):
+        dio.load(saved)
+    s["module"]["children"]["fc1"]["class"] = "os:system"
+    f.write_text(json.dumps(s))
+    with pytest.raises(TypeError, match="os:system"):
+        dio.load(saved)
+    s["module"]["children"]["fc1"]["class"] = "no_such_pkg_xyz:Thing"
+    f.write_text(json.dumps(s))
+    with pytest.raises(ImportError, match="no_such_pkg_xyz"):
+        dio.load(saved)
+
+
+def test_untrusted_function_reference_rejected(saved: Path) -> None:
+    f = saved / dio.STRUCTURE_FILE
+    s = json.loads(f.read_text())
+    assert s["module"]["attributes"]["act"] == {"$ref": "torch._C._nn:gelu"}
+    s["module"]["attributes"]["act"] = {"$ref": "os:system"}
+    f.write_text(json.dumps(s))
+    with pytest.raises(ValueError, match="os:system"):
+        dio.load(saved)
+
+
+def test_unknown_format_version(saved: Path) -> None:
+    f = saved / dio.STRUCTURE_FILE
+    s = json.loads(f.read_text())
+    s["format_version"] = 99
+    f.write_text(json.dumps(s))
+    with pytest.raises(ValueError, match="unsupported format_version 99"):
+        dio.load(saved)
+
+
+# ------------------------------------------------------------------------------------------------ save-time errors
+
+
+class _LambdaHolder(nn.Module):
+    """Module with an attribute that cannot be saved."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.lin.fn = lambda x: x
+
+
+def test_unsupported_attribute_names_module_and_attribute(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"'lin'.*'fn'"):
+        dio.save(_LambdaHolder(), tmp_path / "x")
+    m = zoo.MLP()
+    m.fc1.handle = open(os.devnull)  # noqa: SIM115
+    try:
+        with pytest.raises(TypeError, match=r"'fc1'.*'handle'.*TextIOWrapper"):
+            dio.save(m, tmp_path / "x")
+    finally:
+        m.fc1.handle.close()
+    assert not (tmp_path / "x").exists()
+
+
+def test_local_class_and_hooks_rejected(tmp_path: Path) -> None:
+    class Local(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(TypeError, match="inside a function"):
+        dio.save(Local(), tmp_path / "x")
+    m = zoo.MLP()
+    m.fc1.register_forward_hook(lambda mod, i, o: o * 2)
+    with pytest.raises(TypeError, match="fc1.*hooks"):
+        dio.save(m, tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------------ atomicity
+
+
+def test_failed_save_keeps_previous(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="simulated"):
+        dio.save(zoo.MLP(hidden=3), saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+    assert dio.load(saved).fc1.out_features == 16
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]  # no temp dirs left
+
+
+def test_atomic_write_helpers(tmp_path: Path) -> None:
+    p = tmp_path / "sub" / "a.txt"
+    dio.atomic_write_text(p, "hello")
+    dio.atomic_write_bytes(p, b"world")
+    assert p.read_bytes() == b"world"
+    assert sorted(x.name for x in p.parent.iterdir()) == ["a.txt"]
+    assert p.stat().st_mode & 0o644 == 0o644 or os.name != "posix"
+
+
+# ------------------------------------------------------------------------------------------------ odds and ends
+
+
+def test_shared_storage_views_and_compile_wrapper(tmp_path: Path) -> None:
+    m = zoo.SharedStorage().eval()
+    m2 = _roundtrip(m, tmp_path / "views", torch.randn(3, 4))
+    assert torch.equal(m2.b, m.b)
+    wrapped = torch.compile(zoo.MLP().eval())  # not run: only the wrapper is unwrapped on save
+    dio.save(wrapped, tmp_path / "compiled")
+    assert type(dio.load(tmp_path / "compiled")) is zoo.MLP
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**62), 2**62), st.floats(allow_nan=False), st.text(max_size=5),
+    st.sampled_from([torch.float16, torch.bfloat16, torch.int64, torch.Size([2, 3]), zoo.Mode.FAST]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 9)), inner, max_size=3),
+        st.sets(st.one_of(st.integers(0, 9), st.text(max_size=3)), max_size=3),
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_values)
+def test_attribute_encoding_roundtrips(value: Any) -> None:
+    """Every supported attribute value survives encode -> JSON -> decode exactly (types included)."""
+    enc = dio._Saver(nn.Module()).encode(value, "attr")
+    dec = dio._Loader({"tensors": {}, "objects": []}, {}).decode(json.loads(json.dumps(enc)), "attr")
+    assert _same(dec, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values of identical types, recursively (``1 == 1.0 == True`` is not enough)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(k, j) and _same(a[k], b[j]) for k, j in zip(a, b))
+    return a == b
