@@ -1,0 +1,267 @@
+"""Export: slice the supernet to its hard masks, fold surviving mask values, drop removed blocks."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from .tracing import Space, is_rmsnorm
+
+if TYPE_CHECKING:
+    from .search import DMS
+
+__all__ = ["export_model", "ExportError"]
+
+
+class ExportError(RuntimeError):
+    """The exported model does not compute what the hard-masked supernet computes."""
+
+
+# which dim of each known layer's parameters is its output dim (where the mask is folded)
+_OUT_DIM = {
+    "linear": {"weight": 0, "bias": 0},
+    "conv": {"weight": 0, "bias": 0},
+    "batchnorm": {"weight": 0, "bias": 0},
+    "layernorm": {"weight": 0, "bias": 0},
+    "rmsnorm": {"weight": 0},
+    "groupnorm": {"weight": 0, "bias": 0},
+    "embedding": {"weight": 1},
+    "hf_conv1d": {"weight": 1, "bias": 0},
+}
+
+
+def _along(v: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[d] = v.numel()
+    return v.view(shape)
+
+
+def _get_module(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name) if name else root
+
+
+@torch.no_grad()
+def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> nn.Module:
+    """Build the smaller model; with ``check`` verify it against the hard-masked supernet."""
+    masker = dms.masker
+    tr = dms.trace
+    with masker.use_mode("hard"):
+        masker.begin_forward()
+        masks: dict[int, torch.Tensor | None] = {}
+        keeps: dict[int, torch.Tensor | None] = {}
+
+        def mask_of(s: Space) -> torch.Tensor | None:
+            r = s.find()
+            if id(r) not in masks:
+                masks[id(r)] = masker.mask_for(r)
+                keeps[id(r)] = masker.keep_for(r)
+            return masks[id(r)]
+
+        def keep_of(s: Space) -> torch.Tensor | None:
+            mask_of(s)
+            return keeps[id(s.find())]
+
+        for rec in tr.params.values():
+            for s in rec.dims:
+                mask_of(s)
+        for rec in tr.layers.values():
+            for s in rec.out_dims.values():
+                mask_of(s)
+        depth_keep = {g.key: masker.current_keep[g.key] for g in dms.groups if g.kind == "depth"}
+    with masker.detached():
+        new = copy.deepcopy(dms.model)
+    modules = dict(new.named_modules())
+
+    # 1. fold surviving soft mask values into each layer's output side, and into raw parameters
+    for name, rec in tr.layers.items():
+        mod = modules[name]
+        for _, s in rec.out_dims.items():
+            m = mask_of(s)
+            if m is None:
+                continue
+            for pname, d in _OUT_DIM.get(rec.kind, {}).items():
+                p = getattr(mod, pname, None)
+                if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
+                    p.mul_(_along(m.to(p.dtype), d, p.dim()))
+    for rec in tr.params.values():
+        if not rec.raw or rec.is_buffer:
+            continue
+        p = getattr(modules[rec.module], rec.attr)
+        for d, s in enumerate(rec.dims):
+            m = mask_of(s)
+            if m is not None:
+                p.mul_(_along(m.to(p.dtype), d, p.dim()))
+
+    # 2. slice every parameter and buffer to the kept elements
+    sliced: dict[int, torch.Tensor] = {}
+    for rec in tr.params.values():
+        mod = modules[rec.module]
+        t = getattr(mod, rec.attr)
+        if not isinstance(t, torch.Tensor):
+            continue
+        if id(t) in sliced:  # tied: reuse the already sliced tensor
+            _assign(mod, rec.attr, sliced[id(t)], rec.is_buffer)
+            continue
+        out = t.detach()
+        changed = False
+        for d, s in enumerate(rec.dims):
+            k = keep_of(s)
+            if k is None or bool(k.all()):
+                continue
+            idx = torch.nonzero(k, as_tuple=False).flatten().to(out.device)
+            out = out.index_select(d, idx)
+            changed = True
+        if changed:
+            new_t = nn.Parameter(out.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+                else out.clone()
+            _assign(mod, rec.attr, new_t, rec.is_buffer)
+            sliced[id(t)] = new_t
+
+    # 3. fix the size attributes of known layers
+    for name, rec in tr.layers.items():
+        _update_layer_attrs(modules[name], rec.kind)
+    _update_reshape_attrs(dms, modules, keep_of)
+
+    # 4. drop removed blocks
+    for g in dms.groups:
+        if g.kind != "depth":
+            continue
+        keep = depth_keep[g.key]
+        by_container: dict[str, list[tuple[int, bool]]] = {}
+        for i, b in enumerate(g.blocks):
+            by_container.setdefault(b.container, []).append((b.index, bool(keep[i])))
+        for cname, items in by_container.items():
+            drop = {idx for idx, k in items if not k}
+            if drop:
+                _drop_children(new, cname, drop)
+
+    new.train(dms.model.training)
+    if check:
+        verify_export(dms, new, atol=atol, rtol=rtol)
+    return new
+
+
+def _assign(mod: nn.Module, attr: str, t: torch.Tensor, is_buffer: bool) -> None:
+    if is_buffer:
+        mod._buffers[attr] = t
+    elif isinstance(t, nn.Parameter):
+        mod._parameters[attr] = t
+    else:
+        setattr(mod, attr, t)
+
+
+def _update_layer_attrs(mod: nn.Module, kind: str) -> None:
+    """Make a sliced layer's size attributes agree with its weights."""
+    w = getattr(mod, "weight", None)
+    if kind == "linear":
+        mod.out_features, mod.in_features = w.shape[0], w.shape[1]
+    elif kind == "conv":
+        out_c, in_per_group = w.shape[0], w.shape[1]
+        if mod.groups > 1 and in_per_group == 1 and mod.groups == mod.in_channels == mod.out_channels:
+            mod.groups = out_c
+            mod.in_channels = out_c
+        else:
+            mod.in_channels = in_per_group * mod.groups
+        mod.out_channels = out_c
+    elif kind == "batchnorm":
+        mod.num_features = (w if w is not None else mod.running_mean).shape[0]
+    elif kind == "layernorm":
+        if w is not None:
+            mod.normalized_shape = (w.shape[0],)
+    elif kind == "rmsnorm":
+        if isinstance(mod, getattr(nn, "RMSNorm", ())) and w is not None:
+            mod.normalized_shape = (w.shape[0],)
+        elif w is not None and hasattr(mod, "hidden_size") and isinstance(mod.hidden_size, int):
+            mod.hidden_size = w.shape[0]
+    elif kind == "groupnorm":
+        c = w.shape[0]
+        if mod.num_groups == mod.num_channels:
+            mod.num_groups = c
+        mod.num_channels = c
+    elif kind == "embedding":
+        mod.embedding_dim = w.shape[1]
+    elif kind == "hf_conv1d":
+        mod.nf = w.shape[1]
+
+
+def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> None:
+    """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim."""
+    done: set[tuple[str, int]] = set()
+    for rec in dms.trace.reshapes:
+        k = keep_of(rec.space)
+        if k is None:
+            continue
+        new_val = int(k.sum())
+        if new_val == rec.value or (rec.module, rec.value) in done:
+            continue
+        mod = modules.get(rec.module)
+        if mod is None:
+            continue
+        hits = [a for a, v in vars(mod).items() if not a.startswith("_") and type(v) is int and v == rec.value]
+        if len(hits) == 1:
+            setattr(mod, hits[0], new_val)
+            done.add((rec.module, rec.value))
+        elif len(hits) > 1:
+            raise ExportError(f"module '{rec.module}' has several int attributes equal to {rec.value} "
+                              f"({', '.join(hits)}) and reshapes a pruned dimension with that value; "
+                              "dmscale cannot tell which to update: exclude this module or keep that dimension")
+
+
+def _drop_children(root: nn.Module, cname: str, drop: set[int]) -> None:
+    cont = _get_module(root, cname)
+    kept = [(n, m) for i, (n, m) in enumerate(cont.named_children()) if i not in drop]
+    if isinstance(cont, nn.Sequential):
+        new_c: nn.Module = nn.Sequential(OrderedDict(kept))
+        new_c.train(cont.training)
+        new_c.__class__ = type(cont)
+    elif isinstance(cont, nn.ModuleList):
+        new_c = nn.ModuleList([m for _, m in kept])
+        new_c.train(cont.training)
+    else:
+        raise ExportError(f"cannot remove blocks from '{cname}' ({type(cont).__name__})")
+    if cname:
+        parent_name, _, attr = cname.rpartition(".")
+        setattr(_get_module(root, parent_name), attr, new_c)
+    else:
+        raise ExportError("cannot remove blocks from the root module")
+
+
+def _flat(out: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    flat, _ = tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+@torch.no_grad()
+def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: float = 1e-4) -> None:
+    """Raise ExportError unless the export's outputs equal the hard-masked supernet's on the examples."""
+    model = dms.model
+    was_m, was_e = model.training, exported.training
+    model.eval()
+    exported.eval()
+    try:
+        with dms.hard():
+            ref = _flat(model(*dms.example_inputs, **dms.example_kwargs))
+        got = _flat(exported(*dms.example_inputs, **dms.example_kwargs))
+    except Exception as exc:
+        raise ExportError(f"the exported model failed to run on example_inputs: {exc}") from exc
+    finally:
+        model.train(was_m)
+        exported.train(was_e)
+    if len(ref) != len(got):
+        raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}")
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            raise ExportError(f"output {i}: exported shape {tuple(b.shape)} != supernet {tuple(a.shape)}")
+        try:
+            torch.testing.assert_close(b, a, atol=atol, rtol=rtol)
+        except AssertionError as exc:
+            raise ExportError(f"output {i} of the exported model differs from the hard-masked supernet: {exc}") \
+                from exc

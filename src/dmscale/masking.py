@@ -1,0 +1,277 @@
+"""Insert masks into an unchanged user model (forward hooks + parametrizations) and remove them again."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .space import Group, SearchSpace
+from .tracing import LayerRecord, ParamRecord, Space, TraceResult
+
+__all__ = ["Masker", "MODES"]
+
+MODES = ("soft", "hard", "off")
+
+
+def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """Reshape a 1-D mask to broadcast along ``dim`` of an ``ndim`` tensor."""
+    d = dim if dim >= 0 else ndim + dim
+    shape = [1] * ndim
+    shape[d] = mask.numel()
+    return mask.view(shape)
+
+
+class _RawMask(nn.Module):
+    """Parametrization multiplying a raw parameter (e.g. a position embedding) by its masks."""
+
+    def __init__(self, masker: "Masker", dims: list[tuple[int, Space]]) -> None:
+        super().__init__()
+        self._masker = [masker]  # list: keep it out of the module tree
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        m = self._masker[0]
+        for d, s in self.dims:
+            mk = m.mask_for(s)
+            if mk is not None:
+                x = x * _along(mk.to(x.dtype), d, x.dim())
+        return x
+
+
+class Masker:
+    """Computes every group's mask once per forward and applies it where the trace says."""
+
+    def __init__(self, model: nn.Module, tr: TraceResult, space: SearchSpace, groups: list[Group]) -> None:
+        self.model = model
+        self.tr = tr
+        self.space = space
+        self.groups = groups
+        self.mode = "soft"
+        self.leaf_group: dict[int, Group] = {id(g.space.find()): g for g in groups if g.space is not None}
+        self.block_gate: dict[str, tuple[Group, int]] = {}
+        for g in groups:
+            for i, b in enumerate(g.blocks):
+                self.block_gate[b.name] = (g, i)
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_keep: dict[str, torch.Tensor] = {}
+        self._composite: dict[int, torch.Tensor | None] = {}
+        self._keep_cache: dict[int, torch.Tensor | None] = {}
+        self.on_mask: Callable[[Group, torch.Tensor], None] | None = None  # importance hook installer
+        self.handles: list[Any] = []
+        self.raw: list[tuple[nn.Module, str]] = []
+        self.installed = False
+
+    # ------------------------------------------------------------------ masks
+    def prunable(self, s: Space) -> bool:
+        """True when some leaf of this space belongs to a group."""
+        return any(id(leaf) in self.leaf_group for leaf in s.leaves())
+
+    def begin_forward(self) -> None:
+        """Recompute all group masks for this forward pass (ratios change every step)."""
+        self._composite.clear()
+        self._keep_cache.clear()
+        self.current.clear()
+        self.current_keep.clear()
+        if self.mode == "off":
+            return
+        for g in self.groups:
+            soft = self.space.soft_mask(g)
+            keep = self.space.keep(g, soft)
+            self.current_keep[g.key] = keep
+            if self.mode == "hard":
+                m = keep.to(soft.dtype) if g.kind == "depth" else soft.detach() * keep.to(soft.dtype)
+            else:
+                m = soft
+                if self.on_mask is not None and torch.is_grad_enabled() and m.requires_grad:
+                    self.on_mask(g, m)
+            self.current[g.key] = m
+
+    def _ensure(self) -> None:
+        if not self.current and self.mode != "off":
+            self.begin_forward()
+
+    def mask_for(self, s: Space) -> torch.Tensor | None:
+        """Mask vector of a (possibly composite) space, or None when nothing in it is searched."""
+        if self.mode == "off":
+            return None
+        root = s.find()
+        if id(root) in self._composite:
+            return self._composite[id(root)]
+        self._ensure()
+        out: torch.Tensor | None
+        if root.kind == "atomic":
+            g = self.leaf_group.get(id(root))
+            out = self.current[g.key] if g is not None else None
+        else:
+            parts = [self.mask_for(c) for c in root.children]
+            if all(p is None for p in parts):
+                out = None
+            else:
+                ref = next(p for p in parts if p is not None)
+                parts = [p if p is not None else torch.ones(c.find().size, dtype=ref.dtype, device=ref.device)
+                         for p, c in zip(parts, root.children)]
+                if root.kind == "concat":
+                    out = torch.cat(parts)
+                else:
+                    out = parts[0]
+                    for p in parts[1:]:
+                        out = (out[:, None] * p[None, :]).reshape(-1)
+        self._composite[id(root)] = out
+        return out
+
+    def keep_for(self, s: Space) -> torch.Tensor | None:
+        """Boolean keep vector of a space (hard masks), or None when nothing in it is searched."""
+        root = s.find()
+        if id(root) in self._keep_cache:
+            return self._keep_cache[id(root)]
+        out: torch.Tensor | None
+        if root.kind == "atomic":
+            g = self.leaf_group.get(id(root))
+            out = self.current_keep[g.key] if g is not None else None
+        else:
+            parts = [self.keep_for(c) for c in root.children]
+            if all(p is None for p in parts):
+                out = None
+            else:
+                ref = next(p for p in parts if p is not None)
+                parts = [p if p is not None else torch.ones(c.find().size, dtype=torch.bool, device=ref.device)
+                         for p, c in zip(parts, root.children)]
+                if root.kind == "concat":
+                    out = torch.cat(parts)
+                else:
+                    out = parts[0]
+                    for p in parts[1:]:
+                        out = (out[:, None] & p[None, :]).reshape(-1)
+        self._keep_cache[id(root)] = out
+        return out
+
+    # ------------------------------------------------------------------ hooks
+    def install(self) -> None:
+        """Attach the hooks and parametrizations (idempotent)."""
+        if self.installed:
+            return
+        modules = dict(self.model.named_modules())
+        self.handles.append(self.model.register_forward_pre_hook(lambda mod, args: self.begin_forward()))
+        for name, rec in self.tr.layers.items():
+            dims = [(d, s) for d, s in rec.out_dims.items() if self.prunable(s)]
+            norm = rec.norm_space if rec.norm_space is not None and self.prunable(rec.norm_space) else None
+            if not dims and norm is None:
+                continue
+            self.handles.append(modules[name].register_forward_hook(self._layer_hook(rec, dims, norm)))
+        for bname, (g, i) in self.block_gate.items():
+            blk = g.blocks[i]
+            self.handles.append(modules[bname].register_forward_hook(self._block_hook(g, i, blk.input_spec),
+                                                                     with_kwargs=True))
+        for rec in self.tr.params.values():
+            if not rec.raw or rec.is_buffer:
+                continue
+            dims = [(d, s) for d, s in enumerate(rec.dims) if self.prunable(s)]
+            if not dims:
+                continue
+            mod = modules[rec.module]
+            parametrize.register_parametrization(mod, rec.attr, _RawMask(self, dims), unsafe=True)
+            self.raw.append((mod, rec.attr))
+        self.installed = True
+
+    def remove(self) -> None:
+        """Detach everything, leaving the user's model as it was (same parameter objects)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for mod, attr in self.raw:
+            if parametrize.is_parametrized(mod, attr):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        self.raw.clear()
+        self.installed = False
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Temporarily remove all masks (to copy the plain model), then put them back."""
+        was = self.installed
+        self.remove()
+        try:
+            yield
+        finally:
+            if was:
+                self.install()
+
+    @contextlib.contextmanager
+    def use_mode(self, mode: str) -> Iterator[None]:
+        """Run forwards with 'soft', 'hard' (export-equivalent) or 'off' masks."""
+        if mode not in MODES:
+            raise ValueError(f"mask mode must be one of {MODES}, got {mode!r}")
+        old = self.mode
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = old
+            self.current.clear()
+            self._composite.clear()
+
+    def _layer_hook(self, rec: LayerRecord, dims: list[tuple[int, Space]], norm: Space | None):
+        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+            if self.mode == "off" or not isinstance(out, torch.Tensor):
+                return None
+            y = out
+            if norm is not None:
+                keep = self.keep_for(norm)
+                if keep is not None:
+                    y = _masked_norm(mod, rec.kind, args[0], keep)
+            for d, s in dims:
+                m = self.mask_for(s)
+                if m is not None:
+                    y = y * _along(m.to(y.dtype), d, y.dim())
+            return y
+        return hook
+
+    def _block_hook(self, g: Group, i: int, spec: tuple[str, Any]):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            if self.mode == "off":
+                return None
+            x = args[spec[1]] if spec[0] == "arg" else kwargs.get(spec[1])
+            self._ensure()
+            gate = self.current[g.key][i]
+            if isinstance(out, torch.Tensor):
+                y, rest = out, None
+            elif isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+                y, rest = out[0], out[1:]
+            else:
+                return None
+            if self.mode == "hard":
+                new = y if bool(gate > 0.5) else x
+            else:
+                new = x + gate.to(y.dtype) * (y - x)
+            return new if rest is None else (new,) + tuple(rest)
+        return hook
+
+
+def _masked_norm(mod: nn.Module, kind: str, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """LayerNorm / RMSNorm whose statistics use only the kept channels (as the exported layer will)."""
+    h = keep.to(torch.float32)
+    n = h.sum().clamp_min(1.0)
+    xf = x.to(torch.float32)
+    if kind == "layernorm":
+        mean = (xf * h).sum(-1, keepdim=True) / n
+        var = (((xf - mean) ** 2) * h).sum(-1, keepdim=True) / n
+        y = (xf - mean) * torch.rsqrt(var + mod.eps)
+        y = y.to(x.dtype)
+        if mod.weight is not None:
+            y = y * mod.weight
+        if getattr(mod, "bias", None) is not None:
+            y = y + mod.bias
+        return y
+    # RMSNorm (torch's and Hugging Face style)
+    eps = getattr(mod, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(mod, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    var = ((xf * xf) * h).sum(-1, keepdim=True) / n
+    y = (xf * torch.rsqrt(var + eps)).to(x.dtype)
+    w = getattr(mod, "weight", None)
+    return y * w if w is not None else y

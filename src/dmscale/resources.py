@@ -1,0 +1,177 @@
+"""Differentiable resource accounting (FLOPs, params) from the masks, and exact counting of a model.
+
+FLOPs follow ``torch.utils.flop_counter``: 2 FLOPs per multiply-add, matmul-like ops only
+(linear, conv, matmul/bmm, attention); norms, activations and additions count 0. Every traced
+op's FLOPs at full size are scaled by the kept fraction of each dimension it runs over, so the
+count is exact for the exported network. Kept counts are straight-through: the forward value
+is the hard count (what export keeps), the gradient is that of the soft mask's sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .masking import Masker
+from .space import Group
+from .tracing import Space, TraceResult
+
+__all__ = ["Resources", "count"]
+
+
+def count(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> dict[str, float]:
+    """Exact FLOPs (``FlopCounterMode``, 2 per multiply-add) of one forward, and the parameter count."""
+    example_kwargs = example_kwargs or {}
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model(*example_inputs, **example_kwargs)
+    finally:
+        model.train(was)
+    seen: set[int] = set()
+    params = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            params += p.numel()
+    return {"flops": float(fc.get_total_flops()), "params": float(params)}
+
+
+class Resources:
+    """FLOPs and params of the masked supernet as differentiable functions of the ratios."""
+
+    def __init__(self, tr: TraceResult, masker: Masker, groups: list[Group], model: nn.Module) -> None:
+        self.tr = tr
+        self.masker = masker
+        self.groups = groups
+        removable = {b.name for g in groups for b in g.blocks}
+        self.removable = removable
+        self.op_terms: list[tuple[float, list[Space], list[str]]] = []
+        counted = 0.0
+        for op in tr.ops:
+            blocks = [b for b in op.blocks if b in removable]
+            self.op_terms.append((op.flops, list(op.dims), blocks))
+            counted += op.flops
+        self.flops_const = max(0.0, tr.total_flops - counted)  # ops the tracer saw but could not scale
+        self.param_terms: list[tuple[float, list[Space], list[str]]] = []
+        seen_names = set()
+        for rec in tr.params.values():
+            if rec.is_buffer:
+                continue
+            seen_names.add(rec.name)
+            blocks = [b for b in rec.blocks if b in removable]
+            numel = 1
+            for s in rec.dims:
+                numel *= s.find().size
+            self.param_terms.append((float(numel), list(rec.dims), blocks))
+        # parameters the forward never touched still count (and are kept by export)
+        seen_ids = set()
+        other = 0
+        names = {}
+        for mname, mod in model.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                names.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
+        for p in model.parameters():
+            if id(p) in seen_ids:
+                continue
+            seen_ids.add(id(p))
+            if names.get(id(p)) not in seen_names:
+                other += p.numel()
+        self.params_const = float(other)
+        self.full = {"flops": tr.total_flops, "params": self.evaluate(hard_full=True)["params"]}
+
+    # --------------------------------------------------------------- evaluation
+    def _frac(self, s: Space, kept: dict[int, torch.Tensor], cache: dict[int, Any]) -> Any:
+        root = s.find()
+        if id(root) in cache:
+            return cache[id(root)]
+        if root.kind == "atomic":
+            g = self.masker.leaf_group.get(id(root))
+            val = 1.0 if g is None else kept[g.index]
+        elif root.kind == "product":
+            val = 1.0
+            for c in root.children:
+                val = val * self._frac(c, kept, cache)
+        else:
+            tot = 0.0
+            for c in root.children:
+                tot = tot + self._frac(c, kept, cache) * c.find().size
+            val = tot / root.size
+        cache[id(root)] = val
+        return val
+
+    def kept_fractions(self, *, hard_full: bool = False, soft: bool = True) -> tuple[dict[int, Any], dict[str, Any]]:
+        """Kept fraction per group (straight-through) and depth gate per removable block."""
+        kept: dict[int, Any] = {}
+        gates: dict[str, Any] = {}
+        sp = self.masker.space
+        for g in self.groups:
+            if hard_full:
+                m = None
+            else:
+                m = sp.soft_mask(g)
+            if g.kind == "depth":
+                for i, b in enumerate(g.blocks):
+                    if m is None:
+                        gates[b.name] = 1.0
+                    else:
+                        keep = sp.keep(g, m)
+                        hard = keep[i].to(m.dtype)
+                        gates[b.name] = hard + (m[i] - m[i].detach()) if soft else hard
+            else:
+                if m is None:
+                    kept[g.index] = 1.0
+                else:
+                    hard = float(g.hard_count(m))
+                    ste = hard + (m.sum() - m.sum().detach()) if soft else torch.tensor(hard)
+                    kept[g.index] = ste / g.size
+        return kept, gates
+
+    def evaluate(self, *, hard_full: bool = False, soft: bool = True) -> dict[str, Any]:
+        """Current FLOPs and params (tensors with gradients to the ratios when soft=True)."""
+        kept, gates = self.kept_fractions(hard_full=hard_full, soft=soft)
+        cache: dict[int, Any] = {}
+        flops: Any = self.flops_const
+        for coef, dims, blocks in self.op_terms:
+            term: Any = coef
+            for s in dims:
+                term = term * self._frac(s, kept, cache)
+            for b in blocks:
+                term = term * gates[b]
+            flops = flops + term
+        params: Any = self.params_const
+        for coef, dims, blocks in self.param_terms:
+            term = coef
+            for s in dims:
+                term = term * self._frac(s, kept, cache)
+            for b in blocks:
+                term = term * gates[b]
+            params = params + term
+        return {"flops": flops, "params": params}
+
+    def minimum(self, kind: str) -> float:
+        """The resource with every group at its smallest allowed size (to reject impossible targets)."""
+        kept: dict[int, Any] = {}
+        gates: dict[str, Any] = {}
+        for g in self.groups:
+            c = g.min_count()
+            if g.kind == "depth":
+                for i, b in enumerate(g.blocks):
+                    gates[b.name] = 1.0 if i >= g.size - c else 0.0
+            else:
+                kept[g.index] = c / g.size
+        cache: dict[int, Any] = {}
+        terms = self.op_terms if kind == "flops" else self.param_terms
+        total = self.flops_const if kind == "flops" else self.params_const
+        for coef, dims, blocks in terms:
+            term = coef
+            for s in dims:
+                term = term * self._frac(s, kept, cache)
+            for b in blocks:
+                term = term * gates[b]
+            total += float(term)
+        return total
