@@ -79,6 +79,8 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
     # 1. fold surviving soft mask values into each layer's output side, and into raw parameters
     for name, rec in tr.layers.items():
         mod = modules[name]
+        if rec.tied:
+            continue  # shared weight: the hard-masked supernet uses 0/1 masks here
         for _, s in rec.out_dims.items():
             m = mask_of(s)
             if m is None:
@@ -97,14 +99,14 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
                 p.mul_(_along(m.to(p.dtype), d, p.dim()))
 
     # 2. slice every parameter and buffer to the kept elements
-    sliced: dict[int, torch.Tensor] = {}
+    sliced: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(old) -> (old, new); old kept alive
     for rec in tr.params.values():
         mod = modules[rec.module]
         t = getattr(mod, rec.attr)
         if not isinstance(t, torch.Tensor):
             continue
-        if id(t) in sliced:  # tied: reuse the already sliced tensor
-            _assign(mod, rec.attr, sliced[id(t)], rec.is_buffer)
+        if id(t) in sliced and sliced[id(t)][0] is t:  # tied: reuse the already sliced tensor
+            _assign(mod, rec.attr, sliced[id(t)][1], rec.is_buffer)
             continue
         out = t.detach()
         changed = False
@@ -119,7 +121,14 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             new_t = nn.Parameter(out.clone(), requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
                 else out.clone()
             _assign(mod, rec.attr, new_t, rec.is_buffer)
-            sliced[id(t)] = new_t
+            sliced[id(t)] = (t, new_t)
+
+    # tied tensors (e.g. an LM head sharing the embedding) point to the sliced tensor too
+    for mod in new.modules():
+        for store, is_buf in ((mod._parameters, False), (mod._buffers, True)):
+            for attr, t in list(store.items()):
+                if t is not None and id(t) in sliced and sliced[id(t)][0] is t:
+                    store[attr] = sliced[id(t)][1]
 
     # 3. fix the size attributes of known layers
     for name, rec in tr.layers.items():
@@ -139,6 +148,9 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             if drop:
                 _drop_children(new, cname, drop)
 
+    from .adapters import post_export_fixups
+
+    post_export_fixups(dms, new)
     new.train(dms.model.training)
     if check:
         verify_export(dms, new, atol=atol, rtol=rtol)
@@ -202,13 +214,11 @@ def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) ->
         if mod is None:
             continue
         hits = [a for a, v in vars(mod).items() if not a.startswith("_") and type(v) is int and v == rec.value]
-        if len(hits) == 1:
-            setattr(mod, hits[0], new_val)
-            done.add((rec.module, rec.value))
-        elif len(hits) > 1:
-            raise ExportError(f"module '{rec.module}' has several int attributes equal to {rec.value} "
-                              f"({', '.join(hits)}) and reshapes a pruned dimension with that value; "
-                              "dmscale cannot tell which to update: exclude this module or keep that dimension")
+        # several attributes with the old value (e.g. GPT-2's embed_dim and split_size): update all of
+        # them; the export check afterwards catches a wrong guess
+        for a in hits:
+            setattr(mod, a, new_val)
+        done.add((rec.module, rec.value))
 
 
 def _drop_children(root: nn.Module, cname: str, drop: set[int]) -> None:

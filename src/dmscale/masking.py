@@ -223,7 +223,11 @@ class Masker:
                 if keep is not None:
                     y = _masked_norm(mod, rec.kind, args[0], keep)
             for d, s in dims:
-                m = self.mask_for(s)
+                if rec.tied and self.mode == "hard":  # export cannot fold into a shared weight
+                    k = self.keep_for(s)
+                    m = None if k is None else k.to(y.dtype)
+                else:
+                    m = self.mask_for(s)
                 if m is not None:
                     y = y * _along(m.to(y.dtype), d, y.dim())
             return y

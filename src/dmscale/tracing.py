@@ -186,6 +186,7 @@ class LayerRecord:
     out_dims: dict[int, Space]  # negative dim index -> space
     norm_space: Space | None = None  # for LN/RMSNorm: the normalised (last) dim
     blocks: tuple[str, ...] = ()
+    tied: bool = False  # weight shared with another module: mask values cannot be folded into it
 
 
 @dataclass
@@ -339,6 +340,7 @@ class _Tracer(TorchFunctionMode):
         self.leaf_flop_start: list[float] = []
         self.leaf_ops: list[OpRecord] = []
         self.depth_candidates: set[str] = set()
+        self.layer_outputs: dict[str, list[Space]] = {}
 
     # -- labels
     def get(self, t: torch.Tensor) -> list[Space]:
@@ -947,6 +949,9 @@ class _Tracer(TorchFunctionMode):
         parts = _split(sd[dim], sizes, "concat", f"split:{self.current_module()}") if len(outs) > 1 else [sd[dim]]
         for o, p in zip(outs, parts):
             self.set(o, sd[:dim] + [p] + sd[dim + 1:])
+        size_arg = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
+        if name == "split" and isinstance(size_arg, int) and len(outs) > 1:
+            self.reshapes.append(ReshapeRecord(self.current_module(), size_arg, parts[0]))
 
     def r_getitem(self, args, out) -> None:
         src, idx = args[0], args[1]
@@ -1089,6 +1094,10 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
                 flops = tr.counter.total - tr.leaf_flop_start.pop()
                 x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
                 _leaf_rule(tr, mod, kind, name, x, output, flops)
+        if layer_kind(mod) is not None and tr.leaf_depth == 0:
+            y = _first_tensor(output)
+            if y is not None and name not in tr.layer_outputs:
+                tr.layer_outputs[name] = list(tr.get(y))
         info = containers.get(id(mod))
         if info is not None and tr.block_stack and tr.block_stack[-1] == name:
             tr.block_stack.pop()
@@ -1132,12 +1141,18 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
         model.train(was_training)
 
     # layer records: known layers with the spaces of their outputs
+    owners: dict[int, int] = {}
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
     for mname, mod in model.named_modules():
         kind = layer_kind(mod)
         if kind is None:
             continue
         rec = _layer_record(tr, mod, mname, kind)
         if rec is not None:
+            rec.tied = any(owners.get(id(p), 0) > 1 for p in mod._parameters.values() if p is not None)
             tr.layers[mname] = rec
     blocks = [b for n, b in tr.candidate_blocks.items() if n in tr.residual_blocks and tr.block_shapes_ok.get(n)]
     # a container of removable blocks is not itself removable: keep the innermost
@@ -1160,31 +1175,39 @@ def _model_outputs(out: Any) -> Any:
     return out
 
 
+_STD_FORWARD = {
+    "linear": nn.Linear.forward, "conv": None, "batchnorm": nn.modules.batchnorm._BatchNorm.forward,
+    "layernorm": nn.LayerNorm.forward, "groupnorm": nn.GroupNorm.forward, "embedding": nn.Embedding.forward,
+}
+
+
 def _layer_record(tr: _Tracer, mod: nn.Module, mname: str, kind: str) -> LayerRecord | None:
-    """Where the output channels of a known layer live (from its weight's spaces)."""
+    """Where the output channels of a known layer live, read off its traced output."""
     w = getattr(mod, "weight", None)
     key = f"{mname}.weight" if mname else "weight"
     prec = tr.params.get(key)
     if prec is None or not isinstance(w, torch.Tensor):
         return None
-    if kind in ("linear", "conv"):
-        out_dims = {(-1 if kind == "linear" else -(w.dim() - 1)): prec.dims[0]}
-        return LayerRecord(mname, kind, out_dims, blocks=prec.blocks)
-    if kind == "hf_conv1d":
-        return LayerRecord(mname, kind, {-1: prec.dims[1]}, blocks=prec.blocks)
-    if kind == "embedding":
-        return LayerRecord(mname, kind, {-1: prec.dims[1]}, blocks=prec.blocks)
-    if kind in ("batchnorm", "groupnorm"):
-        nd = {nn.BatchNorm1d: None, nn.BatchNorm2d: -3, nn.BatchNorm3d: -4}
-        d = -3 if isinstance(mod, (nn.BatchNorm2d,)) else (-4 if isinstance(mod, nn.BatchNorm3d) else None)
-        if kind == "groupnorm":
-            d = None
-        return LayerRecord(mname, kind, {d if d is not None else 1: prec.dims[0]}, blocks=prec.blocks)
+    out_space = prec.dims[1] if kind in ("embedding", "hf_conv1d") else prec.dims[0]
+    labels = tr.layer_outputs.get(mname)
+    dims: dict[int, Space] = {}
+    if labels is not None:
+        n = len(labels)
+        for i, s in enumerate(labels):
+            if s.find() is out_space.find():
+                dims[i - n] = out_space
+    if not dims:
+        _fix(out_space, f"output channels of {type(mod).__name__} '{mname}' not found in its output")
+        return None
+    norm_space = None
     if kind in ("layernorm", "rmsnorm"):
-        if w.dim() != 1:
+        std = _STD_FORWARD.get(kind)
+        custom = std is not None and type(mod).forward is not std
+        if w.dim() != 1 or custom or list(dims) != [-1]:
+            _fix(out_space, f"{type(mod).__name__} '{mname}' normalises in a way dmscale does not model")
             return None
-        return LayerRecord(mname, kind, {-1: prec.dims[0]}, norm_space=prec.dims[0], blocks=prec.blocks)
-    return None
+        norm_space = prec.dims[0]
+    return LayerRecord(mname, kind, dims, norm_space=norm_space, blocks=prec.blocks)
 
 
 def _leaf_rule(tr: _Tracer, mod: nn.Module, kind: str, name: str, x: torch.Tensor | None, output: Any,
