@@ -8,15 +8,13 @@ lr / eps / weight decay so that, at zero noise, the wide model trains exactly li
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .upscale import (
-    UpscaleError, _is_hf_conv1d, _unwrap, set_width_info, width_info,
-)
+from .upscale import UpscaleError, _is_hf_conv1d, _unwrap, width_info
 
 __all__ = ["mup_param_groups", "mup_optimizer", "infer_width_info", "coord_check", "mup_factors"]
 

@@ -299,7 +299,7 @@ def _norm_size(name: str, m: nn.Module) -> int:
     return int(m.weight.shape[0])
 
 
-def _plan_attention(ctx: _Ctx, name: str, m: nn.Module, cfg: Any) -> bool:
+def _plan_attention(ctx: _Ctx, name: str, m: nn.Module) -> bool:
     """Set head-duplicating maps for q/k/v/o of a known attention block; True if handled."""
     k = ctx.k
     children = dict(m.named_children())
@@ -384,13 +384,11 @@ def _plan(model: nn.Module, k: int, keep_in: Sequence[str], keep_out: Sequence[s
         if n not in named:
             raise UpscaleError(f"keep_in/keep_out names unknown module {n!r}")
     ctx = _Ctx(k, fixed_in, fixed_out)
-    cfg = getattr(model, "config", None)
     for n, mod in named.items():
-        _plan_attention(ctx, n, mod, cfg)
+        _plan_attention(ctx, n, mod)
     first = order.index(weight_layers[0])
     last = order.index(weight_layers[-1])
     outer_norms = {n for i, n in enumerate(order) if _is_norm(named[n]) and (i < first or i > last)}
-    handled_tensors: set[int] = set()
     for n, mod in named.items():
         if _is_weight_layer(mod) or _is_norm(mod):
             if n in outer_norms:  # a norm on raw inputs or on the outputs: not hidden
@@ -413,7 +411,6 @@ def _plan(model: nn.Module, k: int, keep_in: Sequence[str], keep_out: Sequence[s
                     f"{full}: parameter of {type(mod).__name__} has no upscaling rule "
                     "(supported: Linear, Conv1d/2d/3d, HF Conv1D, Embedding, MultiheadAttention, norms)"
                 )
-        handled_tensors.update(id(t) for t in mod.parameters(recurse=False))
     for n, p in model.named_parameters():
         if id(p) not in ctx.plans:
             raise UpscaleError(f"{n}: parameter not covered by any upscaling rule")
