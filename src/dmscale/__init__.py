@@ -19,10 +19,8 @@ __version__ = "0.1.0"
 __all__ = ["DMS", "Target", "Schedule", "GroupBounds", "count", "save", "load", "differentiable_topk",
            "ExportError", "TraceError", "__version__"]
 
-try:  # μpscaling (its own modules)
-    from .upscale import upscale  # noqa: F401
-    from .mup import coord_check, mup_optimizer, mup_param_groups  # noqa: F401
+from .mup import coord_check, infer_width_info, mup_optimizer, mup_param_groups
+from .upscale import UpscaleError, upscale, upscale_optimizer_state, width_info
 
-    __all__ += ["upscale", "mup_optimizer", "mup_param_groups", "coord_check"]
-except ImportError:  # pragma: no cover - while those modules are not present
-    pass
+__all__ += ["upscale", "width_info", "upscale_optimizer_state", "UpscaleError", "mup_optimizer",
+            "mup_param_groups", "coord_check", "infer_width_info"]

@@ -47,7 +47,8 @@ class DMS:
                  exclude: Iterable[str] = (), bounds: dict[str, Any] | None = None, divisor: int = 1,
                  min_ratio: float = 0.0, prune_width: bool = True, prune_heads: bool = True,
                  prune_head_dim: bool = False, prune_depth: bool = True,
-                 depth_containers: Iterable[str] | None = None, warn: bool = True) -> None:
+                 depth_containers: Iterable[str] | None = None, adaptive_weight: float = 0.02,
+                 warn: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(target, Target):
@@ -57,11 +58,18 @@ class DMS:
         if not isinstance(example_inputs, (tuple, list)):
             raise TypeError("example_inputs must be a tuple of the model's positional inputs")
         self.model = model
+        self.model_class = type(model)  # parametrizations swap the class while masks are in
         self.example_inputs = tuple(example_inputs)
         self.example_kwargs = dict(example_kwargs or {})
         self.target = target
         self.schedule = Schedule(int(total_steps), decay_fraction)
         self.resource_weight = float(resource_weight)
+        if self.resource_weight <= 0:
+            raise ValueError(f"resource_weight must be positive, got {resource_weight}")
+        if not 0.0 <= adaptive_weight < 1.0:
+            raise ValueError(f"adaptive_weight must be in [0, 1), got {adaptive_weight}")
+        self.adaptive_weight = float(adaptive_weight)
+        self.weight = self.resource_weight  # current (adaptive) weight of the resource loss
         try:
             self.trace = trace(model, self.example_inputs, self.example_kwargs, depth_containers)
         except TraceError:
@@ -143,7 +151,8 @@ class DMS:
         res = self.resource_loss().to(task_loss.device)
         self.last["task_loss"] = float(task_loss.detach())
         self.last["resource_loss"] = float(res.detach())
-        return task_loss + self.resource_weight * res
+        self.last["resource_weight"] = self.weight
+        return task_loss + self.weight * res
 
     @torch.no_grad()
     def step(self) -> None:
@@ -152,6 +161,7 @@ class DMS:
             if not bool(torch.isfinite(p).all()):
                 raise FloatingPointError("a structure ratio became non-finite; lower the structure learning rate")
         self.space.clamp_()
+        self._adapt_weight()
         self.step_count += 1
         if self.schedule.refining(self.step_count) and not self._refine_started:
             self._refine_started = True
@@ -160,6 +170,20 @@ class DMS:
                     self.space.ratio(g).requires_grad_(False)
                     self.space.ratio(g).grad = None
         self.importance.refresh_l1()
+
+    def _adapt_weight(self) -> None:
+        """Raise the resource weight while the target is missed, relax it back when met.
+
+        The one-sided log loss pushes with a constant force, so a task loss that resists pruning
+        (frozen, trained weights) can hold the resource above target for good; growing the weight
+        geometrically (a Lagrange-multiplier-like update) guarantees the target is reached.
+        """
+        if not self.adaptive_weight or "resource" not in self.last:
+            return
+        if self.last["resource"] > self.last["target"] * 1.001:
+            self.weight *= 1.0 + self.adaptive_weight
+        else:
+            self.weight = max(self.resource_weight, self.weight * (1.0 - self.adaptive_weight))
 
     @property
     def refining(self) -> bool:
@@ -226,6 +250,8 @@ class DMS:
         return {
             "space": {k: v.detach().clone() for k, v in self.space.state_dict().items()},
             "step": self.step_count,
+            "weight": self.weight,
+            "last": dict(self.last),
             "refine_started": self._refine_started,
             "target": {"kind": self.target.kind, "fraction": self.target.fraction},
             "groups": [g.name for g in self.groups],
@@ -241,6 +267,8 @@ class DMS:
                              f"saved {len(state.get('groups', []))} groups, model has {len(names)}")
         self.space.load_state_dict(state["space"])
         self.step_count = int(state["step"])
+        self.weight = float(state.get("weight", self.resource_weight))
+        self.last = dict(state.get("last", {}))
         self._refine_started = bool(state["refine_started"])
         self.importance.skipped = int(state.get("importance_skipped", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))

@@ -362,7 +362,12 @@ class _Tracer(TorchFunctionMode):
                 self.params[qname] = rec
             self.labels[id(t)] = (t, rec.dims)
             return rec.dims
-        dims = [Space(n, f"t:{self.current_module()}") for n in t.shape]
+        # a tensor of unknown origin (a plain attribute, made inside an untraced op): its dims can
+        # not be sliced by export, so nothing it touches may be pruned
+        dims = [Space(n, f"t:{self.current_module()}", fixed=n > 1) for n in t.shape]
+        for s in dims:
+            if s.fixed:
+                s.fix_reasons.append(f"tensor of unknown origin in {self.current_module() or 'model'}")
         self.labels[id(t)] = (t, dims)
         return dims
 
@@ -380,8 +385,9 @@ class _Tracer(TorchFunctionMode):
     def current_module(self) -> str:
         return self.module_stack[-1] if self.module_stack else ""
 
-    def fresh(self, t: torch.Tensor, origin: str = "") -> list[Space]:
-        return [Space(n, origin or f"t:{self.current_module()}") for n in t.shape]
+    def fresh(self, t: torch.Tensor, origin: str = "", fixed: bool = False) -> list[Space]:
+        """New spaces for a new tensor's dims (fixed when export could not slice it)."""
+        return [Space(n, origin or f"t:{self.current_module()}", fixed=fixed and n > 1) for n in t.shape]
 
     def mark_raw(self, t: torch.Tensor) -> None:
         info = self.param_names.get(id(t))
@@ -442,8 +448,8 @@ class _Tracer(TorchFunctionMode):
                 else:
                     self.set(out, d[:-2] + [d[-1], d[-2]])
                 return
-            if attr in ("grad", "real", "imag"):
-                self.set(out, self.fresh(out))
+            if attr in ("real", "imag") and isinstance(src, torch.Tensor) and out.shape == src.shape:
+                self.set(out, list(self.get(src)))
                 return
             self.unknown(name, args, kwargs, out)
             return
@@ -506,8 +512,12 @@ class _Tracer(TorchFunctionMode):
         if name in _REDUCTIONS:
             return self.r_reduce(name, args, kwargs, out)
         if name in _METADATA_TENSOR_OUT:
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
             for t in _tensors(out):
-                self.set(t, self.fresh(t))
+                if name.endswith("_like") and src is not None and t.shape == src.shape:
+                    self.set(t, list(self.get(src)))
+                else:
+                    self.set(t, self.fresh(t, fixed=True))
             return
         if name in ("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze",
                     "squeeze_", "unsqueeze_", "ravel"):
@@ -610,7 +620,7 @@ class _Tracer(TorchFunctionMode):
                     return
                 return self.unknown(name, args, kwargs, out)
             for t in _tensors(out):
-                self.set(t, self.fresh(t))
+                self.set(t, self.fresh(t, fixed=True))
             return
         return self.unknown(name, args, kwargs, out)
 
