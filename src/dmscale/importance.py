@@ -31,7 +31,8 @@ class ImportanceTracker:
         self.skipped = 0  # non-finite updates ignored
         self.updates = 0
         self.l1_sources = l1_sources or {}
-        self.reducer = None  # optional callable(tensor) -> tensor (all-reduce under data parallelism)
+        self.reducer = None  # optional callable(tensor) -> tensor (all-reduce mean under data parallelism)
+        self.grad_scale = None  # optional callable() -> float (the AMP GradScaler's current scale)
 
     def attach(self, g: Group, m: torch.Tensor) -> None:
         """Register the backward hook that turns dL/dm into an importance update."""
@@ -46,6 +47,10 @@ class ImportanceTracker:
     def update(self, g: Group, m: torch.Tensor, grad: torch.Tensor) -> None:
         """One moving-average step from the mask and its task-loss gradient."""
         grad = grad.float()
+        if self.grad_scale is not None:  # fp16 GradScaler: importance uses unscaled gradients
+            grad = grad / float(self.grad_scale())
+        if self.reducer is not None:  # data parallel: the global-batch gradient, same on every rank
+            grad = self.reducer(grad)
         m = m.float()
         if self.method in ("taylor", "l1"):
             score = (m * grad) ** 2
@@ -53,8 +58,6 @@ class ImportanceTracker:
             score = grad ** 2
         else:  # snip
             score = (m * grad).abs()
-        if self.reducer is not None:
-            score = self.reducer(score)
         if not bool(torch.isfinite(score).all()):
             self.skipped += 1
             return

@@ -106,6 +106,34 @@ class DMS:
             warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left "
                           "unpruned:" + self._unsupported_text(), stacklevel=2)
         self.importance.refresh_l1()
+        self.distributed = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._setup_distributed()
+
+    # ------------------------------------------------------------------ distributed / AMP
+    def _setup_distributed(self) -> None:
+        """Under torch.distributed: average mask gradients (importance) and ratio gradients over ranks.
+
+        Every rank then holds identical importance and ratios, equal to a single process on the
+        global batch; the ratios start equal (deterministic init) and get identical updates.
+        """
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t / world
+
+        self.importance.reducer = mean
+        for p in self.structure_parameters():
+            p.register_hook(mean)
+        self.distributed = True
+
+    def attach_grad_scaler(self, scaler: Any) -> None:
+        """Use with fp16 ``torch.amp.GradScaler``: importance is computed from unscaled gradients."""
+        self.importance.grad_scale = scaler.get_scale
 
     # ------------------------------------------------------------------ parameters
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -159,7 +187,10 @@ class DMS:
         """Advance the schedule by one step: clamp ratios; freeze depth in the refine phase."""
         for p in self.structure_parameters():
             if not bool(torch.isfinite(p).all()):
-                raise FloatingPointError("a structure ratio became non-finite; lower the structure learning rate")
+                raise FloatingPointError("a structure ratio became non-finite; lower the structure learning rate "
+                                         "(with fp16 put the structure parameters in the GradScaler's optimizer)")
+        if "task_loss" in self.last and not math.isfinite(self.last["task_loss"]):
+            self.nonfinite_steps += 1  # the step's loss was inf/nan (e.g. fp16 overflow): counted, reported
         self.space.clamp_()
         self._adapt_weight()
         self.step_count += 1
