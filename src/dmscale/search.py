@@ -257,8 +257,9 @@ class DMS:
     def summary(self) -> str:
         """Table: each group, full width -> kept width, depth per stage, and the resources."""
         rows = [("group", "kind", "full", "kept", "ratio")]
+        kept_all = self.kept()
         for g in self.groups:
-            full, kept = self.kept()[g.name]
+            full, kept = kept_all[g.name]
             rows.append((g.name, g.kind, str(full), str(kept), f"{kept / full:.2f}"))
         with torch.no_grad():
             r = self.resource(soft=False)
