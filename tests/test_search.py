@@ -314,3 +314,36 @@ def test_unsupported_op_is_left_unpruned_with_warning():
             dms.space.ratio(g).fill_(0.5)
     small = dms.export()
     assert small.a.out_features == 16 and small.c.out_features == 8
+
+
+class _TwoBlocks(nn.Module):
+    """Blocks held as plain attributes (no container): depth must be declared."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.block1 = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.out(self.block2(self.block1(self.inp(x))))
+
+
+def test_declared_depth_blocks(tmp_path):
+    torch.manual_seed(0)
+    model = _TwoBlocks()
+    x = torch.randn(4, 6)
+    dms = dmscale.DMS(model, (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["block1", "block2"]])
+    g = next(g for g in dms.groups if g.kind == "depth")
+    assert g.size == 2
+    with torch.no_grad():
+        dms.space.ratio(g).fill_(0.5)  # keep one of the two
+    small = dms.export()
+    assert sum(isinstance(m, dmscale.export.SkipBlock) for m in small.modules()) == 1
+    dmscale.save(small, tmp_path / "m")
+    torch.testing.assert_close(dmscale.load(tmp_path / "m")(x), small(x))
+    with pytest.raises(ValueError, match="nope"):
+        dmscale.DMS(model, (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["nope"]])
+    with pytest.raises(ValueError, match="changes the shape"):
+        dmscale.DMS(_TwoBlocks(), (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["inp"]])

@@ -14,7 +14,7 @@ from .tracing import Space, is_rmsnorm
 if TYPE_CHECKING:
     from .search import DMS
 
-__all__ = ["export_model", "ExportError"]
+__all__ = ["export_model", "ExportError", "SkipBlock"]
 
 
 class ExportError(RuntimeError):
@@ -142,6 +142,11 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         keep = depth_keep[g.key]
         by_container: dict[str, list[tuple[int, bool]]] = {}
         for i, b in enumerate(g.blocks):
+            if b.declared:
+                if not bool(keep[i]):
+                    parent_name, _, attr = b.name.rpartition(".")
+                    setattr(_get_module(new, parent_name), attr, SkipBlock(b.input_spec))
+                continue
             by_container.setdefault(b.container, []).append((b.index, bool(keep[i])))
         for cname, items in by_container.items():
             drop = {idx for idx, k in items if not k}
@@ -155,6 +160,17 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
     if check:
         verify_export(dms, new, atol=atol, rtol=rtol)
     return new
+
+
+class SkipBlock(nn.Module):
+    """Stands in for a removed user-declared block: returns the block's input unchanged."""
+
+    def __init__(self, input_spec: tuple[str, Any] = ("arg", 0)) -> None:
+        super().__init__()
+        self.kind, self.key = input_spec[0], input_spec[1]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        return args[self.key] if self.kind == "arg" else kwargs[self.key]
 
 
 def _assign(mod: nn.Module, attr: str, t: torch.Tensor, is_buffer: bool) -> None:

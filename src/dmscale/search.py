@@ -47,7 +47,8 @@ class DMS:
                  exclude: Iterable[str] = (), bounds: dict[str, Any] | None = None, divisor: int = 1,
                  min_ratio: float = 0.0, prune_width: bool = True, prune_heads: bool = True,
                  prune_head_dim: bool = False, prune_depth: bool = True,
-                 depth_containers: Iterable[str] | None = None, adaptive_weight: float = 0.02,
+                 depth_containers: Iterable[str] | None = None,
+                 depth_blocks: Iterable[Iterable[str]] | None = None, adaptive_weight: float = 0.02,
                  warn: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -71,8 +72,8 @@ class DMS:
         self.adaptive_weight = float(adaptive_weight)
         self.weight = self.resource_weight  # current (adaptive) weight of the resource loss
         try:
-            self.trace = trace(model, self.example_inputs, self.example_kwargs, depth_containers)
-        except TraceError:
+            self.trace = trace(model, self.example_inputs, self.example_kwargs, depth_containers, depth_blocks)
+        except (TraceError, ValueError):
             raise
         except Exception as exc:
             raise TraceError(f"running the model on example_inputs failed while tracing: {exc}") from exc
@@ -96,6 +97,9 @@ class DMS:
         self.masker.install()
         self.step_count = 0
         self.nonfinite_steps = 0
+        self._skipped_seen = 0
+        self._scaler: Any = None
+        self._last_scale: float | None = None
         self.last: dict[str, float] = {}
         self._refine_started = False
         lo = self.resources.minimum(target.kind) / self.resources.full[target.kind]
@@ -134,6 +138,8 @@ class DMS:
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Use with fp16 ``torch.amp.GradScaler``: importance is computed from unscaled gradients."""
         self.importance.grad_scale = scaler.get_scale
+        self._scaler = scaler
+        self._last_scale = float(scaler.get_scale())
 
     # ------------------------------------------------------------------ parameters
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -189,8 +195,8 @@ class DMS:
             if not bool(torch.isfinite(p).all()):
                 raise FloatingPointError("a structure ratio became non-finite; lower the structure learning rate "
                                          "(with fp16 put the structure parameters in the GradScaler's optimizer)")
-        if "task_loss" in self.last and not math.isfinite(self.last["task_loss"]):
-            self.nonfinite_steps += 1  # the step's loss was inf/nan (e.g. fp16 overflow): counted, reported
+        if self._nonfinite_this_step():
+            self.nonfinite_steps += 1  # inf/nan loss or gradients (e.g. fp16 overflow): counted, reported
         self.space.clamp_()
         self._adapt_weight()
         self.step_count += 1
@@ -201,6 +207,19 @@ class DMS:
                     self.space.ratio(g).requires_grad_(False)
                     self.space.ratio(g).grad = None
         self.importance.refresh_l1()
+
+    def _nonfinite_this_step(self) -> bool:
+        """Inf/nan task loss, a skipped importance update, inf/nan ratio gradients or a GradScaler backoff."""
+        bad = "task_loss" in self.last and not math.isfinite(self.last["task_loss"])
+        bad = bad or self.importance.skipped > self._skipped_seen
+        self._skipped_seen = self.importance.skipped
+        bad = bad or any(p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                         for p in self.structure_parameters())
+        if self._scaler is not None:  # GradScaler lowers its scale only after a step it skipped for inf/nan
+            scale = float(self._scaler.get_scale())
+            bad = bad or (self._last_scale is not None and scale < self._last_scale)
+            self._last_scale = scale
+        return bad
 
     def _adapt_weight(self) -> None:
         """Raise the resource weight while the target is missed, relax it back when met.
@@ -303,6 +322,7 @@ class DMS:
         self.last = dict(state.get("last", {}))
         self._refine_started = bool(state["refine_started"])
         self.importance.skipped = int(state.get("importance_skipped", 0))
+        self._skipped_seen = self.importance.skipped
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         for g in self.groups:
             if g.kind == "depth":

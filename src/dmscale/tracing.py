@@ -197,6 +197,7 @@ class BlockRecord:
     container: str
     index: int
     input_spec: tuple[str, Any]  # ('arg', i) or ('kw', name)
+    declared: bool = False  # named by the user (no residual check; replaced by SkipBlock on export)
 
 
 @dataclass
@@ -1051,8 +1052,13 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
-          depth_containers: Iterable[str] | None = None) -> TraceResult:
-    """Run ``model`` once on the example inputs and return the coupled-dimension structure."""
+          depth_containers: Iterable[str] | None = None,
+          depth_blocks: Iterable[Iterable[str]] | None = None) -> TraceResult:
+    """Run ``model`` once on the example inputs and return the coupled-dimension structure.
+
+    ``depth_containers`` limits automatic block discovery to these containers; ``depth_blocks``
+    declares stages of removable blocks by module name (each must keep its input's shape).
+    """
     example_kwargs = example_kwargs or {}
     tr = _Tracer(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -1065,6 +1071,14 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     if depth_containers is not None:
         allowed = set(depth_containers)
         containers = {k: v for k, v in containers.items() if v[0] in allowed}
+    declared: set[str] = set()
+    mods_by_name = dict(model.named_modules())
+    for k, stage in enumerate(depth_blocks or ()):
+        for i, bname in enumerate(stage):
+            if bname not in mods_by_name or not bname:
+                raise ValueError(f"depth_blocks: no submodule named {bname!r}")
+            containers[id(mods_by_name[bname])] = (f"declared{k}", i, bname)
+            declared.add(bname)
 
     def pre(mod, args, kwargs):
         name = names.get(id(mod), "?")
@@ -1164,7 +1178,14 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
         if rec is not None:
             rec.tied = any(owners.get(id(p), 0) > 1 for p in mod._parameters.values() if p is not None)
             tr.layers[mname] = rec
-    blocks = [b for n, b in tr.candidate_blocks.items() if n in tr.residual_blocks and tr.block_shapes_ok.get(n)]
+    for n in declared:
+        if n not in tr.candidate_blocks:
+            raise ValueError(f"depth_blocks: block {n!r} did not run on example_inputs with a tensor input")
+        if not tr.block_shapes_ok.get(n):
+            raise ValueError(f"depth_blocks: block {n!r} changes the shape of its input, so it cannot be removed")
+        tr.candidate_blocks[n].declared = True
+    blocks = [b for n, b in tr.candidate_blocks.items()
+              if (n in tr.residual_blocks or n in declared) and tr.block_shapes_ok.get(n)]
     # a container of removable blocks is not itself removable: keep the innermost
     blocks = [b for b in blocks if not any(o.name.startswith(b.name + ".") for o in blocks)]
     known = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
