@@ -25,17 +25,30 @@ def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     return mask.view(shape)
 
 
+class _Ref:
+    """A reference that copy/deepcopy share instead of copying (the masker is not model state)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __copy__(self) -> "_Ref":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Ref":
+        return self
+
+
 class _RawMask(nn.Module):
     """Parametrization multiplying a raw parameter (e.g. a position embedding) by its masks."""
 
     def __init__(self, masker: "Masker", dims: list[tuple[int, Space]]) -> None:
         super().__init__()
-        self._masker = [masker]  # list: keep it out of the module tree
-        self.dims = dims
+        self._masker = _Ref(masker)
+        self.dims = _Ref(dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        m = self._masker[0]
-        for d, s in self.dims:
+        m = self._masker.obj
+        for d, s in self.dims.obj:
             mk = m.mask_for(s)
             if mk is not None:
                 x = x * _along(mk.to(x.dtype), d, x.dim())
