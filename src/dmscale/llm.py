@@ -150,9 +150,9 @@ def build_llm_dms(model: nn.Module, example_ids: torch.Tensor, target: Target, t
     warn = bool(kw.pop("warn", True))
     dms = DMS(model, (example_ids,), target, total_steps, importance=importance, exclude=excl,
               prune_heads=prune_heads, prune_depth=prune_depth, warn=False, **kw)
-    # HF builds its attention mask with torch.diff on position ids (no channel dim): not worth a warning
+    # HF builds its attention mask with torch.diff on position ids in the top-level model (no channel dim)
     other = {op: mods for op, mods in dms.trace.unsupported.items()
-             if not (op == "diff" and all(m == "" for m in mods))}
+             if not (op == "diff" and all("." not in m for m in mods))}
     if warn and other:
         warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left unpruned:" +
                       "".join(f"\n  {op} (in {', '.join(m or 'model' for m in mods[:3])})"
@@ -238,7 +238,7 @@ def run_search(dms: DMS, train_ids: torch.Tensor, steps: int, *, seq_len: int = 
                "resource": dms.last.get("resource", float("nan")), "target": dms.last.get("target", float("nan")),
                "seconds": time.perf_counter() - t0}
         if kl is not None:
-            rec["kl"] = float(kl)
+            rec["kl"] = float(kl.detach())
         history.append(rec)
         if bar is not None:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", res=f"{rec['resource']:.3f}", tgt=f"{rec['target']:.3f}")
@@ -341,7 +341,7 @@ def finetune(model: nn.Module, train_ids: torch.Tensor, steps: int, *, lr: float
                     t_logits = _logits(teacher, x)
                 kl = distill_loss(logits[:, :-1], t_logits[:, :-1], temperature)
                 loss = ce + distill * kl
-                rec["kl"] = float(kl)
+                rec["kl"] = float(kl.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

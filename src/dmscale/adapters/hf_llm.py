@@ -188,6 +188,11 @@ def fix_hf_export(dms: Any, exported: nn.Module) -> None:
                 continue
             else:
                 setattr(cfg, k, v)
+        attn = _attention(layers[0]) if len(layers) else None
+        hd = getattr(attn, "head_dim", None)
+        if isinstance(hd, int) and getattr(cfg, "model_type", "") != "gpt2" and \
+                (getattr(cfg, "head_dim", None) or cfg.hidden_size // max(1, cfg.num_attention_heads)) != hd:
+            cfg.head_dim = hd  # Llama-style configs read head_dim, else derive hidden_size // heads
         if hasattr(cfg, "dmscale_layer_sizes"):
             delattr(cfg, "dmscale_layer_sizes")
     else:
