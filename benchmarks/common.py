@@ -199,3 +199,145 @@ def two_group_opt(dms, lr_w: float = 0.1, lr_s: float = 5e-3, momentum: float = 
     return torch.optim.SGD([{"params": dms.weight_parameters(), "lr": lr_w, "momentum": momentum, "weight_decay": wd},
                             {"params": dms.structure_parameters(), "lr": lr_s, "momentum": momentum,
                              "weight_decay": 0.0}])
+
+
+# --------------------------------------------------------------------------- training loops (bench_quality)
+# Written on DMS directly (not dmscale.pipelines, which was uncommitted and changing while these
+# benchmarks were written); the phases follow docs/method: DMS = search on a random-init enlarged
+# supernet then retrain; DMS_p = pretrain, search weights+structure, retrain; DMS_fast = pretrain,
+# structure-only search with frozen weights (BN in train mode), then fine-tune.
+
+import math  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+class Stream:
+    """Endless shuffled mini-batches of a TensorDataset, reproducible from a seed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> None:
+        self.x, self.y, self.batch = x, y, batch
+        self.g = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(len(x), generator=self.g), 0
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.batch > len(self.perm):
+            self.perm, self.pos = torch.randperm(len(self.x), generator=self.g), 0
+        idx = self.perm[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return self.x[idx], self.y[idx]
+
+
+def cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, base: list[float], warmup: int = 0) -> None:
+    f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    for gr, b in zip(opt.param_groups, base):
+        gr["lr"] = b * f
+
+
+def train(model: nn.Module, stream: Stream, steps: int, lr: float = 0.05, wd: float = 5e-4) -> nn.Module:
+    """Plain SGD+momentum training with a cosine schedule."""
+    if steps <= 0:
+        return model
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
+    for s in range(steps):
+        cosine_lr(opt, s, steps, [lr], warmup=min(20, steps // 10))
+        x, y = stream()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch):
+        correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
+    return correct / len(x)
+
+
+def dms_search(model: nn.Module, stream: Stream, steps: int, target_of_model: float, lr: float = 0.05,
+               freeze_weights: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+    """Run a DMS search to ``target_of_model`` (fraction of this model's FLOPs); return the export and info."""
+    import dmscale
+
+    x0, _ = stream()
+    torch.manual_seed(seed)
+    dms = dmscale.DMS(model, (x0[:2],), dmscale.Target(flops=target_of_model), total_steps=steps, warn=False)
+    s_lr = min(0.1, max(0.005, 2.0 / steps))  # Adam moves a ratio ~lr per step (as dmscale's pipelines)
+    groups = [{"params": dms.structure_parameters(), "lr": s_lr, "weight_decay": 0.0}]
+    w_opt = None
+    if freeze_weights:
+        for p in dms.weight_parameters():
+            p.requires_grad_(False)
+    else:
+        w_opt = torch.optim.SGD(dms.weight_parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    s_opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+    model.train()  # BN in train mode even with frozen weights
+    for s in range(steps):
+        if w_opt is not None:
+            cosine_lr(w_opt, s, steps, [lr], warmup=min(20, steps // 10))
+        x, y = stream()
+        loss = dms.loss(F.cross_entropy(model(x), y))
+        s_opt.zero_grad(set_to_none=True)
+        if w_opt is not None:
+            w_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s_opt.step()
+        if w_opt is not None:
+            w_opt.step()
+        dms.step()
+    with torch.no_grad():
+        r = dms.resource(soft=False)
+    info = {"search_steps": steps, "hard_flops_frac_of_searched_model": float(r["flops_frac"]),
+            "target_of_searched_model": target_of_model, "kept": dms.kept()}
+    small = dms.export()
+    for p in small.parameters():
+        p.requires_grad_(True)
+    return small, info
+
+
+def one_shot_prune(model: nn.Module, stream: Stream, frac: float, method: str, taylor_batches: int = 20) -> nn.Module:
+    """Classic one-shot pruning: L1 or Taylor channel importance, one kept ratio for every layer, export."""
+    import dmscale
+
+    x0, _ = stream()
+    dms = dmscale.DMS(model, (x0[:2],), dmscale.Target(flops=frac), total_steps=10, warn=False, prune_depth=False,
+                      importance="l1" if method == "l1" else "taylor", importance_decay=0.9)
+    if method == "taylor":
+        model.train()
+        for _ in range(taylor_batches):
+            x, y = stream()
+            F.cross_entropy(model(x), y).backward()
+        model.zero_grad(set_to_none=True)
+    set_common_ratio(dms, frac, random_importance=False)
+    small = dms.export()
+    return small
+
+
+def random_arch(model: nn.Module, example: torch.Tensor, frac: float, seed: int) -> nn.Module:
+    """A random architecture of ``frac`` of the model's FLOPs: random per-group ratios scaled to the budget."""
+    import dmscale
+
+    g = torch.Generator().manual_seed(1000 + seed)
+    dms = dmscale.DMS(model, (example,), dmscale.Target(flops=frac), total_steps=10, warn=False, prune_depth=False)
+    u = {grp.key: float(torch.empty(()).uniform_(0.25, 1.0, generator=g)) for grp in dms.groups}
+    with torch.no_grad():
+        for grp in dms.groups:
+            imp = dms.space.importance(grp)
+            imp.copy_(torch.rand(imp.shape, generator=g))
+
+        def f(sc: float) -> float:
+            for grp in dms.groups:
+                dms.space.ratio(grp).fill_(max(grp.min_ratio(), min(1.0, sc * u[grp.key])))
+            return float(dms.resource(soft=False)["flops_frac"])
+        lo, hi = 0.0, 4.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if f(mid) > frac else (mid, hi)
+        f(lo)
+    return dms.export()

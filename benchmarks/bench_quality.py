@@ -1,0 +1,251 @@
+"""Quality at equal budget: test accuracy vs FLOPs for DMS pipelines and baselines (the headline plot).
+
+Every method gets the same total number of training steps B (batch 64, SGD + Nesterov, cosine LR),
+and a final model of (about) the same FLOPs, given as a fraction of the base model's FLOPs:
+
+* ``DMS``       enlarged supernet (width x1.5, depth x1.5, random init): search 0.25 B, retrain the export 0.75 B
+* ``DMS_p``     pretrain the base model 0.4 B, search weights + structure 0.2 B, retrain 0.4 B
+* ``DMS_fast``  pretrain 0.4 B, structure-only search 0.1 B (weights frozen, BN in train mode), fine-tune 0.5 B
+* ``uniform``   every width scaled by one multiplier (bisected to the budget), trained from scratch B
+* ``L1`` / ``Taylor``  pretrain 0.4 B, one-shot channel pruning (one kept ratio for all layers), fine-tune 0.6 B
+* ``random``    random per-layer widths of the same FLOPs, trained from scratch B
+* ``base``      the unpruned base model trained B (reference line)
+
+The pretraining run (0.4 B) is shared by DMS_p / DMS_fast / L1 / Taylor of a seed. Datasets:
+scikit-learn digits (8x8) and Fashion-MNIST (10k training images subsampled, 2k test images; installed
+by Debian's ``dataset-fashion-mnist``; falls back to MNIST-5k if unavailable). Mean ± std over seeds.
+
+    python benchmarks/bench_quality.py --quick     # digits, 1 seed, 2 budgets (~3 min)
+    python benchmarks/bench_quality.py             # digits + fashion-mnist, 3 seeds, 3 budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import dmscale  # noqa: E402
+from dmscale import zoo  # noqa: E402
+from dmscale.data import load_dataset  # noqa: E402
+
+NAME = "bench_quality"
+METHODS = ["DMS", "DMS_p", "DMS_fast", "uniform", "L1", "Taylor", "random"]
+
+CONFIGS = {
+    # base model, input resolution handled by stem stride; steps B per method
+    "digits": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 1, "steps": 400, "limit_train": None,
+               "limit_test": None},
+    "fashion-mnist": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 600,
+                      "limit_train": 10000, "limit_test": 2000},
+    "mnist5k": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 600, "limit_train": None,
+                "limit_test": None},
+}
+
+
+def ensure_fashion() -> str:
+    """'fashion-mnist' if its files are found (installing the Debian package when possible), else 'mnist5k'."""
+    try:
+        load_dataset("fashion-mnist", limit_train=10, limit_test=10)
+        return "fashion-mnist"
+    except FileNotFoundError:
+        pass
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        try:
+            subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True, capture_output=True,
+                           timeout=300)
+            load_dataset("fashion-mnist", limit_train=10, limit_test=10)
+            return "fashion-mnist"
+        except Exception as e:  # noqa: BLE001 - any failure: fall back
+            print(f"fashion-mnist unavailable ({e}); falling back to mnist5k")
+    return "mnist5k"
+
+
+def flops_of(model: torch.nn.Module, example: torch.Tensor) -> float:
+    return dmscale.count(model, (example[:1],))["flops"]
+
+
+def uniform_model(cfg: dict, frac: float, base_flops: float, example: torch.Tensor, seed: int) -> torch.nn.Module:
+    def f(mult: float) -> float:
+        return flops_of(zoo.build(cfg["widths"], cfg["depths"], in_ch=example.shape[1], width_mult=mult,
+                                  stem_stride=cfg["stem_stride"]), example) / base_flops
+    lo, hi = 0.05, 1.0
+    for _ in range(25):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if f(mid) > frac else (mid, hi)
+    mult = lo if abs(f(lo) - frac) <= abs(f(hi) - frac) else hi
+    torch.manual_seed(seed)
+    return zoo.build(cfg["widths"], cfg["depths"], in_ch=example.shape[1], width_mult=mult,
+                     stem_stride=cfg["stem_stride"])
+
+
+def run_dataset(name: str, seeds: list[int], budgets: list[float], steps: int | None, log) -> dict:
+    cfg = dict(CONFIGS[name])
+    B = steps or cfg["steps"]
+    data = load_dataset(name, limit_train=cfg["limit_train"], limit_test=cfg["limit_test"], seed=0)
+    xtr, ytr = data.train.tensors
+    xte, yte = data.test.tensors
+    ex = xtr[:2]
+    in_ch = xtr.shape[1]
+
+    def base(seed: int, wm: float = 1.0, dm: float = 1.0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return zoo.build(cfg["widths"], cfg["depths"], in_ch=in_ch, width_mult=wm, depth_mult=dm,
+                         stem_stride=cfg["stem_stride"])
+
+    base_flops = flops_of(base(0), ex)
+    runs = []
+    for seed in seeds:
+        def stream(tag: int) -> common.Stream:
+            return common.Stream(xtr, ytr, 64, seed * 100 + tag)
+
+        t0 = time.perf_counter()
+        ref = common.train(base(seed), stream(0), B)
+        runs.append({"method": "base", "seed": seed, "budget": 1.0, "flops_frac": 1.0,
+                     "acc": common.accuracy(ref, xte, yte), "time_s": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        pre = common.train(base(seed), stream(1), int(0.4 * B))
+        t_pre = time.perf_counter() - t0
+        for b in budgets:
+            for method in METHODS:
+                t0 = time.perf_counter()
+                info: dict = {}
+                if method == "DMS":
+                    sup = base(seed, 1.5, 1.5)
+                    tgt = b * base_flops / flops_of(sup, ex)
+                    small, info = common.dms_search(sup, stream(2), int(0.25 * B), tgt, seed=seed)
+                    common.train(small, stream(3), B - int(0.25 * B))
+                elif method == "DMS_p":
+                    small, info = common.dms_search(copy.deepcopy(pre), stream(4), int(0.2 * B), b, seed=seed)
+                    common.train(small, stream(5), B - int(0.4 * B) - int(0.2 * B))
+                elif method == "DMS_fast":
+                    small, info = common.dms_search(copy.deepcopy(pre), stream(6), int(0.1 * B), b,
+                                                    freeze_weights=True, seed=seed)
+                    info["acc_before_finetune"] = common.accuracy(small, xte, yte)
+                    common.train(small, stream(7), B - int(0.4 * B) - int(0.1 * B))
+                elif method == "uniform":
+                    small = common.train(uniform_model(cfg | {"widths": cfg["widths"]}, b, base_flops, ex, seed),
+                                         stream(8), B)
+                elif method in ("L1", "Taylor"):
+                    small = common.one_shot_prune(copy.deepcopy(pre), stream(9), b, method.lower())
+                    info["acc_before_finetune"] = common.accuracy(small, xte, yte)
+                    common.train(small, stream(10), B - int(0.4 * B))
+                else:  # random
+                    small = zoo.reinitialize(common.random_arch(base(seed), ex, b, seed), seed)
+                    common.train(small, stream(11), B)
+                dt = time.perf_counter() - t0 + (t_pre if method in ("DMS_p", "DMS_fast", "L1", "Taylor") else 0)
+                acc = common.accuracy(small, xte, yte)
+                ff = flops_of(small, ex) / base_flops
+                info = {k: v for k, v in info.items() if k != "kept"}
+                runs.append({"method": method, "seed": seed, "budget": b, "flops_frac": ff, "acc": acc,
+                             "time_s": dt, **info})
+                log(f"{name} seed {seed} budget {b:.2f} {method:8s} acc {acc:.4f} flops {ff:.3f} ({dt:.0f}s)")
+    # aggregate
+    agg = []
+    for method in ["base"] + METHODS:
+        for b in sorted({r["budget"] for r in runs if r["method"] == method}):
+            rs = [r for r in runs if r["method"] == method and r["budget"] == b]
+            accs = [r["acc"] for r in rs]
+            agg.append({"method": method, "budget": b, "n": len(rs),
+                        "acc_mean": statistics.mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                        "flops_frac_mean": statistics.mean(r["flops_frac"] for r in rs),
+                        "time_s_mean": statistics.mean(r["time_s"] for r in rs)})
+    return {"dataset": name, "source": data.source, "train_size": len(xtr), "test_size": len(xte),
+            "base_model": {k: cfg[k] for k in ("widths", "depths", "stem_stride")}, "base_flops": base_flops,
+            "steps_B": B, "batch": 64, "seeds": seeds, "budgets": budgets, "runs": runs, "aggregate": agg}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="digits only, 1 seed, 2 budgets")
+    ap.add_argument("--datasets", default=None, help="comma list: digits, fashion-mnist")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="override the per-method step budget B")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--name", default=NAME, help="result file stem (to run datasets in parallel processes)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    datasets = (args.datasets or ("digits" if args.quick else "digits,fashion-mnist")).split(",")
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    budgets = [0.25, 0.5] if args.quick else [0.25, 0.5, 0.75]
+    steps = args.steps or (300 if args.quick else None)
+    t_all = time.perf_counter()
+    out = {"name": NAME, "quick": args.quick, "threads": args.threads, "methods": METHODS, "datasets": {}}
+    for ds in datasets:
+        if ds in ("fashion-mnist", "fashion"):
+            ds = ensure_fashion()
+        out["datasets"][ds] = run_dataset(ds, seeds, budgets, steps, lambda s: print(s, flush=True))
+        out["wall_s"] = time.perf_counter() - t_all
+        common.save_result(args.name, out)  # partial results survive an interrupted run
+    out["wall_s"] = time.perf_counter() - t_all
+    common.save_result(args.name, out)
+
+    for ds, r in out["datasets"].items():
+        print(f"\n{ds}: B = {r['steps_B']} steps/method, seeds {r['seeds']}, test {r['test_size']} images")
+        rows = [[a["method"], a["budget"], a["flops_frac_mean"], f"{100 * a['acc_mean']:.2f} ± {100 * a['acc_std']:.2f}",
+                 a["time_s_mean"]] for a in r["aggregate"]]
+        print(common.table(rows, ["method", "budget", "FLOPs frac", "test acc %", "time s"]))
+    plot(out, args.name)
+
+
+STYLE = {"DMS": ("C3", "o", "-"), "DMS_p": ("C1", "s", "-"), "DMS_fast": ("C5", "^", "-"),
+         "uniform": ("C0", "D", "--"), "L1": ("C2", "v", "--"), "Taylor": ("C4", "P", "--"),
+         "random": ("C7", "x", ":")}
+
+
+def plot(out: dict, name: str = NAME) -> None:
+    p = common.plt()
+    dss = list(out["datasets"])
+    fig, axs = p.subplots(1, len(dss), figsize=(6 * len(dss), 4.5), squeeze=False)
+    for ax, ds in zip(axs[0], dss):
+        r = out["datasets"][ds]
+        for method in METHODS:
+            a = sorted((x for x in r["aggregate"] if x["method"] == method), key=lambda x: x["budget"])
+            if not a:
+                continue
+            c, mk, ls = STYLE[method]
+            ax.errorbar([x["flops_frac_mean"] for x in a], [100 * x["acc_mean"] for x in a],
+                        yerr=[100 * x["acc_std"] for x in a], color=c, marker=mk, ls=ls, capsize=3, label=method)
+        b = [x for x in r["aggregate"] if x["method"] == "base"]
+        if b:
+            ax.axhline(100 * b[0]["acc_mean"], color="k", lw=0.8, ls=":", label="base model (1.0)")
+        ax.set(xlabel="FLOPs / base model FLOPs", ylabel="test accuracy (%)",
+               title=f"{ds}: equal training budget ({r['steps_B']} steps), {len(r['seeds'])} seed(s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(common.plot_path(name), dpi=120)
+
+
+def merge(names: list[str], into: str = NAME) -> dict:
+    """Merge per-dataset result files (parallel runs) into one JSON + plot."""
+    import json
+
+    out = None
+    for n in names:
+        with open(os.path.join(common.RESULTS, f"{n}.json")) as f:
+            d = json.load(f)
+        if out is None:
+            out = d
+            out["parts"] = [n]
+        else:
+            out["datasets"].update(d["datasets"])
+            out["parts"].append(n)
+            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
+    common.save_result(into, out)
+    plot(out, into)
+    return out
+
+
+if __name__ == "__main__":
+    main()
