@@ -216,25 +216,41 @@ def _update_layer_attrs(mod: nn.Module, kind: str) -> None:
         mod.nf = w.shape[1]
 
 
+# attribute-name hints when several int attributes hold the same old value (num_heads == head_dim)
+_ATTR_HINTS = {
+    "heads": lambda a: "head" in a and "dim" not in a and "size" not in a,
+    "head_dim": lambda a: "dim" in a or "size" in a,
+}
+
+
 def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> None:
     """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim."""
-    done: set[tuple[str, int]] = set()
+    done: set[tuple[str, int]] = set()  # (module, space) already handled (q, k and v reshape alike)
+    updated: set[tuple[str, str]] = set()  # (module, attribute) already given its new value
     for rec in dms.trace.reshapes:
         k = keep_of(rec.space)
         if k is None:
             continue
         new_val = int(k.sum())
-        if new_val == rec.value or (rec.module, rec.value) in done:
+        key = (rec.module, id(rec.space.find()))
+        if new_val == rec.value or key in done:
             continue
         mod = modules.get(rec.module)
         if mod is None:
             continue
-        hits = [a for a, v in vars(mod).items() if not a.startswith("_") and type(v) is int and v == rec.value]
+        hits = [a for a, v in vars(mod).items() if not a.startswith("_") and type(v) is int and v == rec.value
+                and (rec.module, a) not in updated]
+        if len(hits) > 1:  # e.g. Attention(dim=4, heads=2): num_heads == head_dim == 2
+            g = dms.masker.leaf_group.get(id(rec.space.find()))
+            hint = _ATTR_HINTS.get(g.kind) if g is not None else None
+            named = [a for a in hits if hint(a)] if hint is not None else []
+            hits = named or hits
         # several attributes with the old value (e.g. GPT-2's embed_dim and split_size): update all of
         # them; the export check afterwards catches a wrong guess
         for a in hits:
             setattr(mod, a, new_val)
-        done.add((rec.module, rec.value))
+            updated.add((rec.module, a))
+        done.add(key)
 
 
 def _drop_children(root: nn.Module, cname: str, drop: set[int]) -> None:
