@@ -1,0 +1,109 @@
+"""Every ``dmscale`` subcommand on tiny settings (digits, a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dmscale
+from dmscale.cli import main
+
+TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
+        "data.eval_batch_size=128", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=5",
+        "retrain.steps=3", "pretrain.steps=3", "run.checkpoint_every=2", "run.threads=1"]
+
+
+def sets(*extra: str) -> list[str]:
+    """``--set`` arguments for the tiny config plus extras."""
+    out: list[str] = []
+    for kv in TINY + list(extra):
+        out += ["--set", kv]
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny ``dmscale search`` run shared by the read-only commands."""
+    out = tmp_path_factory.mktemp("cli") / "search"
+    cfg = out.parent / "tiny.toml"
+    cfg.write_text("[search]\ntarget = 0.6\n\n[model]\nsupernet_width_mult = 1.5\n")
+    assert main(["search", "-c", str(cfg), "--out", str(out), "-q", "--reset"] + sets()) == 0
+    return out
+
+
+def test_search_subcommand(searched: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    saved = (searched / "config.yaml").read_text()
+    assert "target: 0.6" in saved and "reset: true" in saved
+    s = json.loads((searched / "summary.json").read_text())
+    assert s["pipeline"] == "dms" and s["rows"][-1]["name"] == "found, retrained (reset)"
+
+
+def test_prune_fast_pretrain_subcommands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pre = tmp_path / "pre"
+    assert main(["pretrain", "--out", str(pre), "-q"] + sets()) == 0
+    assert main(["prune", "--out", str(tmp_path / "p"), "--pretrained", str(pre), "-q", "--target", "0.7"]
+                + sets()) == 0
+    out = capsys.readouterr().out
+    assert "found, retrained" in out and "pretrained base" in out
+    assert main(["fast", "--out", str(tmp_path / "f"), "--pretrained", str(pre), "-q"] + sets()) == 0
+    out = capsys.readouterr().out
+    assert "exported" in out and "structure found" in out
+    # resuming a finished run re-prints the result without training; a wrong subcommand is refused
+    assert main(["fast", "--resume", str(tmp_path / "f"), "-q"]) == 0
+    assert main(["prune", "--resume", str(tmp_path / "f")]) == 2
+    assert "pipeline 'dms_fast'" in capsys.readouterr().err
+
+
+def test_baseline_subcommand_into_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    assert main(["baseline", "--out", str(out), "-q", "--methods", "uniform,l1"] + sets()) == 0
+    text = capsys.readouterr().out
+    assert "baseline: uniform" in text and "baseline: l1" in text and "baseline: taylor" not in text
+    assert (out / "baselines" / "l1" / "model" / "structure.json").exists()
+
+
+def test_demo_quick_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "-q"] + sets("model.stem_stride=1")) == 0
+    text = capsys.readouterr().out
+    assert "using dataset digits" in text and "found, retrained" in text and "structure found" in text
+    assert main(["demo", "--quick", "--out", str(out), "-q"] + sets()) == 2  # refuses to overwrite
+    assert main(["demo", "--quick", "--out", str(out), "-q", "--fresh"] + sets("search.steps=3")) == 0
+
+
+def test_info_and_report(searched: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(searched)]) == 0
+    out = capsys.readouterr().out
+    assert "searchable groups" in out and "FLOPs" in out and "structure: stem" in out and "found" in out
+    assert main(["info", str(searched / "searched"), "--input-shape", "1,8,8"]) == 0
+    assert main(["report", str(searched)]) == 0
+    assert "structure found" in capsys.readouterr().out
+
+
+def test_upscale_subcommand(searched: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "wide"
+    assert main(["upscale", str(searched), "--width", "2", "--noise", "0", "--out", str(out)]) == 0
+    small, big = dmscale.load(searched / "model").eval(), dmscale.load(out).eval()
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(big(x), small(x), atol=1e-4, rtol=1e-4)
+    assert sum(p.numel() for p in big.parameters()) > 3 * sum(p.numel() for p in small.parameters())
+    assert main(["upscale", str(searched), "--width", "4", "--noise", "1e-3", "--out", str(tmp_path / "w4")]) == 0
+    assert "upscaled x4" in capsys.readouterr().out
+
+
+def test_bad_config_fails_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bad"
+    assert main(["search", "--out", str(out), "--set", "search.target=1.5"]) == 2
+    assert "search.target" in capsys.readouterr().err
+    assert main(["search", "--out", str(out), "--set", "search.tagret=0.5"]) == 2
+    assert "search.tagret" in capsys.readouterr().err
+    assert main(["search", "--out", str(out), "--data-root", str(tmp_path / "missing")]) == 2
+    assert "data.root" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[retrain]\nsteps = -1\n")
+    assert main(["search", "-c", str(bad), "--out", str(out)]) == 2
+    assert "retrain.steps" in capsys.readouterr().err
+    assert not out.exists()
