@@ -46,9 +46,9 @@ CONFIGS = {
     # base model, input resolution handled by stem stride; steps B per method
     "digits": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 1, "steps": 400, "limit_train": None,
                "limit_test": None},
-    "fashion-mnist": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 600,
+    "fashion-mnist": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 300,
                       "limit_train": 10000, "limit_test": 2000},
-    "mnist5k": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 600, "limit_train": None,
+    "mnist5k": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 300, "limit_train": None,
                 "limit_test": None},
 }
 
