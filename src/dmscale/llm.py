@@ -259,7 +259,11 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _finish(dms: DMS, uniform: bool, remove: bool, check: bool) -> tuple[nn.Module, dict[str, Any]]:
+EXPORT_ATOL = 5e-3  # export check: a 30-layer fp32 LLM sums in a different order once sliced (logits ~ +-30)
+
+
+def _finish(dms: DMS, uniform: bool, remove: bool, check: bool,
+            atol: float = EXPORT_ATOL) -> tuple[nn.Module, dict[str, Any]]:
     info: dict[str, Any] = {"enforce_scale": enforce_target(dms)}
     ctx = uniform_ratios(dms) if uniform else contextlib.nullcontext()
     with ctx:
@@ -267,7 +271,7 @@ def _finish(dms: DMS, uniform: bool, remove: bool, check: bool) -> tuple[nn.Modu
             r = dms.resource(soft=False)
         info.update({"kept": dms.kept(), "summary": dms.summary(), "params_frac": float(r["params_frac"]),
                      "flops_frac": float(r["flops_frac"])})
-        exported = dms.export(check=check)
+        exported = dms.export(check=check, atol=atol, rtol=1e-3)
     if remove:
         dms.remove()
     return exported, info
@@ -476,7 +480,7 @@ def oneshot_prune(model: nn.Module, method: str, target: Target, *, calib_ids: t
                 r = dms.resource(soft=False)
             info = {"pipeline": f"oneshot-{method}", "ratio": lo, "kept": dms.kept(), "summary": dms.summary(),
                     "params_frac": float(r["params_frac"]), "flops_frac": float(r["flops_frac"])}
-            exported = dms.export(check=check)
+            exported = dms.export(check=check, atol=EXPORT_ATOL, rtol=1e-3)
             dms.remove()
     finally:
         model.train(was)
@@ -543,7 +547,7 @@ def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
 
 
 def export_uniform(dms: DMS, out_dir: str | Path, *, tokenizer: Any = None, check: bool = True,
-                   atol: float = 1e-4) -> nn.Module:
+                   atol: float = EXPORT_ATOL) -> nn.Module:
     """Export with equal sizes in every layer and write a plain Hugging Face checkpoint to out_dir.
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` rebuilds it from the edited config; with
@@ -552,14 +556,7 @@ def export_uniform(dms: DMS, out_dir: str | Path, *, tokenizer: Any = None, chec
     from .adapters.hf_llm import uniform_sizes
 
     with uniform_ratios(dms) as counts:
-        exported = dms.export(check=check, atol=atol, rtol=atol)
-        if check:
-            model = dms.model
-            was = model.training
-            model.eval()
-            with torch.no_grad(), dms.hard():
-                ref = _logits(model, dms.example_inputs[0])
-            model.train(was)
+        exported = dms.export(check=check, atol=atol, rtol=1e-3)  # == the hard-masked (uniform) supernet
     if uniform_sizes(exported) is None:
         raise ExportError(f"uniform export: layer sizes still differ after equalising {counts}")
     cfg = exported.config
@@ -585,10 +582,15 @@ def export_uniform(dms: DMS, out_dir: str | Path, *, tokenizer: Any = None, chec
 
         dtype = next(exported.parameters()).dtype
         reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).eval()
+        was = exported.training
+        exported.eval()
+        x = dms.example_inputs[0]
         with torch.no_grad():
-            got = _logits(reloaded, dms.example_inputs[0].to(next(reloaded.parameters()).device))
+            ref = _logits(exported, x.to(next(exported.parameters()).device))
+            got = _logits(reloaded, x.to(next(reloaded.parameters()).device))
+        exported.train(was)
         err = float((got.float().cpu() - ref.float().cpu()).abs().max())
-        if not err <= atol * (1 + float(ref.abs().max())):
-            raise ExportError(f"uniform export: from_pretrained({out}) logits differ from the hard-masked supernet "
-                              f"by {err:.3g}")
+        if not err <= 1e-5 * (1 + float(ref.abs().max())):  # same modules, same weights: equal up to rounding
+            raise ExportError(f"uniform export: from_pretrained({out}) logits differ from the exported model "
+                              f"by {err:.3g} (the edited config does not describe it)")
     return exported
