@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
 
 # the demo: DMS on the best offline image dataset, budget 0.5x the base model's FLOPs (~6 min on 2 cores)
 DEMO: dict[str, Any] = {
-    "run.out": "runs/demo", "run.checkpoint_every": 100,
+    "run.out": "runs/demo", "run.checkpoint_every": 100, "run.eval_every": 500,
     "data.name": "auto", "data.limit_train": 15000, "data.limit_test": 5000, "data.batch_size": 128,
     "model.widths": [16, 32, 64], "model.depths": [2, 2, 2], "model.stem_stride": 2,
     "model.supernet_width_mult": 1.5, "model.supernet_depth_mult": 1.5,
@@ -33,6 +33,7 @@ DEMO_QUICK: dict[str, Any] = {
 PIPELINE_OF = {"search": "dms", "prune": "dms_p", "fast": "dms_fast", "pretrain": "pretrain", "baseline": "baseline",
                "demo": "dms"}
 RESUME_SAFE = {"run.progress", "run.threads"}
+_CURRENT_RUN: list[str] = []  # run directory of the command in progress (for the Ctrl-C hint)
 
 
 def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None:
@@ -95,7 +96,9 @@ def _resume_config(a: argparse.Namespace, pipeline: str) -> RunConfig:
         raise ConfigError(f"--resume continues the saved config of {a.resume}; these cannot change: "
                           f"{bad or ['--config']}")
     apply_overrides(cfg, ov)
-    return validate(cfg)
+    validate(cfg)
+    _CURRENT_RUN[:] = [cfg.run.out]
+    return cfg
 
 
 def _config(a: argparse.Namespace, pipeline: str, base: dict[str, Any] | None = None) -> RunConfig:
@@ -112,7 +115,9 @@ def _config(a: argparse.Namespace, pipeline: str, base: dict[str, Any] | None = 
         apply_overrides(cfg, {k: v for k, v in base.items() if k not in given})
     apply_overrides(cfg, _overrides(a))
     cfg.run.pipeline = pipeline
-    return validate(cfg)
+    validate(cfg)
+    _CURRENT_RUN[:] = [cfg.run.out]
+    return cfg
 
 
 def _print_result(summary: dict[str, Any], started: float) -> None:
@@ -130,13 +135,16 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
     from . import pipelines
 
     pipeline = PIPELINE_OF[a.command]
-    if a.command == "baseline" and not a.config and not a.resume and a.out and (Path(a.out) / "config.yaml").exists():
+    if a.command == "baseline" and a.resume:
+        a.out, a.resume = a.resume, None  # baselines continue in place: finished methods are skipped
+    if a.command == "baseline" and not a.config and a.out and (Path(a.out) / "config.yaml").exists():
         # compare against an existing run: reuse its config (data, target, retrain budget)
         cfg = pipelines.load_run_config(a.out)
         apply_overrides(cfg, _overrides(a))
         if a.methods:
             cfg.baseline.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         validate(cfg)
+        _CURRENT_RUN[:] = [cfg.run.out]
         t0 = time.time()
         _print_result(pipelines.run_baselines(cfg, resume=False), t0)
         return 0
@@ -327,8 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dmscale: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        out = getattr(a, "out", None) or getattr(a, "resume", None) or "RUN_DIR"
-        print(f"\ndmscale: interrupted; continue from the last checkpoint with: dmscale {a.command} --resume {out}",
+        out = (_CURRENT_RUN or [getattr(a, "resume", None) or "RUN_DIR"])[0]
+        how = f"--out {out}" if a.command == "baseline" else f"--resume {out}"
+        print(f"\ndmscale: interrupted; continue from the last checkpoint with: dmscale {a.command} {how}",
               file=sys.stderr)
         return 130
 

@@ -236,11 +236,7 @@ class Run:
 
     def reset_phase_log(self, phase: str) -> None:
         """Remove every record of a phase (it restarts from step 0)."""
-        self.truncate_log(phase, 0)
-        if self.log_path.exists():
-            lines = [ln for ln in self.log_path.read_text("utf-8").splitlines()
-                     if ln.strip() and json.loads(ln).get("phase") != phase]
-            atomic_write_text(self.log_path, "".join(k + "\n" for k in lines))
+        self.truncate_log(phase, 0)  # every record has step >= 1
 
     # ---------------------------------------------------------------- checkpoints
     def ckpt_path(self, phase: str) -> Path:
@@ -400,18 +396,19 @@ def pretrained_model(run: Run) -> tuple[nn.Module, dict[str, Any]]:
         except FileNotFoundError as exc:
             raise ConfigError(f"model.pretrained={m.pretrained!r}: {exc}") from exc
         model = load(d)
+        x = run.example
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        except Exception as exc:
+            raise ConfigError(f"model.pretrained={m.pretrained!r} does not accept this dataset's inputs "
+                              f"{tuple(x.shape)}: {exc}") from exc
         info = run.done("pretrain")
         if info is None:
             info = {"acc": run.eval(model), "source": str(d), "steps": 0}
             info.update(run.measure(model))
             info["describe"] = zoo.describe(model)
             run.mark_done("pretrain", info)
-        x = run.example
-        try:
-            model(x)
-        except Exception as exc:
-            raise ConfigError(f"model.pretrained={m.pretrained!r} does not accept this dataset's inputs "
-                              f"{tuple(x.shape)}: {exc}") from exc
         return model, info
     info = run.done("pretrain")
     if info is not None:
