@@ -124,7 +124,11 @@ def rss_peak_delta(impl: str, n: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip RSS subprocesses for small N")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--name", default=NAME, help="result file stem")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = 7 if args.quick else 25
     rows, res = [], []
     for n in SIZES:
@@ -163,11 +167,11 @@ def main() -> None:
             "speedup_scatter_at_11008": at["speedup_scatter"], "speedup_goal": 50.0, "met": at["speedup"] >= 50.0,
             "dmscale_bytes_per_element_at_11008": at["dmscale"]["alloc_bytes"] / 11008,
             "reference_bytes_per_element_at_11008": at["reference"]["alloc_bytes"] / 11008}
-    out = {"name": NAME, "quick": args.quick, "sizes": SIZES, "results": res, "goal": goal,
+    out = {"name": args.name, "quick": args.quick, "threads": torch.get_num_threads(), "sizes": SIZES, "results": res, "goal": goal,
            "memory_method": "alloc_bytes: TorchDispatchMode sum of aten-op output sizes during fwd+bwd "
                             "(analytic); rss_peak_delta: ru_maxrss growth in a fresh subprocess (real)",
            "timing": "median over interleaved repeats of forward+backward (grad to the ratio)"}
-    common.save_result(NAME, out)
+    common.save_result(args.name, out)
 
     print()
     print(common.table(rows, ["N", "dms us", "ref us", "speedup", "scatter us", "speedup(scatter)", "dms KiB", "ref KiB", "mem x",
@@ -189,7 +193,7 @@ def main() -> None:
         a.legend()
         a.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(common.plot_path(NAME), dpi=120)
+    fig.savefig(common.plot_path(args.name), dpi=120)
 
 
 if __name__ == "__main__":
