@@ -109,6 +109,7 @@ class SearchConfig:
     min_ratio: float = 0.0
     prune_depth: bool = True
     label_smoothing: float = 0.0
+    bn_recalibrate: int = 20  # batches to re-estimate BatchNorm statistics of the found network (0 = off)
 
 
 @dataclass
@@ -359,6 +360,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
     _check(s.divisor >= 1, "search.divisor", s.divisor, "must be >= 1")
     _check(0 <= s.min_ratio < 1, "search.min_ratio", s.min_ratio, "must be in [0, 1)")
     _check(0 <= s.label_smoothing < 1, "search.label_smoothing", s.label_smoothing, "must be in [0, 1)")
+    _check(s.bn_recalibrate >= 0, "search.bn_recalibrate", s.bn_recalibrate, "must be >= 0 (0 = off)")
     _check(len(cfg.baseline.methods) >= 1 and all(x in BASELINES for x in cfg.baseline.methods),
            "baseline.methods", cfg.baseline.methods, f"choose from {BASELINES}")
     _check(cfg.baseline.taylor_batches >= 1, "baseline.taylor_batches", cfg.baseline.taylor_batches, "must be >= 1")

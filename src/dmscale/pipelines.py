@@ -45,7 +45,7 @@ __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines"
 
 Callback = Callable[[str, int], None]
 PHASE_SALT = {"pretrain": 1, "search": 2, "retrain": 3, "baseline-uniform": 4, "baseline-l1": 5,
-              "baseline-taylor": 6, "reset": 7, "model": 0}
+              "baseline-taylor": 6, "reset": 7, "recalibrate": 8, "model": 0}
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -431,6 +431,30 @@ def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> 
     return min(frac, 1.0)
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches, n: int) -> None:
+    """Re-estimate BatchNorm running statistics of the (hard-masked) network from ``n`` training batches.
+
+    The search accumulates statistics of the soft, shrinking supernet; the found network's own statistics
+    make its accuracy right after the search meaningful (export copies them)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return
+    was = model.training
+    moms = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the n batches
+    model.train()
+    try:
+        for i in range(n):
+            model(batches(i)[0])
+    finally:
+        for m, mom in zip(bns, moms):
+            m.momentum = mom
+        model.train(was)
+
+
 def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool) -> dict[str, Any]:
     """DMS search on ``model`` (weights+structure, or structure only), then export to ``searched/``."""
     done = run.done("search")
@@ -512,6 +536,9 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                 post["test"] = f"{eval_acc:.3f}"
             bar.set_postfix(post, refresh=False)
             run.step_done("search", step + 1)
+    if s.bn_recalibrate:
+        with dms.hard():
+            recalibrate_bn(model, run.batches("recalibrate"), s.bn_recalibrate)
     with dms.hard():
         acc_hard = run.eval(model)
     run.log({"phase": "search", "step": s.steps, "eval_acc": acc_hard})
