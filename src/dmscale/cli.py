@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import ConfigError, RunConfig, apply_overrides, from_dict, load_config, read_file, validate
+from .config import ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
 
 __all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
 
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "baseline":
             p.add_argument("--methods", help="comma list of uniform,l1,taylor (baseline.methods)")
         p.set_defaults(func=cmd_pipeline)
-    p = sub.add_parser("demo", help="DMS end to end on the best offline dataset (about 6 min; --quick about 1)")
+    p = sub.add_parser("demo", help="DMS end to end on the best offline dataset (a few minutes; --quick about 1)")
     _add_run_flags(p)
     p.add_argument("--quick", action="store_true", help="about one minute: less data, fewer steps")
     p.add_argument("--baselines", action="store_true", help="also train the baselines and compare")

@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +40,8 @@ from .search import DMS
 
 __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines", "run_pretrain", "evaluate",
            "open_run", "load_run_config", "Batches", "one_shot_prune", "uniform_width_model", "resolve_model_dir",
-           "PHASE_SALT"]
+           "PHASE_SALT", "train_phase", "search_phase", "recalibrate_bn", "pretrained_model", "summarize", "finish",
+           "clean_run_dir"]
 
 Callback = Callable[[str, int], None]
 PHASE_SALT = {"pretrain": 1, "search": 2, "retrain": 3, "baseline-uniform": 4, "baseline-l1": 5,
@@ -152,13 +152,6 @@ def resolve_model_dir(path: str | Path) -> Path:
             return p / sub
     raise FileNotFoundError(f"{str(p)!r} is neither a saved dmscale model (structure.json) nor a run directory "
                             "with model/, searched/ or pretrained/")
-
-
-def _human(x: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= div:
-            return f"{x / div:.2f}{unit}"
-    return f"{x:.0f}"
 
 
 # ----------------------------------------------------------------------------------------- the run
