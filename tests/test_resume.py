@@ -51,6 +51,24 @@ def _finish(proc):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, started once and shared; it runs alongside the first interrupted run."""
+    d = tmp_path_factory.mktemp("ref")
+    proc = _start(d / "ref.ckpt", d / "ref.out")
+    result = {}
+
+    def get():
+        if not result:
+            _finish(proc)
+            result.update(load_checkpoint(d / "ref.out"))
+        return result
+    yield get
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def _same(a, b):
     assert a["step"] == b["step"] == STEPS and a["refining"] and b["refining"]
     assert a["kept"] == b["kept"]
@@ -60,35 +78,32 @@ def _same(a, b):
             assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
-def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path):
-    ref = _start(tmp_path / "ref.ckpt", tmp_path / "ref.out")  # uninterrupted, runs alongside
+def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, reference):
     p = _start(tmp_path / "run.ckpt", tmp_path / "run.out", "--pause-at", "7")
     seen = _kill_after(p, "step 7")
     assert "saved 6" in seen and not (tmp_path / "run.out").exists()
     assert load_checkpoint(tmp_path / "run.ckpt")["dms"]["step"] == 6  # steps 7.. are lost and redone
     out = _finish(_start(tmp_path / "run.ckpt", tmp_path / "run.out", "--resume"))
     assert "resumed 6" in out
-    _finish(ref)
-    a = load_checkpoint(tmp_path / "ref.out")
+    a = reference()
     b = load_checkpoint(tmp_path / "run.out")
     assert any(k < f for f, k in a["kept"].values()), "nothing pruned: the comparison would be vacuous"
     _same(a, b)
 
 
-def test_kill_at_any_moment_twice_then_resume_is_exact(tmp_path):
+def test_kill_at_any_moment_twice_then_resume_is_exact(tmp_path, reference):
     """Killed at an unplanned moment (maybe inside a checkpoint write), resumed, killed again, resumed."""
-    ref = _start(tmp_path / "ref.ckpt", tmp_path / "ref.out")
     p = _start(tmp_path / "run.ckpt", tmp_path / "run.out")
     _kill_after(p, "step 4")  # no pause: the worker is somewhere in steps 4..6 (or saving) when it dies
     first = load_checkpoint(tmp_path / "run.ckpt")["dms"]["step"]
-    assert first in (3, 6)
-    p = _start(tmp_path / "run.ckpt", tmp_path / "run.out", "--resume", "--pause-at", "11")
-    _kill_after(p, "step 11")
-    assert load_checkpoint(tmp_path / "run.ckpt")["dms"]["step"] == 9
+    assert first % EVERY == 0 and 3 <= first < STEPS - 3
+    pause = first + 5  # not a checkpoint step: the last EVERY-aligned checkpoint before it survives
+    p = _start(tmp_path / "run.ckpt", tmp_path / "run.out", "--resume", "--pause-at", str(pause))
+    _kill_after(p, f"step {pause}")
+    assert load_checkpoint(tmp_path / "run.ckpt")["dms"]["step"] == pause // EVERY * EVERY
     _finish(_start(tmp_path / "run.ckpt", tmp_path / "run.out", "--resume"))
-    _finish(ref)
-    _same(load_checkpoint(tmp_path / "ref.out"), load_checkpoint(tmp_path / "run.out"))
-    leftovers = [f for f in os.listdir(tmp_path) if f not in {"ref.ckpt", "ref.out", "run.ckpt", "run.out"}]
+    _same(reference(), load_checkpoint(tmp_path / "run.out"))
+    leftovers = [f for f in os.listdir(tmp_path) if f not in {"run.ckpt", "run.out"}]
     assert not leftovers or all(".tmp" in f or f.startswith(".") for f in leftovers)
 
 
