@@ -294,15 +294,22 @@ def test_oneshot_prune_uniform_ratio_meets_target(method: str) -> None:
     full = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for p in exported.parameters()) / full == pytest.approx(info["params_frac"], abs=1e-6)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+    assert all(p.requires_grad for p in exported.parameters())  # ready for fine-tuning
+    assert L.finetune(exported, ids, 1, seq_len=16, progress=False)[0]["loss"] > 0
 
 
 def test_oneshot_magnitude_keeps_largest_channels() -> None:
     model = _make("llama", layers=2)
-    with torch.no_grad():  # FFN channel 7 of layer 0 gets huge weights: magnitude must keep it
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():  # FFN channel 7 and KV head 0 of layer 0 get huge weights: magnitude must keep them
         model.model.layers[0].mlp.gate_proj.weight[7] *= 100
-    ex, _ = L.oneshot_prune(model, "magnitude", L.params_target(model, 0.5))
+        attn.k_proj.weight[:16] *= 100
+        attn.v_proj.weight[:16] *= 100
+    ex, info = L.oneshot_prune(model, "magnitude", L.params_target(model, 0.5))
+    assert info["kept"]["model.layers.0.self_attn.q_proj[heads]"] == (2, 1)
+    torch.testing.assert_close(ex.model.layers[0].self_attn.k_proj.weight, attn.k_proj.weight[:16])
     w = ex.model.layers[0].mlp.gate_proj.weight
-    assert w.abs().sum(1).max() == pytest.approx(float(model.model.layers[0].mlp.gate_proj.weight[7].abs().sum()),
+    assert float(w.detach().abs().sum(1).max()) == pytest.approx(float(model.model.layers[0].mlp.gate_proj.weight[7].abs().sum()),
                                                  rel=1e-5)
 
 

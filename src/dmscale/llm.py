@@ -31,7 +31,7 @@ from .search import DMS
 
 __all__ = ["tokenize", "sample_windows", "lm_loss", "distill_loss", "embedding_module_names",
            "embedding_params", "params_target", "build_llm_dms", "run_search", "enforce_target",
-           "dms_fast", "dms_p", "finetune", "oneshot_prune", "uniform_ratios", "export_uniform",
+           "dms_fast", "dms_p", "finetune", "oneshot_prune", "magnitude_importance", "uniform_ratios", "export_uniform",
            "ONESHOT_METHODS"]
 
 ONESHOT_METHODS = ("magnitude", "taylor", "random")
@@ -307,6 +307,8 @@ def dms_fast(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps
             model.gradient_checkpointing_disable()
         model.train(was)
     exported.eval()
+    for p in exported.parameters():  # copied while the weights were frozen
+        p.requires_grad_(True)
     log = {"pipeline": "DMS_fast", "target": {"kind": target.kind, "fraction": target.fraction}, "steps": steps,
            "history": history, "seconds": time.perf_counter() - t0, **info}
     if not remove:
@@ -323,6 +325,8 @@ def finetune(model: nn.Module, train_ids: torch.Tensor, steps: int, *, lr: float
         return []
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("finetune: every parameter has requires_grad=False")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     was = model.training
@@ -409,6 +413,46 @@ def dms_p(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps: i
 
 
 # ------------------------------------------------------------------ one-shot baselines
+def _leaf_index(space: Any, leaf: Any) -> torch.Tensor:
+    """For each position of a (possibly composite) space, the index of the leaf's element there, else -1."""
+    r = space.find()
+    if r.kind == "atomic":
+        return torch.arange(r.size) if r is leaf.find() else torch.full((r.size,), -1, dtype=torch.long)
+    parts = [_leaf_index(c, leaf) for c in r.children]
+    if r.kind == "concat":
+        return torch.cat(parts)
+    out = parts[0]
+    for p in parts[1:]:  # product: row-major, as the masker builds composite masks
+        a = out[:, None].expand(-1, p.numel())
+        b = p[None, :].expand(out.numel(), -1)
+        out = torch.where(a >= 0, a, b).reshape(-1)
+    return out
+
+
+@torch.no_grad()
+def magnitude_importance(dms: DMS) -> None:
+    """L1 norm of all weights each element owns (heads included: through the heads x head_dim products)."""
+    mods = dict(dms.model.named_modules())
+    for g in dms.groups:
+        if g.space is None:
+            continue
+        imp = torch.zeros(g.size, dtype=torch.float64)
+        for rec in dms.trace.params.values():
+            if rec.is_buffer:
+                continue
+            p = getattr(mods[rec.module], rec.attr, None)
+            if not isinstance(p, torch.Tensor):
+                continue
+            for d, sp in enumerate(rec.dims):
+                if not any(lf is g.space.find() for lf in sp.leaves()):
+                    continue
+                idx = _leaf_index(sp, g.space)
+                per = p.detach().abs().double().movedim(d, 0).reshape(p.shape[d], -1).sum(1).cpu()
+                keep = idx >= 0
+                imp.index_add_(0, idx[keep], per[keep])
+        dms.space.importance(g).copy_(imp.to(dms.space.importance(g)))
+
+
 @torch.no_grad()
 def _set_all_ratios(dms: DMS, groups: list, r: float) -> None:
     for g in groups:
@@ -442,8 +486,7 @@ def oneshot_prune(model: nn.Module, method: str, target: Target, *, calib_ids: t
     try:
         with _frozen(model):
             dms = build_llm_dms(model, example, target, 1, prune_hidden=prune_hidden, prune_heads=prune_heads,
-                                prune_depth=False, importance="l1" if method == "magnitude" else "taylor",
-                                warn=False)
+                                prune_depth=False, importance="taylor", warn=False)
             groups = [g for g in dms.groups if g.kind != "depth"]
             with torch.no_grad():
                 for g in groups:  # masks ~1 everywhere while gradients are collected
@@ -461,6 +504,8 @@ def oneshot_prune(model: nn.Module, method: str, target: Target, *, calib_ids: t
                     lm_loss(_logits(model, x), x).backward()
                 for p in dms.structure_parameters():
                     p.grad = None
+            elif method == "magnitude":
+                magnitude_importance(dms)
             elif method == "random":
                 for g in groups:
                     dms.space.importance(g).copy_(torch.rand(g.size, generator=gen))
@@ -485,6 +530,8 @@ def oneshot_prune(model: nn.Module, method: str, target: Target, *, calib_ids: t
     finally:
         model.train(was)
     exported.eval()
+    for p in exported.parameters():  # copied while the weights were frozen
+        p.requires_grad_(True)
     info["seconds"] = time.perf_counter() - t0
     return exported, info
 
