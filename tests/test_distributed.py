@@ -8,7 +8,6 @@ ratio gradients are exactly those of one process on the global batch.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch

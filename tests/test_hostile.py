@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import shutil
-import warnings
 from pathlib import Path
 
 import pytest
