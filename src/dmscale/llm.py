@@ -353,7 +353,7 @@ def finetune(model: nn.Module, train_ids: torch.Tensor, steps: int, *, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            rec["loss"] = float(ce)
+            rec["loss"] = float(ce.detach())
             history.append(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}")
