@@ -249,15 +249,12 @@ def test_missing_weights_file(saved):
         dmscale.load(saved)
 
 
-@pytest.mark.xfail(strict=True, reason="io.load does not check layer attributes against the weights "
-                                       "(reported: structure.json out_channels=8 with a 4-channel weight loads)")
 def test_structure_layer_attributes_do_not_match_weights(saved):
     _edit_structure(saved, lambda s: _stem_conv(s)["attributes"].update(out_channels=8))
     with pytest.raises(ValueError, match="out_channels"):
         dmscale.load(saved)
 
 
-@pytest.mark.xfail(strict=True, reason="io.load does not check num_parameters (reported)")
 def test_structure_parameter_count_mismatch(saved):
     _edit_structure(saved, lambda s: s.update(num_parameters=5))
     with pytest.raises(ValueError, match="num_parameters|parameters"):
@@ -267,7 +264,7 @@ def test_structure_parameter_count_mismatch(saved):
 # ---------------------------------------------------------------- torch.load hygiene
 # Pickle loads that run arbitrary code. Each entry is a known offender owned by another module:
 # the test below fails on any new one, the strict xfail flips to a failure once they are fixed.
-KNOWN_UNSAFE = {"src/dmscale/upscale.py", "tests/test_upscale.py"}
+KNOWN_UNSAFE: set[str] = set()
 
 
 def _unsafe_torch_loads(root: Path) -> list[str]:
@@ -299,7 +296,6 @@ def test_torch_load_always_weights_only():
     assert not bad, f"torch.load without weights_only=True: {bad}"
 
 
-@pytest.mark.xfail(strict=True, reason="upscale_cli and its test unpickle whole modules with weights_only=False")
 def test_known_unsafe_torch_loads_are_gone():
     assert not _unsafe_torch_loads(ROOT)
 

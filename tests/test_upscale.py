@@ -266,12 +266,14 @@ def test_hf_save_pretrained_roundtrip(name: str, tmp_path) -> None:
     assert width_info(again)["params"] == width_info(big)["params"]
 
 
-def test_upscale_cli_pickled_module(tmp_path) -> None:
+def test_upscale_cli_saved_module(tmp_path) -> None:
+    import dmscale
+
     small = zoo.MLP()
-    src, dst = tmp_path / "small.pt", tmp_path / "big.pt"
-    torch.save(small, src)
+    src, dst = tmp_path / "small", tmp_path / "big"
+    dmscale.save(small, src)
     assert upscale_cli([str(src), "--width", "2", "--noise", "0", "--out", str(dst)]) == 0
-    big = torch.load(dst, weights_only=False)
+    big = dmscale.load(dst)
     x = torch.randn(4, 10)
     torch.testing.assert_close(_out(big, x), _out(small, x))
     assert big.net[0].out_features == 32

@@ -920,4 +920,37 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
     unused = set(tensors) - set(loader.tensors)
     if unused:
         raise ValueError(f"structure.json lists tensors no module uses: {sorted(unused)[:5]}")
+    _check_consistency(root, structure)
     return root
+
+
+def _check_consistency(root: nn.Module, structure: dict[str, Any]) -> None:
+    """Refuse a structure whose layer sizes or parameter count disagree with the weights it carries."""
+    n = sum(p.numel() for p in {id(p): p for p in root.parameters()}.values())
+    expected = structure.get("num_parameters")
+    if expected is not None and int(expected) != n:
+        raise ValueError(f"structure.json says num_parameters={expected} but the weights hold {n} parameters")
+    for name, m in root.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        checks: list[tuple[str, int, int]] = []
+        if isinstance(m, nn.Linear):
+            checks = [("out_features", m.out_features, w.shape[0]), ("in_features", m.in_features, w.shape[1])]
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            out_dim = 1 if m.transposed else 0
+            in_dim = 0 if m.transposed else 1
+            checks = [("out_channels", m.out_channels, w.shape[out_dim] * (m.groups if m.transposed else 1)),
+                      ("in_channels", m.in_channels, w.shape[in_dim] * (1 if m.transposed else m.groups))]
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            checks = [("num_features", m.num_features, w.shape[0])]
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            checks = [("normalized_shape", tuple(m.normalized_shape), tuple(w.shape))]
+        elif isinstance(m, nn.GroupNorm) and m.affine:
+            checks = [("num_channels", m.num_channels, w.shape[0])]
+        elif isinstance(m, nn.Embedding):
+            checks = [("num_embeddings", m.num_embeddings, w.shape[0]), ("embedding_dim", m.embedding_dim, w.shape[1])]
+        for attr, have, want in checks:
+            if have != want:
+                raise ValueError(f"structure.json: module {name or '<root>'!r} ({type(m).__name__}) has {attr}={have} "
+                                 f"but its weight has shape {tuple(w.shape)}")

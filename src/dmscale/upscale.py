@@ -719,16 +719,19 @@ def upscale_optimizer_state(small_opt: torch.optim.Optimizer, big_opt: torch.opt
 
 
 def upscale_cli(args_list: Sequence[str] | None = None) -> int:
-    """`dmscale upscale MODEL --width K --noise S --out DIR`: widen an HF model dir or a pickled .pt model."""
+    """`upscale MODEL --width K --noise S --out DIR`: widen an HF model dir or a dmscale-saved model dir."""
     import argparse
     import os
 
+    from .io import load as dms_load
+    from .io import save as dms_save
+
     ap = argparse.ArgumentParser(prog="dmscale upscale", description=upscale_cli.__doc__)
-    ap.add_argument("model", help="HF model directory (config.json) or a torch.save'd nn.Module (.pt)")
+    ap.add_argument("model", help="HF model directory (config.json) or a dmscale.save directory (structure.json)")
     ap.add_argument("--width", type=float, default=2, help="integer width factor")
     ap.add_argument("--noise", type=float, default=1e-3, help="perturbation scale sigma-bar")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="output directory (HF) or .pt file")
+    ap.add_argument("--out", required=True, help="output directory")
     a = ap.parse_args(args_list)
     if os.path.isdir(a.model) and os.path.exists(os.path.join(a.model, "config.json")):
         import transformers
@@ -740,11 +743,9 @@ def upscale_cli(args_list: Sequence[str] | None = None) -> int:
         big = upscale(model, a.width, a.noise, seed=a.seed)
         big.save_pretrained(a.out)
     else:
-        model = torch.load(a.model, weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise UpscaleError(f"{a.model}: expected a pickled nn.Module, got {type(model).__name__}")
+        model = dms_load(a.model)  # safetensors + JSON: never unpickles
         big = upscale(model, a.width, a.noise, seed=a.seed)
-        torch.save(big, a.out)
+        dms_save(big, a.out)
     n0 = sum(p.numel() for p in model.parameters())
     n1 = sum(p.numel() for p in big.parameters())
     print(f"upscaled x{int(a.width)}: {n0:,} -> {n1:,} parameters, saved to {a.out}")

@@ -16,6 +16,8 @@ What tracing cannot know is the bookkeeping Hugging Face keeps outside the weigh
 
 from __future__ import annotations
 
+import sys
+
 from typing import Any
 
 import torch.nn as nn
@@ -30,6 +32,8 @@ LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_s
 
 def is_hf_causal_lm(model: nn.Module) -> bool:
     """True for a Hugging Face ``PreTrainedModel`` with a decoder config (what this adapter edits)."""
+    if "transformers" not in sys.modules:  # an HF model implies transformers was imported; don't pay for it
+        return False
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is optional
