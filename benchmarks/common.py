@@ -19,7 +19,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
+# run_all.py sends the --quick runs to results/quick/ so they do not overwrite the full runs
+RESULTS = os.environ.get("DMSCALE_BENCH_RESULTS") or os.path.join(HERE, "results")
 if os.path.join(ROOT, "tests") not in sys.path:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
 

@@ -4,7 +4,8 @@
     python benchmarks/run_all.py --full     # full versions (much longer: see BENCHMARKS.md)
     python benchmarks/run_all.py --only bench_topk,bench_overhead
 
-Each benchmark runs in its own interpreter; one failing does not stop the others (its error is
+Each benchmark runs in its own interpreter and writes into results/quick/ (or results/full/),
+so a quick run never overwrites the full results in results/; one failing does not stop the others (its error is
 recorded in the summary). The summary holds each benchmark's headline numbers and goal status.
 """
 
@@ -52,16 +53,19 @@ def main() -> None:
     names = [n for n in BENCHES if not args.only or n in args.only.split(",")]
     summary = {"quick": not args.full, "machine": common.machine_info(), "benchmarks": {}}
     t_all = time.perf_counter()
+    out_dir = os.path.join(common.HERE, "results", "full" if args.full else "quick")
+    env = dict(os.environ, DMSCALE_BENCH_RESULTS=out_dir)
+    summary["results_dir"] = os.path.relpath(out_dir, common.ROOT)
     for name in names:
         cmd = [sys.executable, os.path.join(common.HERE, f"{name}.py")] + ([] if args.full else ["--quick"])
         print(f"=== {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=common.ROOT)
+        proc = subprocess.run(cmd, cwd=common.ROOT, env=env)
         dt = time.perf_counter() - t0
         entry: dict = {"command": "python " + " ".join(os.path.relpath(c, common.ROOT) if c.endswith(".py") else c
                                                        for c in cmd[1:]),
                        "wall_s": dt, "returncode": proc.returncode}
-        path = os.path.join(common.RESULTS, f"{name}.json")
+        path = os.path.join(out_dir, f"{name}.json")
         if proc.returncode == 0 and os.path.exists(path):
             with open(path) as f:
                 try:
@@ -73,8 +77,9 @@ def main() -> None:
         summary["benchmarks"][name] = entry
         print(f"=== {name}: {dt:.0f}s, rc {proc.returncode}", flush=True)
     summary["total_wall_s"] = time.perf_counter() - t_all
-    common.save_result("summary", summary)
-    print(f"\nall done in {summary['total_wall_s'] / 60:.1f} min -> {os.path.join(common.RESULTS, 'summary.json')}")
+    common.save_result("summary", summary)  # results/summary.json
+    print(f"\nall done in {summary['total_wall_s'] / 60:.1f} min -> {os.path.join(common.RESULTS, 'summary.json')} "
+          f"(per-benchmark files in {summary['results_dir']})")
     for name, e in summary["benchmarks"].items():
         print(f"  {name:20s} {e['wall_s']:6.0f}s  {'ok' if e['returncode'] == 0 else 'FAILED'}")
 
