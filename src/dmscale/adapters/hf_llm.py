@@ -138,6 +138,12 @@ def _set_int_attr(m: nn.Module, attr: str, old: int | None, new: int | None) -> 
 def fix_hf_export(dms: Any, exported: nn.Module) -> None:
     """Renumber ``layer_idx``, filter ``layer_types`` and write uniform sizes into the exported config."""
     cfg = exported.config
+    for m in exported.modules():  # a tied LM head is sliced through the embedding: sync its size attributes
+        w = getattr(m, "weight", None)
+        if isinstance(m, nn.Linear) and w is not None and w.dim() == 2:
+            m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+        elif isinstance(m, nn.Embedding) and w is not None:
+            m.num_embeddings, m.embedding_dim = int(w.shape[0]), int(w.shape[1])
     found = decoder_layers(exported)
     if found is None:
         return
