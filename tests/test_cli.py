@@ -115,3 +115,10 @@ def test_bad_config_fails_before_training(tmp_path: Path, capsys: pytest.Capture
     assert main(["search", "-c", str(bad), "--out", str(out)]) == 2
     assert "retrain.steps" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_refuses_config_changes(searched: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["search", "--resume", str(searched), "--set", "search.target=0.3"]) == 2
+    assert "search.target" in capsys.readouterr().err
+    assert main(["search", "--resume", str(searched), "-q"]) == 0  # finished: re-prints the result, trains nothing
+    assert "found, retrained (reset)" in capsys.readouterr().out
