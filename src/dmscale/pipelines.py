@@ -14,7 +14,6 @@ Data order is a pure function of (seed, phase, step), so a resumed phase fast-fo
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -37,6 +36,7 @@ from .io import atomic_write_bytes, atomic_write_text, load, save
 from .resources import count
 from .schedule import Target
 from .search import DMS
+from .baselines import one_shot_prune, uniform_width_model
 
 __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines", "run_pretrain", "evaluate",
            "open_run", "load_run_config", "Batches", "one_shot_prune", "uniform_width_model", "resolve_model_dir",
@@ -624,62 +624,6 @@ def run_pretrain(cfg: RunConfig, resume: bool = False, callback: Callback | None
 
 
 # ----------------------------------------------------------------------------------------- baselines
-def _bisect(f: Callable[[float], float], goal: float, lo: float, hi: float, iters: int = 40) -> float:
-    """Largest x in [lo, hi] with f(x) <= goal for a nondecreasing f (lo if none)."""
-    if f(hi) <= goal:
-        return hi
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        if f(mid) <= goal:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def uniform_width_model(run: Run, goal: float) -> tuple[nn.Module, float]:
-    """The base family at the width multiplier (bisection on ``count``) whose resource is <= goal (absolute)."""
-    m, kind = run.cfg.model, run.cfg.search.resource
-    c, n = run.data.input_shape[0], run.data.num_classes
-
-    def res(mult: float) -> float:
-        return count(zoo.build(m.widths, m.depths, c, n, width_mult=mult, stem_stride=m.stem_stride),
-                     (run.example,))[kind]
-
-    mult = _bisect(res, goal, 1e-3, 1.0, iters=25)
-    torch.manual_seed(run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
-    return zoo.build(m.widths, m.depths, c, n, width_mult=mult, stem_stride=m.stem_stride), mult
-
-
-def one_shot_prune(model: nn.Module, example: torch.Tensor, fraction: float, method: str, resource: str = "flops",
-                   batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   n_batches: int = 20) -> tuple[nn.Module, float]:
-    """One-shot L1/Taylor pruning: one kept ratio r for every width group (bisection) so the resource <= fraction."""
-    model = copy.deepcopy(model)
-    dms = DMS(model, (example,), Target(**{resource: 1.0}), total_steps=1, importance=method, prune_depth=False,
-              warn=False)
-    if method == "taylor":
-        if batches is None:
-            raise ValueError("taylor importance needs training batches")
-        model.eval()  # gradients only; keep BatchNorm statistics untouched
-        for i in range(n_batches):
-            xb, yb = batches(i)
-            F.cross_entropy(model(xb), yb).backward()
-        model.zero_grad(set_to_none=True)
-    width = [g for g in dms.groups if g.kind != "depth"]
-
-    @torch.no_grad()
-    def res(r: float) -> float:
-        for g in width:
-            dms.space.ratio(g).fill_(max(r, g.min_ratio()))
-        return float(dms.resource(soft=False)[f"{resource}_frac"])
-
-    r = _bisect(res, fraction, 0.0, 1.0, iters=30)
-    res(r)
-    small = dms.export()
-    return small, r
-
-
 def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
     """Uniform width scaling, one-shot L1 and Taylor pruning at the same budget, each retrained (``retrain``)."""
     run = open_run(cfg, resume, callback, attach=True)
