@@ -47,7 +47,7 @@ def test_target_below_minimum_widths_names_the_minimum():
 @pytest.mark.parametrize("kwargs,match", [
     ({"total_steps": 0}, "total_steps"),
     ({"resource_weight": 0.0}, "resource_weight"),
-    ({"adaptive_weight": 1.0}, "adaptive_weight"),
+    ({"adaptive_weight": -0.5}, "adaptive_weight"),
     ({"importance": "magic"}, "importance must be one of"),
     ({"importance_decay": 1.0}, "decay"),
     ({"bounds": {"fc1": {"min": 0.5}}}, "unknown bound key"),

@@ -80,3 +80,20 @@ def test_bad_inputs():
         rank_normalize(torch.zeros(0))
     with pytest.raises(ValueError, match="lam"):
         differentiable_topk(torch.zeros(3), torch.tensor(0.5), lam=0)
+
+
+def test_cached_ranks_in_search_space_match_operator():
+    """SearchSpace sorts once per importance update; masks must equal the pure operator's."""
+    import dmscale
+    from dmscale.topk import differentiable_topk as topk
+    from models import MLP
+
+    dms = dmscale.DMS(MLP(), (torch.randn(2, 16),), dmscale.Target(flops=0.5), total_steps=5)
+    g = dms.groups[0]
+    imp = dms.space.importance(g)
+    for trial in range(3):
+        imp.copy_(torch.rand(g.size))  # in-place update bumps the version: cache must refresh
+        r = torch.tensor(0.37 + 0.1 * trial)
+        torch.testing.assert_close(dms.space.soft_mask(g, r), topk(imp, r, g.lam))
+        k = int((topk(imp, r, g.lam) >= 0.5).sum())
+        assert torch.equal(dms.space.keep(g, dms.space.soft_mask(g, r)), hard_keep(imp, k))

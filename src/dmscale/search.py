@@ -48,7 +48,7 @@ class DMS:
                  min_ratio: float = 0.0, prune_width: bool = True, prune_heads: bool = True,
                  prune_head_dim: bool = False, prune_depth: bool = True,
                  depth_containers: Iterable[str] | None = None,
-                 depth_blocks: Iterable[Iterable[str]] | None = None, adaptive_weight: float = 0.02,
+                 depth_blocks: Iterable[Iterable[str]] | None = None, adaptive_weight: float = 1.0,
                  warn: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -67,8 +67,8 @@ class DMS:
         self.resource_weight = float(resource_weight)
         if self.resource_weight <= 0:
             raise ValueError(f"resource_weight must be positive, got {resource_weight}")
-        if not 0.0 <= adaptive_weight < 1.0:
-            raise ValueError(f"adaptive_weight must be in [0, 1), got {adaptive_weight}")
+        if not 0.0 <= adaptive_weight <= 100.0:
+            raise ValueError(f"adaptive_weight must be in [0, 100], got {adaptive_weight}")
         self.adaptive_weight = float(adaptive_weight)
         self.weight = self.resource_weight  # current (adaptive) weight of the resource loss
         try:
@@ -222,18 +222,17 @@ class DMS:
         return bad
 
     def _adapt_weight(self) -> None:
-        """Raise the resource weight while the target is missed, relax it back when met.
+        """Multiplier update of the resource weight: ``w <- max(w0, w * exp(rate * (R / R_target - 1)))``.
 
         The one-sided log loss pushes with a constant force, so a task loss that resists pruning
-        (frozen, trained weights) can hold the resource above target for good; growing the weight
-        geometrically (a Lagrange-multiplier-like update) guarantees the target is reached.
+        (frozen, trained weights) can hold the resource above target for good. Growing the weight
+        in proportion to the violation (and shrinking it in proportion to the slack, never below
+        ``resource_weight``) is a dual-ascent step: the target is reached without overshooting.
         """
         if not self.adaptive_weight or "resource" not in self.last:
             return
-        if self.last["resource"] > self.last["target"] * 1.001:
-            self.weight *= 1.0 + self.adaptive_weight
-        else:
-            self.weight = max(self.resource_weight, self.weight * (1.0 - self.adaptive_weight))
+        rel = self.last["resource"] / max(self.last["target"], 1e-12) - 1.0
+        self.weight = max(self.resource_weight, self.weight * math.exp(self.adaptive_weight * max(-1.0, min(1.0, rel))))
 
     @property
     def refining(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .topk import differentiable_topk, hard_keep
+from .topk import hard_keep, mask_from_ranks
 from .tracing import BlockRecord, Space, TraceResult
 
 __all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space"]
@@ -88,6 +88,7 @@ class SearchSpace(nn.Module):
                  device: torch.device | None = None) -> None:
         super().__init__()
         self.groups = groups
+        self._rank_cache: dict[str, tuple] = {}
         self.ratios = nn.ParameterDict()
         for i, g in enumerate(groups):
             g.index = i
@@ -103,15 +104,29 @@ class SearchSpace(nn.Module):
         """The learnable kept ratio of group g."""
         return self.ratios[g.key]
 
+    def _sorted(self, g: Group) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised ranks, ascending order) of g's importance, sorted once per importance update."""
+        imp = self.importance(g)
+        hit = self._rank_cache.get(g.key)
+        if hit is not None and hit[0] == imp._version and hit[1] is imp:
+            return hit[2], hit[3]
+        order = torch.argsort(imp.detach(), stable=True)
+        n = imp.numel()
+        ranks = torch.empty(n, dtype=imp.dtype, device=imp.device)
+        ranks.scatter_(0, order, torch.arange(n, dtype=imp.dtype, device=imp.device))
+        ranks = (ranks + 0.5) / n
+        self._rank_cache[g.key] = (imp._version, imp, ranks, order)
+        return ranks, order
+
     def soft_mask(self, g: Group, ratio: torch.Tensor | None = None) -> torch.Tensor:
-        """Differentiable mask of group g from its ratio and importance."""
+        """Differentiable mask of group g from its ratio and importance (``differentiable_topk``)."""
         r = self.ratio(g) if ratio is None else ratio
-        return differentiable_topk(self.importance(g), r, g.lam)
+        return mask_from_ranks(self._sorted(g)[0], r, g.lam)
 
     def keep(self, g: Group, soft: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean mask of the elements the export keeps (the most important ones)."""
         soft = self.soft_mask(g) if soft is None else soft
-        return hard_keep(self.importance(g), g.hard_count(soft))
+        return hard_keep(self.importance(g), g.hard_count(soft), order=self._sorted(g)[1])
 
     @torch.no_grad()
     def clamp_(self) -> None:

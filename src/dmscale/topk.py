@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rank_normalize", "differentiable_topk", "hard_keep"]
+__all__ = ["rank_normalize", "differentiable_topk", "mask_from_ranks", "hard_keep"]
 
 
 def rank_normalize(importance: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,8 @@ def rank_normalize(importance: torch.Tensor) -> torch.Tensor:
         raise ValueError("importance is empty: a dimension needs at least one element")
     order = torch.argsort(importance.detach(), stable=True)
     ranks = torch.empty(n, dtype=importance.dtype, device=importance.device)
-    ranks[order] = torch.arange(n, dtype=importance.dtype, device=importance.device)
+    # scatter_ rather than ranks[order] = ...: index_put_ can stall for milliseconds in a parallel region
+    ranks.scatter_(0, order, torch.arange(n, dtype=importance.dtype, device=importance.device))
     return (ranks + 0.5) / n
 
 
@@ -35,7 +36,12 @@ def differentiable_topk(importance: torch.Tensor, ratio: torch.Tensor, lam: floa
     to N, for which only the ~6 elements nearest the threshold are fuzzy.
     An element is kept by the hard mask when ``m >= 0.5``.
     """
-    c = rank_normalize(importance).to(ratio.dtype)
+    return mask_from_ranks(rank_normalize(importance), ratio, lam)
+
+
+def mask_from_ranks(ranks: torch.Tensor, ratio: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+    """The soft mask from already normalised ranks (lets callers sort once per step)."""
+    c = ranks.to(ratio.dtype)
     n = c.numel()
     lam = float(n) if lam is None else float(lam)
     if lam <= 0:
@@ -43,11 +49,12 @@ def differentiable_topk(importance: torch.Tensor, ratio: torch.Tensor, lam: floa
     return torch.sigmoid(lam * (c - (1.0 - ratio)))
 
 
-def hard_keep(importance: torch.Tensor, count: int) -> torch.Tensor:
+def hard_keep(importance: torch.Tensor, count: int, order: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of the ``count`` most important elements (ties broken as in ``rank_normalize``)."""
     n = importance.numel()
     count = max(0, min(int(count), n))
-    order = torch.argsort(importance.detach(), stable=True)
+    if order is None:
+        order = torch.argsort(importance.detach(), stable=True)
     keep = torch.zeros(n, dtype=torch.bool, device=importance.device)
     if count:
         keep[order[n - count:]] = True
