@@ -356,3 +356,16 @@ def test_declared_depth_blocks(tmp_path):
         dmscale.DMS(model, (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["nope"]])
     with pytest.raises(ValueError, match="changes the shape"):
         dmscale.DMS(_TwoBlocks(), (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["inp"]])
+
+
+def test_l1_importance_ranks_heads_by_weight_magnitude():
+    torch.manual_seed(0)
+    model = TinyViT(depth=1, heads=4)
+    with torch.no_grad():
+        w = model.blocks[0].attn.qkv.weight.view(3, 4, 8, -1)
+        w.mul_(0.01)
+        w[:, 2] *= 1000.0  # head 2 is by far the largest
+    dms = dmscale.DMS(model, (torch.randn(2, 3, 16, 16),), dmscale.Target(flops=0.5), total_steps=5, importance="l1")
+    g = next(g for g in dms.groups if g.kind == "heads")
+    imp = dms.space.importance(g)
+    assert int(imp.argmax()) == 2 and float(imp.min()) > 0

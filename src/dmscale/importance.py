@@ -20,7 +20,7 @@ class ImportanceTracker:
     """Updates ``space.importance(g)`` in place: ``c <- decay*c + (1-decay)*score(m, g)``."""
 
     def __init__(self, space: SearchSpace, method: str = "taylor", decay: float = 0.99,
-                 l1_sources: dict[str, list[tuple[torch.Tensor, int]]] | None = None) -> None:
+                 l1_sources: dict[str, list[tuple[torch.Tensor, int, torch.Tensor | None]]] | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"importance must be one of {METHODS}, got {method!r}")
         if not 0.0 <= decay < 1.0:
@@ -76,6 +76,11 @@ class ImportanceTracker:
                 continue
             imp = self.space.importance(g)
             tot = torch.zeros(g.size, dtype=torch.float32, device=imp.device)
-            for p, d in srcs:
-                tot += p.detach().abs().float().movedim(d, 0).reshape(p.shape[d], -1).sum(1).to(imp.device)
+            for p, d, idx in srcs:
+                w = p.detach().abs().float().movedim(d, 0).reshape(p.shape[d], -1).sum(1).to(imp.device)
+                if idx is None:
+                    tot += w
+                else:  # a composite dim (e.g. heads x head_dim): add each slice to its element
+                    keep = idx >= 0
+                    tot.index_add_(0, idx[keep].to(imp.device), w[keep.to(w.device)])
             imp.copy_(tot)

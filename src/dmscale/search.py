@@ -332,20 +332,40 @@ class DMS:
         return "".join(f"\n  {op} (in {', '.join(m or 'model' for m in mods[:3])})"
                        for op, mods in self.trace.unsupported.items())
 
-    def _l1_sources(self) -> dict[str, list[tuple[torch.Tensor, int]]]:
+    def _l1_sources(self) -> dict[str, list[tuple[torch.Tensor, int, torch.Tensor | None]]]:
+        """For L1 importance: (parameter, dim, flat index -> group element or -1) for every weight slice."""
         mods = dict(self.model.named_modules())
-        out: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        out: dict[str, list[tuple[torch.Tensor, int, torch.Tensor | None]]] = {}
         for g in self.groups:
             if g.space is None:
                 continue
+            leaf = g.space.find()
             for rec in self.trace.params.values():
                 if rec.is_buffer:
                     continue
                 for d, s in enumerate(rec.dims):
-                    if s.find() is g.space.find():
-                        p = getattr(mods[rec.module], rec.attr)
-                        out.setdefault(g.key, []).append((p, d))
+                    if s.find() is leaf:
+                        out.setdefault(g.key, []).append((getattr(mods[rec.module], rec.attr), d, None))
+                    elif any(x is leaf for x in s.leaves()):
+                        idx = _leaf_index(s, leaf)
+                        out.setdefault(g.key, []).append((getattr(mods[rec.module], rec.attr), d, idx))
         return out
+
+
+def _leaf_index(space: Any, leaf: Any) -> torch.Tensor:
+    """For each flat position of a composite space, the element of ``leaf`` it belongs to (-1: none)."""
+    root = space.find()
+    if root is leaf:
+        return torch.arange(root.size)
+    if root.kind == "atomic":
+        return torch.full((root.size,), -1, dtype=torch.long)
+    parts = [_leaf_index(c, leaf) for c in root.children]
+    if root.kind == "concat":
+        return torch.cat(parts)
+    out = parts[0]
+    for p in parts[1:]:  # row-major product: combine the (at most one) factor that holds the leaf
+        out = torch.maximum(out[:, None].expand(-1, p.numel()), p[None, :].expand(out.numel(), -1)).reshape(-1)
+    return out
 
 
 def _human(x: float) -> str:

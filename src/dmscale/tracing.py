@@ -124,6 +124,13 @@ def _union(a: Space, b: Space) -> Space:
     return ra
 
 
+def _tag(space: Space, tag: str) -> None:
+    """Tag a space and, when it is composite (query heads = KV heads x repeats), its leaves."""
+    space.find().tags.add(tag)
+    for leaf in space.leaves():
+        leaf.tags.add(tag)
+
+
 def _make_composite(kind: str, parts: list[Space], origin: str) -> Space:
     parts = [p for p in parts]
     size = math.prod(p.find().size for p in parts) if kind == "product" else sum(p.find().size for p in parts)
@@ -342,6 +349,7 @@ class _Tracer(TorchFunctionMode):
         self.leaf_ops: list[OpRecord] = []
         self.depth_candidates: set[str] = set()
         self.layer_outputs: dict[str, list[Space]] = {}
+        self.unsupported_spaces: dict[str, list[Space]] = {}
 
     # -- labels
     def get(self, t: torch.Tensor) -> list[Space]:
@@ -419,9 +427,12 @@ class _Tracer(TorchFunctionMode):
         if not outs:
             return
         reason = reason or f"unsupported op '{name}'"
+        touched = self.unsupported_spaces.setdefault(name, [])
         for t in ins + outs:
             for s in self.get(t):
                 _fix(s, f"{reason} in {self.current_module() or 'model'}")
+                if len(touched) < 256:
+                    touched.append(s)
         for t in ins:
             self.mark_raw(t)
         self.unsupported.setdefault(name, [])
@@ -534,8 +545,8 @@ class _Tracer(TorchFunctionMode):
                 j = i - lead
                 if j >= 0 and src.shape[j] == n:
                     od.append(sd[j])
-                else:
-                    od.append(Space(n, "expand"))
+                else:  # broadcast copies (e.g. repeat_kv): not a dimension export could slice
+                    od.append(Space(n, "expand", fixed=n > 1))
             self.set(out, od)
             return
         if name in ("cat", "concat", "concatenate"):
@@ -775,8 +786,8 @@ class _Tracer(TorchFunctionMode):
         self.set(out, od)
         self.record_op(name, flops, od + [ad[-1]])
         if nb >= 1 and a.dim() == 4 and b.dim() == 4:
-            batch[-1].find().tags.add("heads")
-            ad[-1].find().tags.add("head_dim")
+            _tag(batch[-1], "heads")
+            _tag(ad[-1], "head_dim")
 
     def r_sdpa(self, args, kwargs, out, flops) -> None:
         q = args[0] if args else kwargs["query"]
@@ -799,9 +810,9 @@ class _Tracer(TorchFunctionMode):
             _union(parts[0], kd[-3])
             _fix(parts[1], "")
             heads = kd[-3]
-        heads.find().tags.add("heads")
-        qd[-1].find().tags.add("head_dim")
-        vd[-1].find().tags.add("head_dim")
+        _tag(heads, "heads")
+        _tag(qd[-1], "head_dim")
+        _tag(vd[-1], "head_dim")
         mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
         if isinstance(mask, torch.Tensor):
             self.get(mask)
@@ -1194,7 +1205,10 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
         rec.raw = rec.attr not in known or layer_kind(mods.get(rec.module, nn.Identity())) is None
     # blocks nested in other removable blocks of the same container family are fine; order by container/index
     blocks.sort(key=lambda b: (b.container, b.index))
-    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, tr.unsupported, tr.counter.total,
+    # report only ops that cost pruning freedom: they touched a dimension some parameter lives in
+    unsupported = {op: mods for op, mods in tr.unsupported.items()
+                   if any(leaf.owned and leaf.size > 1 for s in tr.unsupported_spaces.get(op, []) for leaf in s.leaves())}
+    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total,
                        tr.leaf_ops)
 
 
