@@ -174,3 +174,18 @@ def test_eval_mc_main(tmp_path, capsys) -> None:
     assert eval_mc_main([str(tmp_path / "model"), "--items", str(p), "--tokenizer", "bytes", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["n"] == 2 and out["acc"] in (0.0, 1.0)
+
+
+def test_dmscale_cli_eval_ppl_passthrough(tmp_path, capsys) -> None:
+    """`dmscale eval-ppl ...` reaches eval_ppl_main with its own arguments."""
+    pytest.importorskip("transformers")
+    from dmscale.cli import main
+
+    m = _tiny_lm(tmp_path)
+    text = "Now is the winter of our discontent. " * 5
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval-ppl", str(tmp_path / "model"), "--text", str(tmp_path / "t.txt"), "--tokenizer", "bytes",
+                 "--max-length", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ppl"] == pytest.approx(perplexity(m, torch.tensor(list(text.encode())), 64, 32), rel=1e-5)
+    assert main(["eval-ppl", str(tmp_path / "model"), "--text", str(tmp_path / "nope.txt")]) == 2

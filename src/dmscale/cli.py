@@ -319,13 +319,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
     p.add_argument("--out", required=True, help="output directory (dmscale.save)")
     p.set_defaults(func=cmd_upscale)
+    # listed for --help; main() hands their arguments to dmscale.eval
+    sub.add_parser("eval-ppl", help="perplexity of a language model on a text file (sliding window)", add_help=False)
+    sub.add_parser("eval-mc", help="zero-shot multiple-choice accuracy of a language model on a JSONL file",
+                   add_help=False)
     return ap
+
+
+_PASSTHROUGH = {
+    "eval-ppl": ("dmscale.eval.perplexity", "eval_ppl_main"),
+    "eval-mc": ("dmscale.eval.multiple_choice", "eval_mc_main"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmscale`` script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in _PASSTHROUGH:  # language-model evaluation has its own argument parser
+        import importlib
+
+        mod, fn = _PASSTHROUGH[args[0]]
+        return int(getattr(importlib.import_module(mod), fn)(args[1:]) or 0)
     ap = build_parser()
-    a = ap.parse_args(argv)
+    a = ap.parse_args(args)
     try:
         return int(a.func(a) or 0)
     except ConfigError as exc:
