@@ -77,6 +77,7 @@ class Masker:
         self.handles: list[Any] = []
         self.raw: list[tuple[nn.Module, str]] = []
         self.installed = False
+        self.fold = True  # conv/BN masks go through their weights (see _fold_into_weights)
 
     # ------------------------------------------------------------------ masks
     def prunable(self, s: Space) -> bool:
@@ -174,7 +175,10 @@ class Masker:
             norm = rec.norm_space if rec.norm_space is not None and self.prunable(rec.norm_space) else None
             if not dims and norm is None:
                 continue
-            self.handles.append(modules[name].register_forward_hook(self._layer_hook(rec, dims, norm)))
+            mod = modules[name]
+            if self.fold and self._fold_into_weights(mod, rec, dims, norm):
+                continue
+            self.handles.append(mod.register_forward_hook(self._layer_hook(rec, dims, norm)))
         for bname, (g, i) in self.block_gate.items():
             blk = g.blocks[i]
             self.handles.append(modules[bname].register_forward_hook(self._block_hook(g, i, blk.input_spec),
@@ -189,6 +193,30 @@ class Masker:
             parametrize.register_parametrization(mod, rec.attr, _RawMask(self, dims), unsafe=True)
             self.raw.append((mod, rec.attr))
         self.installed = True
+
+    def _fold_into_weights(self, mod: nn.Module, rec: LayerRecord, dims: list[tuple[int, Space]],
+                           norm: Space | None) -> bool:
+        """Mask a conv / BatchNorm through its output-side weight and bias instead of its activation.
+
+        ``m * (W x + b) = (m W) x + m b`` and ``m * BN(x) = BN_{m gamma, m beta}(x)`` exactly, and a
+        weight is far smaller than a conv activation (batch x H x W per channel), so this removes
+        most of the masking cost on CNNs. Linear layers keep the activation hook (a language
+        model's weights outweigh its activations).
+        """
+        if rec.kind not in ("conv", "batchnorm") or rec.tied or norm is not None or len(dims) != 1:
+            return False
+        space = dims[0][1]
+        targets = [a for a in ("weight", "bias") if isinstance(getattr(mod, a, None), nn.Parameter)]
+        if "weight" not in targets:
+            return False
+        for attr in targets:
+            p = getattr(mod, attr)
+            if p.shape[0] != space.find().size:
+                return False
+        for attr in targets:
+            parametrize.register_parametrization(mod, attr, _RawMask(self, [(0, space)]), unsafe=True)
+            self.raw.append((mod, attr))
+        return True
 
     def remove(self) -> None:
         """Detach everything, leaving the user's model as it was (same parameter objects)."""

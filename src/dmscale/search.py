@@ -49,7 +49,7 @@ class DMS:
                  prune_head_dim: bool = False, prune_depth: bool = True,
                  depth_containers: Iterable[str] | None = None,
                  depth_blocks: Iterable[Iterable[str]] | None = None, adaptive_weight: float = 1.0,
-                 warn: bool = True) -> None:
+                 fold_masks: bool = True, warn: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(target, Target):
@@ -93,6 +93,7 @@ class DMS:
             l1 = self._l1_sources()
         self.importance = ImportanceTracker(self.space, importance, importance_decay, l1)
         self.masker.on_mask = self.importance.attach
+        self.masker.fold = bool(fold_masks)
         self.resources = Resources(self.trace, self.masker, self.groups, model)  # before masks rename params
         self.masker.install()
         self.step_count = 0
