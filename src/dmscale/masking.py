@@ -112,16 +112,25 @@ class Masker:
         """Mask vector of a (possibly composite) space, or None when nothing in it is searched."""
         if self.mode == "off":
             return None
-        root = s.find()
-        if id(root) in self._composite:
-            return self._composite[id(root)]
         self._ensure()
+        return self._compose(s, self.current, self._composite, torch.mul)
+
+    def keep_for(self, s: Space) -> torch.Tensor | None:
+        """Boolean keep vector of a space (hard masks), or None when nothing in it is searched."""
+        return self._compose(s, self.current_keep, self._keep_cache, torch.logical_and)
+
+    def _compose(self, s: Space, per_group: dict[str, torch.Tensor], cache: dict[int, torch.Tensor | None],
+                 outer: Any) -> torch.Tensor | None:
+        """Build a space's vector from its groups' vectors: concatenation, or row-major outer product."""
+        root = s.find()
+        if id(root) in cache:
+            return cache[id(root)]
         out: torch.Tensor | None
         if root.kind == "atomic":
             g = self.leaf_group.get(id(root))
-            out = self.current[g.key] if g is not None else None
+            out = per_group[g.key] if g is not None else None
         else:
-            parts = [self.mask_for(c) for c in root.children]
+            parts = [self._compose(c, per_group, cache, outer) for c in root.children]
             if all(p is None for p in parts):
                 out = None
             else:
@@ -133,34 +142,8 @@ class Masker:
                 else:
                     out = parts[0]
                     for p in parts[1:]:
-                        out = (out[:, None] * p[None, :]).reshape(-1)
-        self._composite[id(root)] = out
-        return out
-
-    def keep_for(self, s: Space) -> torch.Tensor | None:
-        """Boolean keep vector of a space (hard masks), or None when nothing in it is searched."""
-        root = s.find()
-        if id(root) in self._keep_cache:
-            return self._keep_cache[id(root)]
-        out: torch.Tensor | None
-        if root.kind == "atomic":
-            g = self.leaf_group.get(id(root))
-            out = self.current_keep[g.key] if g is not None else None
-        else:
-            parts = [self.keep_for(c) for c in root.children]
-            if all(p is None for p in parts):
-                out = None
-            else:
-                ref = next(p for p in parts if p is not None)
-                parts = [p if p is not None else torch.ones(c.find().size, dtype=torch.bool, device=ref.device)
-                         for p, c in zip(parts, root.children)]
-                if root.kind == "concat":
-                    out = torch.cat(parts)
-                else:
-                    out = parts[0]
-                    for p in parts[1:]:
-                        out = (out[:, None] & p[None, :]).reshape(-1)
-        self._keep_cache[id(root)] = out
+                        out = outer(out[:, None], p[None, :]).reshape(-1)
+        cache[id(root)] = out
         return out
 
     # ------------------------------------------------------------------ hooks
