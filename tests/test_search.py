@@ -372,3 +372,30 @@ def test_l1_importance_ranks_heads_by_weight_magnitude():
     g = next(g for g in dms.groups if g.kind == "heads")
     imp = dms.space.importance(g)
     assert int(imp.argmax()) == 2 and float(imp.min()) > 0
+
+
+def test_folded_masks_equal_activation_masks():
+    """fold_masks=True (conv/BN masks through weights) computes what activation masks compute."""
+    import copy
+
+    torch.manual_seed(0)
+    base = ResNetCNN()
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.randint(0, 10, (4,))
+    outs, grads, imps = [], [], []
+    for fold in (True, False):
+        model = copy.deepcopy(base)
+        dms = dmscale.DMS(model, (x[:2],), dmscale.Target(flops=0.5), total_steps=10, fold_masks=fold)
+        with torch.no_grad():
+            for i, g in enumerate(dms.groups):
+                dms.space.ratio(g).fill_(0.55 + 0.03 * i)
+                dms.space.importance(g).copy_(torch.linspace(0, 1, g.size).flip(0))
+        out = model(x)
+        F.cross_entropy(out, y).backward()
+        outs.append(out.detach())
+        grads.append(torch.stack([p.grad for p in dms.structure_parameters()]))
+        imps.append(torch.cat([dms.space.importance(g) for g in dms.groups]))
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in dms.weight_parameters())
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(imps[0], imps[1], atol=1e-7, rtol=1e-4)
