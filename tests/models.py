@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmscale.zoo import BasicBlock  # the pipelines' block: one definition for tests and library
+from dmscale.zoo import BasicBlock, ResNet  # the pipelines' blocks: one definition for tests and library
 
 
 class MLP(nn.Module):
@@ -22,24 +22,11 @@ class MLP(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
-class ResNetCNN(nn.Module):
-    """A small ResNet: stem, stages of residual blocks, global pooling, linear head."""
+class ResNetCNN(ResNet):
+    """The pipelines' small ResNet (stem, residual stages, pooling, linear head) with test defaults."""
 
     def __init__(self, widths=(8, 16), depths=(2, 2), n_classes: int = 10, in_ch: int = 3) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        stages = []
-        cin = widths[0]
-        for i, (w, d) in enumerate(zip(widths, depths)):
-            blocks = [BasicBlock(cin, w, stride=1 if i == 0 else 2)] + [BasicBlock(w, w) for _ in range(d - 1)]
-            stages.append(nn.Sequential(*blocks))
-            cin = w
-        self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(cin, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        super().__init__(widths, depths, in_ch=in_ch, n_classes=n_classes)
 
 
 class InvertedResidual(nn.Module):

@@ -21,7 +21,6 @@ Environment: ``DMSCALE_CACHE`` overrides the cache root (default ``~/.cache/dmsc
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import logging
 import os
@@ -354,11 +353,9 @@ def _locate_fashion(root: str | os.PathLike | None) -> tuple[Path, dict[str, Pat
 
 def _md5(path: Path) -> str:
     """MD5 hex digest of a file (integrity check against the publisher's published sums)."""
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .io import file_digest
+
+    return file_digest(path, "md5")
 
 
 def _fetch_url(url: str, dest: Path) -> None:

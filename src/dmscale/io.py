@@ -573,13 +573,18 @@ def _is_dmscale_dir(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
-def _sha256_file(path: Path) -> str:
-    """Streaming SHA-256 of a file."""
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Streaming hex digest of a file (SHA-256 for our saves; MD5 where a publisher lists MD5 sums)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    """Streaming SHA-256 of a file."""
+    return file_digest(path, "sha256")
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
