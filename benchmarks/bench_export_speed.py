@@ -16,7 +16,6 @@ and TinyViT (dim 192, 6 blocks, 6 heads, 32x32 input, patch 4 -> 65 tokens).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 

@@ -21,7 +21,6 @@ to the ratio) for N = 64 ... 16384 (11008 = Llama-7B MLP width) and measure memo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .tracing import Space, is_rmsnorm
+from .tracing import Space
 
 if TYPE_CHECKING:
     from .search import DMS

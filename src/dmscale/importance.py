@@ -7,7 +7,6 @@ group's mask, so it sees ``dL_task/dm`` (the resource loss uses separate mask te
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 
 from .space import Group, SearchSpace
 

@@ -12,13 +12,11 @@ so an unknown op can cost pruning freedom but never produces a silently wrong ex
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -227,7 +225,6 @@ class TraceResult:
     reshapes: list[ReshapeRecord]
     unsupported: dict[str, list[str]]  # op name -> modules where seen
     total_flops: float
-    leaf_flops: list[OpRecord] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- flops
@@ -339,15 +336,12 @@ class _Tracer(TorchFunctionMode):
         self.module_stack: list[str] = []
         self.block_stack: list[str] = []
         self.leaf_depth = 0
-        self.total_flops = 0.0
         self.candidate_blocks: dict[str, BlockRecord] = {}
         self.block_inputs: dict[str, int] = {}
         self.residual_blocks: set[str] = set()
         self.block_shapes_ok: dict[str, bool] = {}
         self.counter = _FlopCounter()
         self.leaf_flop_start: list[float] = []
-        self.leaf_ops: list[OpRecord] = []
-        self.depth_candidates: set[str] = set()
         self.layer_outputs: dict[str, list[Space]] = {}
         self.unsupported_spaces: dict[str, list[Space]] = {}
 
@@ -505,8 +499,6 @@ class _Tracer(TorchFunctionMode):
             return self.unknown(name, args, kwargs, out)
         if name in _BINARY:
             ts = _tensors((args, kwargs))
-            if name in ("where",) and len(ts) >= 1:
-                pass
             if isinstance(out, torch.Tensor):
                 return self.broadcast_union(ts, out)
             return self.unknown(name, args, kwargs, out)
@@ -696,8 +688,6 @@ class _Tracer(TorchFunctionMode):
             _fix(xd[cdim], f"grouped convolution (groups={groups}) in {where}")
             _fix(wd[0], f"grouped convolution (groups={groups}) in {where}")
             _fix(wd[1], f"grouped convolution (groups={groups}) in {where}")
-            if groups == cin:  # depthwise with channel multiplier: tie in to out stays unprunable
-                pass
         if isinstance(b, torch.Tensor):
             _union(self.get(b)[0], wd[0])
         self.set(out, od)
@@ -829,9 +819,6 @@ class _Tracer(TorchFunctionMode):
         dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], bool) else None)
         if name in ("norm",):
             dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
-        keep = kwargs.get("keepdim", False)
-        if len(args) > 2 and isinstance(args[2], bool) and name != "norm":
-            keep = args[2]
         sd = list(self.get(src))
         if dim is None:
             red = list(range(src.dim()))
@@ -1057,8 +1044,6 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
         return obj
     if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
         return obj[0]
-    if hasattr(obj, "last_hidden_state") and isinstance(obj.last_hidden_state, torch.Tensor):
-        return None
     return None
 
 
@@ -1208,8 +1193,7 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     # report only ops that cost pruning freedom: they touched a dimension some parameter lives in
     unsupported = {op: mods for op, mods in tr.unsupported.items()
                    if any(leaf.owned and leaf.size > 1 for s in tr.unsupported_spaces.get(op, []) for leaf in s.leaves())}
-    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total,
-                       tr.leaf_ops)
+    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total)
 
 
 def _model_outputs(out: Any) -> Any:
