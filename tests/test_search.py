@@ -286,7 +286,7 @@ def test_params_target():
 def test_bad_targets_and_inputs():
     model = MLP()
     x = torch.randn(2, 16)
-    for bad in (0.0, 1.5, -0.1):
+    for bad in (0.0, 1.5, -0.1, True, "0.5"):
         with pytest.raises(ValueError, match="flops"):
             dmscale.Target(flops=bad)
     with pytest.raises(ValueError, match="exactly one"):

@@ -19,7 +19,7 @@ class Target:
         if len(given) != 1:
             raise ValueError("Target needs exactly one of flops=... or params=... (a fraction of the supernet)")
         k, v = given[0]
-        if not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0:
             raise ValueError(f"Target {k}={v!r} must be a fraction in (0, 1] of the supernet's {k}")
 
     @property
