@@ -341,3 +341,27 @@ def test_smollm2_oneshot_and_perplexity() -> None:
     from dmscale.eval import perplexity
 
     assert perplexity(ex, ids[:512], 256, 128) > 1.0
+
+
+def test_eager_attention_with_mask_traces_gqa_heads():
+    """Eager attention (repeat_kv) with a padding mask: KV heads stay prunable, export is exact."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :3] = 0
+    dms = dmscale.DMS(model, (ids,), dmscale.Target(params=0.8), total_steps=10,
+                      example_kwargs={"attention_mask": mask, "use_cache": False})
+    heads = [g for g in dms.groups if g.kind == "heads"]
+    assert heads and all(g.size == 2 for g in heads)  # KV heads, each carrying its 2 query heads
+    with torch.no_grad():
+        for g in dms.groups:
+            dms.space.ratio(g).fill_(0.5)
+    small = dms.export()
+    assert small.model.layers[0].self_attn.k_proj.out_features == 16
+    assert small.model.layers[0].self_attn.q_proj.out_features == 32

@@ -127,20 +127,12 @@ def build_llm_dms(model: nn.Module, example_ids: torch.Tensor, target: Target, t
                   importance: str = "taylor", exclude: Sequence[str] = (), **dms_kwargs: Any) -> DMS:
     """A ``DMS`` over heads (GQA-aware), FFN width, optionally depth and hidden size of a causal LM.
 
-    Traced without an attention mask and with SDPA so grouped-query attention is recognised
-    (the ``repeat_kv`` path of eager attention / padded masks leaves KV heads unprunable).
+    Works with SDPA and eager attention alike: the tracer ties each KV head to its query heads
+    through SDPA's grouped heads or eager attention's ``repeat_kv`` broadcast.
     """
     if example_ids.dim() != 2:
         raise ValueError(f"example_ids must be (batch, seq), got shape {tuple(example_ids.shape)}")
     cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "_attn_implementation", None) == "eager" and \
-            hasattr(model, "set_attn_implementation"):
-        try:
-            model.set_attn_implementation("sdpa")
-            warnings.warn("dmscale.llm: switched attention to 'sdpa' so grouped-query heads are traced",
-                          stacklevel=2)
-        except Exception:  # noqa: BLE001 - keep eager when SDPA is unavailable
-            pass
     excl = list(exclude)
     if not prune_hidden:
         excl += embedding_module_names(model)
