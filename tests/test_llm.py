@@ -365,3 +365,23 @@ def test_eager_attention_with_mask_traces_gqa_heads():
     small = dms.export()
     assert small.model.layers[0].self_attn.k_proj.out_features == 16
     assert small.model.layers[0].self_attn.q_proj.out_features == 32
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sliding_window_shorter_than_example(attn):
+    """Mistral with a sliding window (8) shorter than the example sequence (16) traces and exports."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, sliding_window=8)
+    cfg._attn_implementation = attn
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    dms = dmscale.DMS(model, (ids,), dmscale.Target(params=0.8), total_steps=10, example_kwargs={"use_cache": False})
+    assert sum(g.kind == "heads" for g in dms.groups) == 2
+    with torch.no_grad():
+        for g in dms.groups:
+            dms.space.ratio(g).fill_(0.5)
+    small = dms.export()
+    assert small.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 20)
