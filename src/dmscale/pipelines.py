@@ -591,23 +591,24 @@ def run_dms(cfg: RunConfig, resume: bool = False, callback: Callback | None = No
     return _retrain_and_finish(run, search)
 
 
-def run_dms_p(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
-    """DMS_p: pretrained model, search weights+structure, export, retrain/fine-tune."""
-    run = open_run(cfg, resume, callback)
+def _search_pretrained(run: Any, freeze_weights: bool) -> dict[str, Any]:
+    """Search from the run's pretrained model, with the pretrained model as the FLOPs reference."""
     model, pre = pretrained_model(run)
     ref = {"flops": pre["flops"], "params": pre["params"], "describe": pre.get("describe")}
     run.state["reference"] = ref
-    search = search_phase(run, model, ref, freeze_weights=False)
-    return _retrain_and_finish(run, search)
+    return search_phase(run, model, ref, freeze_weights=freeze_weights)
+
+
+def run_dms_p(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+    """DMS_p: pretrained model, search weights+structure, export, retrain/fine-tune."""
+    run = open_run(cfg, resume, callback)
+    return _retrain_and_finish(run, _search_pretrained(run, freeze_weights=False))
 
 
 def run_dms_fast(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
     """DMS_fast: pretrained model, weights frozen (BN in train mode), structure only, export, no retraining."""
     run = open_run(cfg, resume, callback)
-    model, pre = pretrained_model(run)
-    ref = {"flops": pre["flops"], "params": pre["params"], "describe": pre.get("describe")}
-    run.state["reference"] = ref
-    search = search_phase(run, model, ref, freeze_weights=True)
+    search = _search_pretrained(run, freeze_weights=True)
     if run.done("retrain") is None:
         small = load(run.dir / search["dir"])
         _finish_model_phase(run, "retrain", small, "model", {"acc": search["acc_hard"], "steps": 0,
