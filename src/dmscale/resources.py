@@ -110,18 +110,14 @@ class Resources:
         gates: dict[str, Any] = {}
         sp = self.masker.space
         for g in self.groups:
-            if hard_full:
-                m = None
-            else:
-                m = sp.soft_mask(g)
+            m = None if hard_full else sp.soft_mask(g)
             if g.kind == "depth":
+                keep = None if m is None else sp.keep(g, m).to(m.dtype)  # once per group, not per block
                 for i, b in enumerate(g.blocks):
                     if m is None:
                         gates[b.name] = 1.0
                     else:
-                        keep = sp.keep(g, m)
-                        hard = keep[i].to(m.dtype)
-                        gates[b.name] = hard + (m[i] - m[i].detach()) if soft else hard
+                        gates[b.name] = keep[i] + (m[i] - m[i].detach()) if soft else keep[i]
             else:
                 if m is None:
                     kept[g.index] = 1.0
