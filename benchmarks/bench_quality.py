@@ -37,7 +37,7 @@ import common  # noqa: E402
 
 import dmscale  # noqa: E402
 from dmscale import zoo  # noqa: E402
-from dmscale.data import load_dataset  # noqa: E402
+from dmscale.app.datasets import load_dataset  # noqa: E402
 
 NAME = "bench_quality"
 METHODS = ["DMS", "DMS_p", "DMS_fast", "uniform", "L1", "Taylor", "random"]

@@ -1,6 +1,6 @@
 """Search cost of DMS_fast: wall time and steps for a structure-only search (frozen trained weights) to reach its target.
 
-A ResNet-style CNN (dmscale.zoo, widths (16, 32, 64), depths (2, 2, 2)) is trained on Fashion-MNIST
+A ResNet-style CNN (dmscale.app.zoo, widths (16, 32, 64), depths (2, 2, 2)) is trained on Fashion-MNIST
 (10k images; digits with --quick), then DMS_fast searches only the kept ratios (weights frozen,
 BN in train mode, Adam on the ratios) for a schedule of T steps (target reached by the schedule at
 0.8 T). We record the first step at which the *hard* FLOPs (what export keeps) is within 1% of
@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 import dmscale  # noqa: E402
 from dmscale import zoo  # noqa: E402
-from dmscale.data import load_dataset  # noqa: E402
+from dmscale.app.datasets import load_dataset  # noqa: E402
 
 NAME = "bench_search_cost"
 

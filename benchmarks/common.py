@@ -203,7 +203,7 @@ def two_group_opt(dms, lr_w: float = 0.1, lr_s: float = 5e-3, momentum: float = 
 
 
 # --------------------------------------------------------------------------- training loops (bench_quality)
-# Written on DMS directly (not dmscale.pipelines, which was uncommitted and changing while these
+# Written on DMS directly (not dmscale.app.pipelines, which was uncommitted and changing while these
 # benchmarks were written); the phases follow docs/method: DMS = search on a random-init enlarged
 # supernet then retrain; DMS_p = pretrain, search weights+structure, retrain; DMS_fast = pretrain,
 # structure-only search with frozen weights (BN in train mode), then fine-tune.

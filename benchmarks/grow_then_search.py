@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dmscale
-from dmscale.data import load_dataset
+from dmscale.app.datasets import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from models import ResNetCNN  # noqa: E402

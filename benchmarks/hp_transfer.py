@@ -26,8 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from dmscale.mup import mup_optimizer
-from dmscale.upscale import upscale
+from dmscale.mup.optim import mup_optimizer
+from dmscale.mup.upscale import upscale
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

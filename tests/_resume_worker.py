@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.modules["transformers"] = None  # type: ignore[assignment]  # not needed; keeps start-up fast
 
 import dmscale  # noqa: E402
-from dmscale.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from models import ResNetCNN  # noqa: E402
 
 

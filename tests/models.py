@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmscale.zoo import ResNet  # the pipelines' blocks: one definition for tests and library
+from dmscale.app.zoo import ResNet  # the pipelines' blocks: one definition for tests and library
 
 
 class MLP(nn.Module):

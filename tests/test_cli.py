@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dmscale
-from dmscale.cli import main
+from dmscale.app.cli import main
 
 TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
         "data.eval_batch_size=128", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=5",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import dmscale.data as D
-from dmscale.data import (ByteTokenizer, ImageData, available_datasets, load_dataset, load_text_corpus,
+import dmscale.app.datasets as D
+from dmscale.app.datasets import (ByteTokenizer, ImageData, available_datasets, load_dataset, load_text_corpus,
                           make_lm_batches, read_cifar10_binary, read_idx, safe_extract)
 
 HAS_MLXTEND = importlib.util.find_spec("mlxtend") is not None

@@ -179,7 +179,7 @@ def test_eval_mc_main(tmp_path, capsys) -> None:
 def test_dmscale_cli_eval_ppl_passthrough(tmp_path, capsys) -> None:
     """`dmscale eval-ppl ...` reaches eval_ppl_main with its own arguments."""
     pytest.importorskip("transformers")
-    from dmscale.cli import main
+    from dmscale.app.cli import main
 
     m = _tiny_lm(tmp_path)
     text = "Now is the winter of our discontent. " * 5

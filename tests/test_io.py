@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import io_models as zoo
-from dmscale import io as dio
+from dmscale.serialization import format as dio
 
 
 def _roundtrip(model: nn.Module, path: Path, *inputs: Any, **kw: Any) -> nn.Module:

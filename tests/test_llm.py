@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dmscale
-import dmscale.llm as L
+import dmscale.recipes.llm as L
 from dmscale.adapters.hf_llm import decoder_layers, uniform_sizes
 
 transformers = pytest.importorskip("transformers")

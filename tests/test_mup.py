@@ -13,8 +13,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 import upscale_models as zoo  # noqa: E402
 
-from dmscale.mup import coord_check, infer_width_info, mup_factors, mup_optimizer, mup_param_groups  # noqa: E402
-from dmscale.upscale import upscale, upscale_optimizer_state, width_info  # noqa: E402
+from dmscale.mup.optim import coord_check, infer_width_info, mup_factors, mup_optimizer, mup_param_groups  # noqa: E402
+from dmscale.mup.upscale import upscale, upscale_optimizer_state, width_info  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import dmscale
-from dmscale import pipelines, zoo
-from dmscale.config import ConfigError, load_config
+from dmscale.app import pipelines
+from dmscale.app import zoo
+from dmscale.app.config import ConfigError, load_config
 
 TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
         "data.eval_batch_size=128", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=6",

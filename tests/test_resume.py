@@ -1,7 +1,7 @@
 """Checkpoint / resume: a search SIGKILLed mid-way and resumed ends exactly like an uninterrupted one.
 
 The worker (tests/_resume_worker.py) checkpoints model + optimizer + ``dms.state_dict()`` +
-RNG every k steps with ``dmscale.checkpoint.save_checkpoint`` (atomic: temp file, fsync, rename).
+RNG every k steps with ``dmscale.serialization.checkpoint.save_checkpoint`` (atomic: temp file, fsync, rename).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dmscale
-from dmscale.checkpoint import load_checkpoint, save_checkpoint
+from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint
 from models import MLP, ResNetCNN, TinyViT
 
 WORKER = Path(__file__).with_name("_resume_worker.py")

@@ -13,7 +13,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(__file__))
 import upscale_models as zoo  # noqa: E402
 
-from dmscale.upscale import UpscaleError, upscale, upscale_cli, width_info  # noqa: E402
+from dmscale.mup.upscale import UpscaleError, upscale, upscale_cli, width_info  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -219,7 +219,7 @@ def test_noise_small_loss_jump_and_scale() -> None:
 def test_noise_copies_diverge_under_training() -> None:
     torch.manual_seed(0)
     small = zoo.MLP(hidden=8)
-    from dmscale.mup import mup_optimizer
+    from dmscale.mup.optim import mup_optimizer
 
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
     for noise, should_diverge in [(0.0, False), (1e-2, True)]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmscale.zoo import BasicBlock  # shared with the pipelines and the core tests
+from dmscale.app.zoo import BasicBlock  # shared with the pipelines and the core tests
 
 
 class MLP(nn.Module):

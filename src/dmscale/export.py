@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .tracing import Space
+from .trace.tracer import Space
 
 if TYPE_CHECKING:
     from .search import DMS
@@ -131,7 +131,7 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
                     store[attr] = sliced[id(t)][1]
 
     # 3. fix the size attributes of every known layer (tied ones too: they have no layer record)
-    from .tracing import layer_kind
+    from .trace.tracer import layer_kind
 
     for mod in new.modules():
         kind = layer_kind(mod)

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .space import Group, SearchSpace
-from .tracing import LayerRecord, Space, TraceResult
+from .trace.tracer import LayerRecord, Space, TraceResult
 
 __all__ = ["Masker", "MODES"]
 

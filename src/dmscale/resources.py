@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .masking import Masker
 from .space import Group
-from .tracing import Space, TraceResult
+from .trace.tracer import Space, TraceResult
 
 __all__ = ["Resources", "count"]
 

@@ -15,7 +15,7 @@ from .masking import Masker
 from .resources import Resources
 from .schedule import Schedule, Target
 from .space import GroupBounds, SearchSpace, build_search_space
-from .tracing import TraceError, trace
+from .trace.tracer import TraceError, trace
 
 __all__ = ["DMS"]
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .topk import hard_keep, mask_from_ranks
-from .tracing import BlockRecord, Space, TraceResult
+from .trace.tracer import BlockRecord, Space, TraceResult
 
 __all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .perplexity import _device_of, encode, load_causal_lm, load_tokenizer, logits_of
+from dmscale.eval.perplexity import _device_of, encode, load_causal_lm, load_tokenizer, logits_of
 
 __all__ = ["multiple_choice", "choice_loglikelihoods", "load_items", "normalize_item", "eval_mc_main"]
 

@@ -92,7 +92,7 @@ def load_causal_lm(path: str | Path, gguf_file: str | None = None, device: str =
     """A dmscale-format directory (``dmscale.save``) or a Hugging Face checkpoint / GGUF, in eval mode."""
     p = Path(path)
     if (p / "structure.json").is_file():
-        from ..io import load
+        from dmscale.serialization.format import load
 
         model = load(p, device=device)
     else:
@@ -124,7 +124,7 @@ class _HFTok:
 
 def load_tokenizer(spec: str | None, model_dir: str | Path | None = None, gguf_file: str | None = None) -> Any:
     """'bytes' -> ByteTokenizer; a path/name -> AutoTokenizer; None -> try model_dir (and its GGUF), else bytes."""
-    from ..data import ByteTokenizer
+    from dmscale.app.datasets import ByteTokenizer
 
     if spec == "bytes":
         return ByteTokenizer()
@@ -149,7 +149,7 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     if hasattr(tokenizer, "encode"):
         try:
             return list(tokenizer.encode(text, add_special_tokens=False))
-        except TypeError:  # dmscale.data.ByteTokenizer and other plain encoders
+        except TypeError:  # dmscale.app.datasets.ByteTokenizer and other plain encoders
             return list(tokenizer.encode(text))
     if callable(tokenizer):
         return list(tokenizer(text)["input_ids"])

@@ -1,7 +1,7 @@
 """μP optimizer scaling for upscaled models, and the coordinate check.
 
 Per-parameter width factors (k_in, k_out) come from the side table written by
-:func:`dmscale.upscale.upscale` (or are inferred from shapes against a base model), and set
+:func:`dmscale.mup.upscale.upscale` (or are inferred from shapes against a base model), and set
 lr / eps / weight decay so that, at zero noise, the wide model trains exactly like the base.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .upscale import UpscaleError, _is_hf_conv1d, _unwrap, width_info
+from dmscale.mup.upscale import UpscaleError, _is_hf_conv1d, _unwrap, width_info
 
 __all__ = ["mup_param_groups", "mup_optimizer", "infer_width_info", "coord_check", "mup_factors"]
 
@@ -68,7 +68,7 @@ def _factors(model: nn.Module, base: nn.Module | None) -> dict[str, tuple[int, i
         return dict(table) if same else inferred
     if info is None:
         raise UpscaleError(
-            f"{type(_unwrap(model)).__name__}: no width info; pass base=<small model> or upscale it with dmscale.upscale")
+            f"{type(_unwrap(model)).__name__}: no width info; pass base=<small model> or upscale it with dmscale.mup.upscale")
     return dict(info["params"])
 
 
@@ -151,7 +151,7 @@ def coord_check(make_model: Callable[[int], nn.Module], widths: Sequence[int], d
     from make_model(w0) (what μpscaling trains).  data is (x, y), a list of such batches, or x.
     Returns {width: {module: [scale at step 0..steps-1]}} and writes a PNG plot if out_png is set.
     """
-    from .upscale import upscale
+    from dmscale.mup.upscale import upscale
 
     batches = list(data) if isinstance(data, list) else [data]
     widths = list(widths)

@@ -723,8 +723,8 @@ def upscale_cli(args_list: Sequence[str] | None = None) -> int:
     import argparse
     import os
 
-    from .io import load as dms_load
-    from .io import save as dms_save
+    from dmscale.serialization.format import load as dms_load
+    from dmscale.serialization.format import save as dms_save
 
     ap = argparse.ArgumentParser(prog="dmscale upscale", description=upscale_cli.__doc__)
     ap.add_argument("model", help="HF model directory (config.json) or a dmscale.save directory (structure.json)")

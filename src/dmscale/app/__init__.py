@@ -1,0 +1,1 @@
+"""The application: command line, run configs and directories, reports, datasets, demo model zoo."""

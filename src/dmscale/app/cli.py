@@ -1,0 +1,362 @@
+"""The ``dmscale`` command line: search / prune / fast / pretrain / baseline / demo / info / report / upscale."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dmscale.app.config import ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
+
+__all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
+
+# the demo: DMS on the best offline image dataset, budget 0.5x the base model's FLOPs (~6 min on 2 cores)
+DEMO: dict[str, Any] = {
+    "run.out": "runs/demo", "run.checkpoint_every": 100, "run.eval_every": 500,
+    "data.name": "auto", "data.limit_train": 15000, "data.limit_test": 5000, "data.batch_size": 128,
+    "model.widths": [16, 32, 64], "model.depths": [2, 2, 2], "model.stem_stride": 2,
+    "model.supernet_width_mult": 1.5, "model.supernet_depth_mult": 1.5,
+    "search.steps": 200, "search.target": 0.5, "retrain.steps": 2000, "retrain.reset": False,
+    "pretrain.steps": 2000,
+}
+# ~1 minute: smaller data, fewer steps
+DEMO_QUICK: dict[str, Any] = {
+    "run.out": "runs/demo-quick", "data.limit_train": 4000, "data.limit_test": 1000,
+    "search.steps": 40, "retrain.steps": 300, "pretrain.steps": 300,
+}
+
+PIPELINE_OF = {"search": "dms", "prune": "dms_p", "fast": "dms_fast", "pretrain": "pretrain", "baseline": "baseline",
+               "demo": "dms"}
+RESUME_SAFE = {"run.progress", "run.threads"}
+_CURRENT_RUN: list[str] = []  # run directory of the command in progress (for the Ctrl-C hint)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None:
+    """Flags shared by the training subcommands (each one is a shortcut for a --set)."""
+    p.add_argument("-c", "--config", help="TOML/YAML run config (see configs/ and docs/cli.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set search.target=0.4 (repeatable)")
+    p.add_argument("--out", help="run directory (run.out)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--data", help="data.name: auto, digits, mnist5k, fashion-mnist, cifar10")
+    p.add_argument("--data-root", help="data.root: directory holding the dataset files")
+    p.add_argument("--limit-train", type=int, help="data.limit_train: subsample the training set")
+    p.add_argument("--target", type=float, help="search.target: budget as a fraction (0, 1]")
+    p.add_argument("--steps", type=int, help="search.steps")
+    p.add_argument("--retrain-steps", type=int, help="retrain.steps")
+    p.add_argument("--reset", action="store_true", help="retrain.reset: re-initialize the exported weights")
+    p.add_argument("--threads", type=int, help="run.threads (torch.set_num_threads)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    if pretrained:
+        p.add_argument("--pretrained", help="model.pretrained: a dmscale.save directory or a run directory")
+
+
+def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """The shortcut flags as config overrides."""
+    m = {"out": "run.out", "seed": "run.seed", "data": "data.name", "data_root": "data.root",
+         "limit_train": "data.limit_train", "target": "search.target", "steps": "search.steps",
+         "retrain_steps": "retrain.steps", "threads": "run.threads", "pretrained": "model.pretrained"}
+    out = {key: getattr(a, attr) for attr, key in m.items() if getattr(a, attr, None) is not None}
+    if getattr(a, "reset", False):
+        out["retrain.reset"] = True
+    if getattr(a, "quiet", False):
+        out["run.progress"] = False
+    return out
+
+
+def _overrides(a: argparse.Namespace) -> list[str] | dict[str, Any]:
+    ov: dict[str, Any] = {}
+    for item in a.overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set search.target=0.4")
+        k, v = item.split("=", 1)
+        ov[k.strip()] = v
+    ov.update(_flag_overrides(a))
+    return ov
+
+
+def _resume_config(a: argparse.Namespace, pipeline: str) -> RunConfig:
+    """The saved config of ``--resume RUN_DIR`` (only progress/threads may change)."""
+    from dmscale.app.pipelines import load_run_config
+
+    cfg = load_run_config(a.resume)
+    if cfg.run.pipeline != pipeline:
+        raise ConfigError(f"--resume {a.resume}: that run is pipeline {cfg.run.pipeline!r}, not {pipeline!r}; "
+                          f"resume it with the matching subcommand")
+    ov = _overrides(a)
+    ov.pop("run.out", None)
+    bad = sorted(set(ov) - RESUME_SAFE)
+    if a.config or bad:
+        raise ConfigError(f"--resume continues the saved config of {a.resume}; these cannot change: "
+                          f"{bad or ['--config']}")
+    apply_overrides(cfg, ov)
+    validate(cfg)
+    _CURRENT_RUN[:] = [cfg.run.out]
+    return cfg
+
+
+def _config(a: argparse.Namespace, pipeline: str, base: dict[str, Any] | None = None) -> RunConfig:
+    """Config from defaults (+ ``base`` preset) + file + overrides, validated."""
+    if getattr(a, "resume", None):
+        return _resume_config(a, pipeline)
+    data = read_file(a.config) if getattr(a, "config", None) else {}
+    cfg = from_dict(data, pipeline)
+    if base:
+        # the preset only fills keys the file does not set
+        from dmscale.app.config import flatten
+
+        given = set(flatten(data))
+        apply_overrides(cfg, {k: v for k, v in base.items() if k not in given})
+    apply_overrides(cfg, _overrides(a))
+    cfg.run.pipeline = pipeline
+    validate(cfg)
+    _CURRENT_RUN[:] = [cfg.run.out]
+    return cfg
+
+
+def _print_result(summary: dict[str, Any], started: float) -> None:
+    from dmscale.app.report import render
+
+    print()
+    print(render(summary))
+    print()
+    print(f"run directory: {summary['run_dir']} (report.md, summary.json, log.jsonl, plots, model/); "
+          f"wall time {time.time() - started:.0f} s")
+
+
+def cmd_pipeline(a: argparse.Namespace) -> int:
+    """search / prune / fast / pretrain / baseline: one pipeline from a config."""
+    from dmscale.app import pipelines
+
+    pipeline = PIPELINE_OF[a.command]
+    if a.command == "baseline" and a.resume:
+        a.out, a.resume = a.resume, None  # baselines continue in place: finished methods are skipped
+    if a.command == "baseline" and not a.config and a.out and (Path(a.out) / "config.yaml").exists():
+        # compare against an existing run: reuse its config (data, target, retrain budget)
+        cfg = pipelines.load_run_config(a.out)
+        apply_overrides(cfg, _overrides(a))
+        if a.methods:
+            cfg.baseline.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        validate(cfg)
+        _CURRENT_RUN[:] = [cfg.run.out]
+        t0 = time.time()
+        _print_result(pipelines.run_baselines(cfg, resume=False), t0)
+        return 0
+    cfg = _config(a, pipeline)
+    if a.command == "baseline" and a.methods:
+        cfg.baseline.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        validate(cfg)
+    t0 = time.time()
+    print(f"dmscale {a.command}: pipeline {pipeline}, run directory {cfg.run.out}", flush=True)
+    summary = pipelines.run(cfg, resume=bool(a.resume))
+    _print_result(summary, t0)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """The default DMS pipeline end to end on the best offline dataset; prints the table."""
+    from dmscale.app import pipelines
+    from dmscale.app.datasets import available_datasets
+
+    preset = dict(DEMO)
+    if a.quick:
+        preset.update(DEMO_QUICK)
+    cfg = _config(a, "dms", preset)
+    if not a.resume and Path(cfg.run.out).exists() and (Path(cfg.run.out) / "config.yaml").exists():
+        if a.fresh:
+            pipelines.clean_run_dir(cfg.run.out)
+        else:
+            raise ConfigError(f"run.out={cfg.run.out!r} already holds a run; pass --fresh to replace it, "
+                              f"--resume {cfg.run.out} to continue it, or --out DIR")
+    avail = available_datasets(cfg.data.root or None)
+    print("dmscale demo: DMS (enlarged supernet -> search -> export -> retrain)")
+    print("datasets on this machine: " + ", ".join(f"{k} ({'yes' if ok else 'no'})" for k, (ok, _) in avail.items()))
+    t0 = time.time()
+    summary = pipelines.run(cfg, resume=bool(a.resume))
+    print(f"\nusing dataset {summary['dataset'].get('name')}: {summary['dataset'].get('selection')}")
+    if a.baselines:
+        summary = pipelines.run_baselines(cfg, resume=True)
+    _print_result(summary, t0)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """Rebuild summary.json, report.md and plots of a run directory and print the tables."""
+    from dmscale.app.pipelines import summarize
+    from dmscale.app.report import render, write_report
+
+    s = summarize(a.run_dir)
+    write_report(a.run_dir, s)
+    print(render(s))
+    return 0
+
+
+def _example_input(model_dir: Path, shape: str | None) -> torch.Tensor | None:
+    from dmscale.serialization.format import read_structure
+
+    meta = read_structure(model_dir).get("meta") or {}
+    if shape:
+        try:
+            dims = [int(v) for v in shape.split(",")]
+        except ValueError as exc:
+            raise ConfigError(f"--input-shape {shape!r}: expected C,H,W integers") from exc
+        return torch.randn(1, *dims)
+    if meta.get("input_shape"):
+        return torch.randn(1, *meta["input_shape"])
+    return None
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    """Groups found, FLOPs/params and structure of a saved model or a run directory."""
+    from dmscale.serialization.format import load, read_structure
+    from dmscale.app.pipelines import resolve_model_dir
+    from dmscale.app.report import format_table, render
+    from dmscale.resources import count
+    from dmscale.search import DMS
+    from dmscale.schedule import Target
+    from dmscale.app.zoo import describe
+
+    path = Path(a.path)
+    if (path / "summary.json").is_file():
+        print(render(json.loads((path / "summary.json").read_text("utf-8"))))
+        print()
+    model_dir = resolve_model_dir(path)
+    model = load(model_dir)
+    meta = read_structure(model_dir).get("meta") or {}
+    x = _example_input(model_dir, a.input_shape)
+    print(f"model: {model_dir} ({type(model).__name__}; {meta.get('kind', '')} {meta.get('dataset', '')})")
+    nparams = sum(p.numel() for p in model.parameters())
+    if x is None:
+        print(f"params {nparams:,}; FLOPs and groups need an input: pass --input-shape C,H,W")
+    else:
+        c = count(model, (x,))
+        print(f"FLOPs {c['flops']:,.0f} per input {tuple(x.shape[1:])} (2 per multiply-add); params {c['params']:,.0f}")
+        dms = DMS(model, (x,), Target(flops=1.0), total_steps=1, warn=False)
+        rows = [["group", "kind", "size", "members"]]
+        for g in dms.groups:
+            rows.append([g.name, g.kind, str(g.size), str(len(g.members))])
+        print(f"\nsearchable groups ({len(dms.groups)}):")
+        print(format_table(rows))
+        dms.remove()
+    d = describe(model)
+    if d["stages"]:
+        print("\nstructure: stem " + str(d["stem"]) + "; " + "; ".join(
+            f"stage {i}: {s['blocks']} blocks, inner {s['inner']}, out {s['out'][0] if s['out'] else '-'}"
+            for i, s in enumerate(d["stages"])))
+    else:
+        print("\nstructure:")
+        for name, m in model.named_modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                print(f"  {name}: {m}")
+    return 0
+
+
+def cmd_upscale(a: argparse.Namespace) -> int:
+    """Widen a saved model (or a run's exported model) x width with dmscale.upscale and save it."""
+    from dmscale.serialization.format import load, read_structure, save
+    from dmscale.app.pipelines import resolve_model_dir
+    from dmscale.mup.upscale import upscale
+
+    src = resolve_model_dir(a.model)
+    model = load(src)
+    meta = dict(read_structure(src).get("meta") or {})
+    x = _example_input(src, a.input_shape)
+    if a.width != int(a.width) or a.width < 1:
+        raise ConfigError(f"--width {a.width}: must be a positive integer factor")
+    if a.noise < 0:
+        raise ConfigError(f"--noise {a.noise}: must be >= 0")
+    big = upscale(model, width=int(a.width), noise=a.noise, example_inputs=x, seed=a.seed)
+    meta.update({"kind": "upscaled", "upscaled_from": str(src), "width": int(a.width), "noise": a.noise})
+    save(big, a.out, meta=meta)
+    n0 = sum(p.numel() for p in model.parameters())
+    n1 = sum(p.numel() for p in big.parameters())
+    print(f"upscaled x{int(a.width)} (noise {a.noise}): {n0:,} -> {n1:,} parameters, saved to {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with all subcommands."""
+    ap = argparse.ArgumentParser(prog="dmscale", description="Differentiable Model Scaling: search, prune, "
+                                 "baselines, reports. See docs/cli.md.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    helps = {
+        "search": "DMS (default): random-init enlarged supernet -> search weights+structure -> export -> retrain",
+        "prune": "DMS_p: pretrained model -> search weights+structure -> export -> retrain/fine-tune",
+        "fast": "DMS_fast: pretrained model, frozen weights (BN train mode), structure only -> export",
+        "pretrain": "train the base architecture (a pretrained model for prune/fast/baseline)",
+        "baseline": "uniform width, one-shot L1 and Taylor pruning to the same budget, each retrained",
+    }
+    for name, h in helps.items():
+        p = sub.add_parser(name, help=h, description=h)
+        _add_run_flags(p, pretrained=name in ("prune", "fast", "baseline"))
+        if name == "baseline":
+            p.add_argument("--methods", help="comma list of uniform,l1,taylor (baseline.methods)")
+        p.set_defaults(func=cmd_pipeline)
+    p = sub.add_parser("demo", help="DMS end to end on the best offline dataset (a few minutes; --quick about 1)")
+    _add_run_flags(p)
+    p.add_argument("--quick", action="store_true", help="about one minute: less data, fewer steps")
+    p.add_argument("--baselines", action="store_true", help="also train the baselines and compare")
+    p.add_argument("--fresh", action="store_true", help="replace an earlier demo run in the same run directory")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("info", help="groups, FLOPs/params and structure of a saved model or run directory")
+    p.add_argument("path", help="a dmscale.save directory or a run directory")
+    p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("report", help="rebuild report.md, summary.json and the plots of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("upscale", help="widen a saved model x width (function-preserving) and save it")
+    p.add_argument("model", help="a dmscale.save directory or a run directory (its model/)")
+    p.add_argument("--width", type=float, default=2, help="integer width factor (default 2)")
+    p.add_argument("--noise", type=float, default=1e-3, help="symmetry-breaking noise scale (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
+    p.add_argument("--out", required=True, help="output directory (dmscale.save)")
+    p.set_defaults(func=cmd_upscale)
+    # listed for --help; main() hands their arguments to dmscale.eval
+    sub.add_parser("eval-ppl", help="perplexity of a language model on a text file (sliding window)", add_help=False)
+    sub.add_parser("eval-mc", help="zero-shot multiple-choice accuracy of a language model on a JSONL file",
+                   add_help=False)
+    return ap
+
+
+_PASSTHROUGH = {
+    "eval-ppl": ("dmscale.eval.perplexity", "eval_ppl_main"),
+    "eval-mc": ("dmscale.eval.multiple_choice", "eval_mc_main"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmscale`` script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in _PASSTHROUGH:  # language-model evaluation has its own argument parser
+        import importlib
+
+        mod, fn = _PASSTHROUGH[args[0]]
+        return int(getattr(importlib.import_module(mod), fn)(args[1:]) or 0)
+    ap = build_parser()
+    a = ap.parse_args(args)
+    try:
+        return int(a.func(a) or 0)
+    except ConfigError as exc:
+        print(f"dmscale: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"dmscale: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = (_CURRENT_RUN or [getattr(a, "resume", None) or "RUN_DIR"])[0]
+        how = f"--out {out}" if a.command == "baseline" else f"--resume {out}"
+        print(f"\ndmscale: interrupted; continue from the last checkpoint with: dmscale {a.command} {how}",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

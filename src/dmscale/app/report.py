@@ -1,0 +1,198 @@
+"""Run reports: result and structure tables (terminal + report.md) and PNG plots (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from dmscale.serialization.format import atomic_write_text
+
+__all__ = ["format_table", "results_table", "structure_table", "stages_text", "render", "write_report",
+           "plot_resource", "plot_widths", "plot_acc_flops", "read_log"]
+
+
+def _human(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_table(rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """Align rows (first row = header) as a plain or a Markdown table."""
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    if markdown:
+        lines = ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows]
+        lines.insert(1, "|" + "|".join("-" * (x + 2) for x in w) + "|")
+        return "\n".join(lines)
+    lines = ["  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def stages_text(describe: dict[str, Any] | None) -> str:
+    """'blocks 2-1-2' style summary of a ResNet's stages (from ``zoo.describe``)."""
+    if not describe or not describe.get("stages"):
+        return "-"
+    return "-".join(str(s["blocks"]) for s in describe["stages"])
+
+
+def widths_text(describe: dict[str, Any] | None) -> str:
+    """Stage output widths, e.g. '24/48/96'."""
+    if not describe or not describe.get("stages"):
+        return "-"
+    return "/".join(str(s["out"][0]) if s["out"] else "-" for s in describe["stages"])
+
+
+def results_table(summary: dict[str, Any], markdown: bool = False) -> str:
+    """Model | FLOPs | params | accuracy | blocks per stage | stage widths, one row per model of the run."""
+    ref = summary.get("reference") or {}
+    kind = summary.get("target", {}).get("resource", "flops")
+    rows: list[list[str]] = [["model", "FLOPs", "params", f"{kind} vs base", "test acc", "blocks/stage",
+                              "stage widths"]]
+    for r in summary.get("rows", []):
+        rel = f"{r[kind] / ref[kind]:.3f}" if ref.get(kind) else "-"
+        acc = f"{100 * r['acc']:.2f}%" if r.get("acc") is not None else "-"
+        rows.append([r["name"], _human(r["flops"]), _human(r["params"]), rel, acc, stages_text(r.get("describe")),
+                     widths_text(r.get("describe"))])
+    return format_table(rows, markdown)
+
+
+def structure_table(groups: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Per searched group: full width -> kept width (and depth groups: blocks kept)."""
+    rows = [["group", "kind", "full", "kept", "ratio"]]
+    for g in groups:
+        rows.append([g["name"], g["kind"], str(g["full"]), str(g["kept"]), f"{g['kept'] / max(1, g['full']):.2f}"])
+    return format_table(rows, markdown)
+
+
+def render(summary: dict[str, Any], markdown: bool = False) -> str:
+    """The end-of-run text: dataset, target, results table and structure table."""
+    ds = summary.get("dataset", {})
+    t = summary.get("target", {})
+    out = []
+    h = "## " if markdown else ""
+    out.append(f"{h}dmscale run: pipeline {summary.get('pipeline')}")
+    out.append("")
+    out.append(f"dataset: {ds.get('name')} ({ds.get('selection', '')}; {ds.get('train')} train / {ds.get('test')} "
+               f"test images from {ds.get('source')})")
+    out.append(f"target: {t.get('resource')} <= {t.get('fraction')} of the {t.get('of')} model")
+    sr = summary.get("search")
+    if sr:
+        out.append(f"search: {sr.get('steps')} steps in {sr.get('seconds')} s; resource reached "
+                   f"{sr.get('resource_fraction_of_supernet', 0):.3f} of the supernet (target "
+                   f"{sr.get('target_fraction_of_supernet', 0):.3f})")
+    out.append("")
+    out.append(results_table(summary, markdown))
+    if summary.get("groups"):
+        out.append("")
+        out.append(f"{h}structure found (per group: full -> kept)" if markdown else "structure found:")
+        out.append("")
+        out.append(structure_table(summary["groups"], markdown))
+    return "\n".join(out)
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's log.jsonl."""
+    p = Path(run_dir) / "log.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text("utf-8").splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_resource(records: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Resource (fraction of the supernet) vs search step, with the target schedule."""
+    recs = [r for r in records if r.get("phase") == "search" and "resource" in r]
+    if not recs:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    steps = [r["step"] for r in recs]
+    ax.plot(steps, [r["resource"] for r in recs], label="resource (hard-count)")
+    ax.plot(steps, [r["target"] for r in recs], "--", label="target schedule")
+    ax.set_xlabel("search step")
+    ax.set_ylabel("fraction of supernet")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_widths(groups: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Bar chart per group: full vs kept width (depth groups: blocks)."""
+    if not groups:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(groups)), 4))
+    xs = list(range(len(groups)))
+    ax.bar(xs, [g["full"] for g in groups], color="#cccccc", label="full")
+    ax.bar(xs, [g["kept"] for g in groups], color="#1f77b4", label="kept")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([g["name"] for g in groups], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("channels / blocks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_acc_flops(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Accuracy vs FLOPs: the found model(s) against the baselines and the base model."""
+    pts = [r for r in rows if r.get("acc") is not None]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in pts:
+        marker = "*" if r.get("dms") else ("s" if r.get("baseline") else "o")
+        size = 160 if r.get("dms") else 60
+        ax.scatter([r["flops"] / 1e6], [100 * r["acc"]], marker=marker, s=size, label=r["name"])
+    ax.set_xlabel("MFLOPs per image")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
+    """Write report.md and the PNG plots into the run directory; returns the report text."""
+    run_dir = Path(run_dir)
+    recs = read_log(run_dir)
+    pics = []
+    if plot_resource(recs, run_dir / "resource.png"):
+        pics.append(("resource vs step with the target schedule", "resource.png"))
+    if plot_widths(summary.get("groups", []), run_dir / "widths.png"):
+        pics.append(("kept width per group (full vs kept)", "widths.png"))
+    if plot_acc_flops(summary.get("rows", []), run_dir / "acc_flops.png"):
+        pics.append(("accuracy vs FLOPs (found model vs baselines)", "acc_flops.png"))
+    text = render(summary, markdown=True)
+    if pics:
+        text += "\n\n## plots\n\n" + "\n".join(f"![{t}]({f})" for t, f in pics)
+    atomic_write_text(run_dir / "report.md", text + "\n")
+    return text
