@@ -179,3 +179,27 @@ def test_layer_spec_callables_are_checked_and_params_default():
     spec = LayerSpec("x", out_dims={"kernel": 1})
     assert spec.params == ("kernel", "weight", "bias") and spec.out_param == "kernel" and spec.maskable
     assert LayerSpec("y").sizes(nn.ReLU()) == {}
+
+
+def test_multihead_attention_is_traced_as_an_unsearched_unit():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mid = nn.Linear(8, 16)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(torch.relu(self.mid(self.attn(h, h, h, need_weights=False)[0])))
+
+    res = trace(Net(), (torch.randn(2, 5, 4),))
+    for name in ("attn.in_proj_weight", "inp.weight"):
+        assert all(s.find().fixed for s in res.params[name].dims[:1])
+    assert any("MultiheadAttention 'attn' is not searched" in r
+               for r in res.params["attn.in_proj_weight"].dims[0].find().fix_reasons)
+    assert not res.params["mid.weight"].dims[0].find().fixed  # after the unit, search goes on
+    (op,) = [o for o in res.ops if o.module == "attn"]
+    assert op.name == "MultiheadAttention" and op.flops > 0 and op.dims == []
+    assert "attn" not in res.layers and not res.unsupported
