@@ -322,12 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval-ppl", help="perplexity of a language model on a text file (sliding window)", add_help=False)
     sub.add_parser("eval-mc", help="zero-shot multiple-choice accuracy of a language model on a JSONL file",
                    add_help=False)
+    sub.add_parser("prune-llm", help="prune a causal LM to a budget on a calibration text (see docs/llm.md)",
+                   add_help=False)
     return ap
 
 
 _PASSTHROUGH = {
     "eval-ppl": ("dmscale.eval.perplexity", "eval_ppl_main"),
     "eval-mc": ("dmscale.eval.multiple_choice", "eval_mc_main"),
+    "prune-llm": ("dmscale.app.prune_llm", "prune_llm_main"),
 }
 
 
