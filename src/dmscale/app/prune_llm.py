@@ -72,6 +72,22 @@ def _model_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     return str(p), gguf_file
 
 
+def _plain_weights(model: nn.Module, source: str) -> None:
+    """Detach a GGUF checkpoint's quantizer once its weights were de-quantized to floats, so the pruned
+    model saves as a plain checkpoint (``save_pretrained`` refuses a model flagged as GGUF-quantized)."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is None:
+        return
+    bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if bad or not getattr(getattr(q, "quantization_config", None), "dequantize", True):
+        raise PruneLLMError(f"MODEL {source}: its weights stay quantized ({bad[:3] or 'GGUF blocks'}); prune-llm "
+                            "needs floating-point weights (uninstall `kernels` to make transformers de-quantize)")
+    model.hf_quantizer = None
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     """(all unique parameters, non-embedding parameters)."""
     from dmscale.recipes.llm import embedding_params
@@ -202,6 +218,7 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
         if gguf:
             kw["gguf_file"] = gguf
         net = load_model(spec, kw, task="causal-lm" if spec.startswith("hf:") else None, device=device).eval()
+        _plain_weights(net, model)
         model_dir = spec[3:] if spec.startswith("hf:") else spec
         tok = load_tokenizer(tokenizer, model_dir, gguf)
         data = load_text(text_path, tok, heldout_fraction=0.0 if eval_file else heldout)
