@@ -79,7 +79,10 @@ def _plain_weights(model: nn.Module, source: str) -> None:
     if q is None:
         return
     bad = [n for n, p in model.named_parameters() if not p.is_floating_point()]
-    if bad or not getattr(getattr(q, "quantization_config", None), "dequantize", True):
+    bad += [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    dequantized = not getattr(q, "supported", False) or getattr(getattr(q, "quantization_config", None),
+                                                               "dequantize", False)
+    if bad or not dequantized:
         raise PruneLLMError(f"MODEL {source}: its weights stay quantized ({bad[:3] or 'GGUF blocks'}); prune-llm "
                             "needs floating-point weights (uninstall `kernels` to make transformers de-quantize)")
     model.hf_quantizer = None

@@ -154,7 +154,10 @@ def load_image_folder(root: str | os.PathLike, *, size: int | Sequence[int] | No
         size: resize every image to this (int or (height, width)); default: the common size.
         channels: 1 (grayscale) or 3 (RGB); default: 1 when every image is grayscale, else 3.
         test_fraction: held-out fraction per class for the one-folder layout (fixed split).
-        val_fraction, seed, limit_train, limit_test: as :func:`dmscale.app.datasets.load_dataset`.
+        val_fraction: fraction of the training images carved out as a validation split.
+        seed: seed of the validation split and of the subsamples.
+        limit_train: seeded subsample of the training images (None: all).
+        limit_test: seeded subsample of the test images (None: all).
         name: dataset name (default: the folder's name).
 
     Raises:
