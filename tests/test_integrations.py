@@ -21,6 +21,19 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+def _plain_loop(dms: dmscale.DMS, task, steps: int, lr: float, lr_s: float) -> None:
+    """The README's three lines: SGD over weights and structure groups, dms.loss, dms.step."""
+    opt = torch.optim.SGD([{"params": dms.weight_parameters(), "lr": lr},
+                           {"params": dms.structure_parameters(), "lr": lr_s, "weight_decay": 0.0}])
+    dms.model.train()
+    for _ in range(steps):
+        loss = dms.loss(task())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dms.step()
+
+
 def _frac_of(small: nn.Module, dms: dmscale.DMS, kind: str) -> float:
     """The exported model's resource as a fraction of the supernet, counted on the export itself."""
     c = dmscale.count(small, dms.example_inputs, dms.example_kwargs)
@@ -88,15 +101,7 @@ def test_trainer_callback_equals_plain_loop(tmp_path):
 
     m2 = _llama()
     d2 = _dms(m2, steps)
-    opt = torch.optim.SGD([{"params": d2.weight_parameters(), "lr": lr},
-                           {"params": d2.structure_parameters(), "lr": lr_s, "weight_decay": 0.0}])
-    m2.train()
-    for _ in range(steps):
-        loss = d2.loss(m2(ids[:4], labels=ids[:4], use_cache=False).loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        d2.step()
+    _plain_loop(d2, lambda: m2(ids[:4], labels=ids[:4], use_cache=False).loss, steps, lr, lr_s)
     for a, b in zip(d1.structure_parameters(), d2.structure_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
@@ -224,15 +229,7 @@ def test_lightning_callback_equals_plain_loop():
     torch.manual_seed(0)
     n2 = _Net()
     d2 = dmscale.DMS(n2, (x[:2],), dmscale.Target(flops=0.6), total_steps=steps, warn=False)
-    opt = torch.optim.SGD([{"params": d2.weight_parameters(), "lr": lr},
-                           {"params": d2.structure_parameters(), "lr": lr_s, "weight_decay": 0.0}])
-    n2.train()
-    for _ in range(steps):
-        loss = d2.loss(F.cross_entropy(n2(x[:4]), y[:4]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        d2.step()
+    _plain_loop(d2, lambda: F.cross_entropy(n2(x[:4]), y[:4]), steps, lr, lr_s)
     for a, b in zip(d1.structure_parameters(), d2.structure_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(n1.state_dict().values(), n2.state_dict().values()):
@@ -266,7 +263,7 @@ def test_lightning_reaches_target_exports_and_saves(tmp_path):
 
 
 def test_lightning_callback_refuses_16_mixed():
-    pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("lightning.pytorch")
     from dmscale.integrations.lightning import DMSCallback
 
     net = _Net()

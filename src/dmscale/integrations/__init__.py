@@ -21,6 +21,24 @@ __all__ = ["structure_lr", "structure_group", "add_param_group_once", "extend_sc
            "finish", "log_values"]
 
 
+class CallbackState:
+    """What both callbacks hold: the search, its options, and the export once training ends."""
+
+    def __init__(self, dms: Any, lr_structure: float | None, save_dir: Any, project: bool,
+                 remove_masks: bool) -> None:
+        self.dms = dms
+        self.lr_structure = lr_structure
+        self.save_dir = save_dir
+        self.project = project
+        self.remove_masks = remove_masks
+        self.exported: nn.Module | None = None
+        self.projection: Any = None
+
+    def learning_rate(self) -> float:
+        """``lr_structure``, or the default for the search's total steps."""
+        return self.lr_structure if self.lr_structure is not None else structure_lr(self.dms.schedule.total_steps)
+
+
 def structure_lr(total_steps: int) -> float:
     """Default learning rate of the kept ratios: ``min(0.1, max(0.005, 2 / steps))`` (the pipelines' rule:
     Adam moves a ratio about ``lr`` per step, so a short run still reaches its target)."""

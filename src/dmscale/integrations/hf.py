@@ -31,8 +31,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from dmscale.integrations import (add_param_group_once, add_resource_grad, check_devices, extend_scheduler, finish,
-                                  log_values, structure_lr, zero_structure_grads)
+from dmscale.integrations import (CallbackState, add_param_group_once, add_resource_grad, check_devices,
+                                  extend_scheduler, finish, log_values, zero_structure_grads)
 
 try:
     from transformers import TrainerCallback
@@ -45,7 +45,7 @@ if not hasattr(TrainerCallback, "on_pre_optimizer_step"):  # pragma: no cover - 
 __all__ = ["DMSCallback"]
 
 
-class DMSCallback(TrainerCallback):
+class DMSCallback(CallbackState, TrainerCallback):
     """Search a model's structure while ``transformers.Trainer`` trains it; export and save at the end.
 
     Args:
@@ -58,13 +58,7 @@ class DMSCallback(TrainerCallback):
 
     def __init__(self, dms: Any, lr_structure: float | None = None, save_dir: str | Path | bool | None = None,
                  project: bool = True, remove_masks: bool = False) -> None:
-        self.dms = dms
-        self.lr_structure = lr_structure
-        self.save_dir = save_dir
-        self.project = project
-        self.remove_masks = remove_masks
-        self.exported: nn.Module | None = None
-        self.projection: Any = None
+        CallbackState.__init__(self, dms, lr_structure, save_dir, project, remove_masks)
         self.saved_to: Path | None = None
         self._last: dict[str, float] = {}
 
@@ -91,7 +85,7 @@ class DMSCallback(TrainerCallback):
         if steps and steps != self.dms.schedule.total_steps:
             warnings.warn(f"DMSCallback: DMS was built with total_steps={self.dms.schedule.total_steps} but the "
                           f"Trainer runs max_steps={steps}; the target schedule follows total_steps", stacklevel=2)
-        lr = self.lr_structure if self.lr_structure is not None else structure_lr(self.dms.schedule.total_steps)
+        lr = self.learning_rate()
         if add_param_group_once(optimizer, self.dms, lr):
             extend_scheduler(lr_scheduler, lr)  # the Trainer's schedule leaves the structure lr constant
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
 
-from dmscale.integrations import (add_param_group_once, add_resource_grad, check_devices, extend_scheduler, finish,
-                                  log_values, structure_lr, zero_structure_grads)
+from dmscale.integrations import (CallbackState, add_param_group_once, add_resource_grad, check_devices,
+                                  extend_scheduler, finish, log_values, zero_structure_grads)
 
 try:
     from lightning.pytorch import Callback
@@ -37,7 +36,7 @@ except ImportError:  # pragma: no cover - the standalone package
 __all__ = ["DMSCallback"]
 
 
-class DMSCallback(Callback):
+class DMSCallback(CallbackState, Callback):
     """Search a model's structure while Lightning trains it; export and save at the end of fitting.
 
     Args:
@@ -50,14 +49,8 @@ class DMSCallback(Callback):
 
     def __init__(self, dms: Any, lr_structure: float | None = None, save_dir: str | Path | None = None,
                  project: bool = True, remove_masks: bool = False) -> None:
-        super().__init__()
-        self.dms = dms
-        self.lr_structure = lr_structure
-        self.save_dir = save_dir
-        self.project = project
-        self.remove_masks = remove_masks
-        self.exported: nn.Module | None = None
-        self.projection: Any = None
+        Callback.__init__(self)
+        CallbackState.__init__(self, dms, lr_structure, save_dir, project, remove_masks)
         self._stepped = False
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -70,7 +63,7 @@ class DMSCallback(Callback):
         if len(trainer.optimizers) != 1:
             raise ValueError(f"DMSCallback: expected one optimizer, the module configured {len(trainer.optimizers)}")
         check_devices(self.dms, pl_module)
-        lr = self.lr_structure if self.lr_structure is not None else structure_lr(self.dms.schedule.total_steps)
+        lr = self.learning_rate()
         if add_param_group_once(trainer.optimizers[0], self.dms, lr):
             for cfg in getattr(trainer, "lr_scheduler_configs", None) or []:
                 extend_scheduler(cfg.scheduler, lr)
