@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -111,11 +112,7 @@ def _prepare_out(out: Path) -> Path:
         raise FileExistsError(f"--out {out} exists and is not an empty directory; prune-llm never overwrites, "
                               "choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # always a new directory
 
 
 def _save_tokenizer(tokenizer: Any, d: Path) -> bool:
