@@ -162,7 +162,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """The default DMS pipeline end to end on the best offline dataset; prints the table."""
     from dmscale.app import pipelines
-    from dmscale.app.datasets import available_datasets
+    from dmscale.app.datasets import availability_report
 
     preset = dict(DEMO)
     if a.quick:
@@ -174,9 +174,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         else:
             raise ConfigError(f"run.out={cfg.run.out!r} already holds a run; pass --fresh to replace it, "
                               f"--resume {cfg.run.out} to continue it, or --out DIR")
-    avail = available_datasets(cfg.data.root or None)
     print("dmscale demo: DMS (enlarged supernet -> search -> export -> retrain)")
-    print("datasets on this machine: " + ", ".join(f"{k} ({'yes' if ok else 'no'})" for k, (ok, _) in avail.items()))
+    print(availability_report(cfg.data.root or None), flush=True)
     t0 = time.time()
     summary = pipelines.run(cfg, resume=bool(a.resume))
     print(f"\nusing dataset {summary['dataset'].get('name')}: {summary['dataset'].get('selection')}")
@@ -323,12 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval-ppl", help="perplexity of a language model on a text file (sliding window)", add_help=False)
     sub.add_parser("eval-mc", help="zero-shot multiple-choice accuracy of a language model on a JSONL file",
                    add_help=False)
+    sub.add_parser("prune-llm", help="prune a causal LM to a budget on a calibration text (see docs/llm.md)",
+                   add_help=False)
     return ap
 
 
 _PASSTHROUGH = {
     "eval-ppl": ("dmscale.eval.perplexity", "eval_ppl_main"),
     "eval-mc": ("dmscale.eval.multiple_choice", "eval_mc_main"),
+    "prune-llm": ("dmscale.app.prune_llm", "prune_llm_main"),
 }
 
 
