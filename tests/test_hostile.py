@@ -154,6 +154,10 @@ def test_not_a_module_or_not_a_target():
 
 
 # ---------------------------------------------------------------- save directories
+def _load(path, **kw):
+    return dmscale.load(path, trust=["models"], **kw)  # the test models' package
+
+
 @pytest.fixture()
 def saved(tmp_path):
     """A searched, exported (pruned) ResNet saved with dmscale.save."""
@@ -169,14 +173,19 @@ def saved(tmp_path):
     assert small.stem[0].out_channels == 4
     path = tmp_path / "m"
     dmscale.save(small, path)
-    dmscale.load(path)  # loads cleanly before tampering
+    _load(path)  # loads cleanly before tampering
     return path
 
 
-def _edit_structure(path, fn):
+def _edit_structure(path, fn, rechecksum=True):
+    """Edit structure.json; by default also recompute its checksum, as a deliberate tamperer would."""
+    from dmscale.serialization.format import structure_checksum
+
     f = path / "structure.json"
     s = json.loads(f.read_text())
     fn(s)
+    if rechecksum:
+        s["checksum"] = {"sha256": structure_checksum(s)}
     f.write_text(json.dumps(s))
 
 
@@ -194,20 +203,23 @@ def test_flipped_byte_in_weights(saved):
     data[len(data) // 2] ^= 0x10
     w.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
-        dmscale.load(saved)
+        _load(saved)
 
 
 def test_truncated_weights(saved):
     w = _weights(saved)
     w.write_bytes(w.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
-        dmscale.load(saved)
+        _load(saved)
 
 
 def test_tampered_checksum_in_structure(saved):
-    _edit_structure(saved, lambda s: s["weights"].update(sha256="0" * 64))
-    with pytest.raises(ValueError, match="SHA-256"):
-        dmscale.load(saved)
+    _edit_structure(saved, lambda s: s["weights"].update(sha256="0" * 64), rechecksum=False)
+    with pytest.raises(dmscale.LoadError, match="structure.json.*modified or is corrupted.*SHA-256"):
+        _load(saved)
+    _edit_structure(saved, lambda s: None)  # checksum recomputed over the bad weights digest
+    with pytest.raises(dmscale.LoadError, match="SHA-256"):
+        _load(saved)
 
 
 def test_structure_shapes_do_not_match_weights(saved):
@@ -216,7 +228,7 @@ def test_structure_shapes_do_not_match_weights(saved):
         s["tensors"][key]["shape"] = [8, 3, 3, 3]  # the unpruned shape; the weights hold 4 channels
     _edit_structure(saved, edit)
     with pytest.raises(ValueError, match=r"shape \[8, 3, 3, 3\].*\[4, 3, 3, 3\]"):
-        dmscale.load(saved)
+        _load(saved)
 
 
 def test_weights_swapped_for_other_valid_file(saved, tmp_path):
@@ -231,34 +243,34 @@ def test_weights_swapped_for_other_valid_file(saved, tmp_path):
     data = w.read_bytes()
     _edit_structure(saved, lambda s: s["weights"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
     with pytest.raises(ValueError, match="structure.json says shape"):
-        dmscale.load(saved)
+        _load(saved)
 
 
 def test_missing_or_garbage_structure(saved):
     (saved / "structure.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        dmscale.load(saved)
+        _load(saved)
     (saved / "structure.json").unlink()
-    with pytest.raises(FileNotFoundError, match="structure"):
-        dmscale.load(saved)
+    with pytest.raises(dmscale.LoadError, match="structure"):
+        _load(saved)
 
 
 def test_missing_weights_file(saved):
     _weights(saved).unlink()
     with pytest.raises(FileNotFoundError, match="weights file missing"):
-        dmscale.load(saved)
+        _load(saved)
 
 
 def test_structure_layer_attributes_do_not_match_weights(saved):
     _edit_structure(saved, lambda s: _stem_conv(s)["attributes"].update(out_channels=8))
-    with pytest.raises(ValueError, match="out_channels"):
-        dmscale.load(saved)
+    with pytest.raises(dmscale.LoadError, match=r"'stem.0' \(Conv2d\): has out_channels=8 but its weights imply out_channels=4"):
+        _load(saved)
 
 
 def test_structure_parameter_count_mismatch(saved):
     _edit_structure(saved, lambda s: s.update(num_parameters=5))
-    with pytest.raises(ValueError, match="num_parameters|parameters"):
-        dmscale.load(saved)
+    with pytest.raises(dmscale.LoadError, match="num_parameters=5 but the weights hold"):
+        _load(saved)
 
 
 # ---------------------------------------------------------------- torch.load hygiene
