@@ -20,13 +20,14 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 try:  # POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_regular_file", "open_regular", "file_kind",
+__all__ = ["atomic_write_bytes", "atomic_write_text", "read_regular_file", "read_json_file", "open_regular", "file_kind",
            "clean_stale_temp_files", "fsync_dir", "fsync_file", "rename_exchange", "default_mode", "try_flock"]
 
 _umask_lock = threading.Lock()
@@ -149,6 +150,24 @@ def read_regular_file(path: str | os.PathLike[str], *, what: str, max_bytes: int
         if n != size or fh.read(1):
             raise exc(f"{what} {str(path)!r} changed size while it was read")
     return buf
+
+
+def read_json_file(path: str | os.PathLike[str], *, what: str, exc: type[Exception] = ValueError,
+                   max_bytes: int = 256 * 1024 * 1024, expect: type | None = dict) -> Any:
+    """Parse a JSON file that must be a regular UTF-8 file (of type ``expect``); ``exc`` names the file on any failure.
+
+    ``FileNotFoundError`` passes through (callers decide whether a missing file is an error).
+    """
+    import json
+
+    raw = read_regular_file(path, what=what, max_bytes=max_bytes, exc=exc)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise exc(f"{what} {str(path)!r} is corrupted (not valid JSON: {str(e)[:200]})") from None
+    if expect is not None and not isinstance(data, expect):
+        raise exc(f"{what} {str(path)!r} is corrupted: expected a JSON {expect.__name__}, got {type(data).__name__}")
+    return data
 
 
 def _temp_pattern(name: str) -> re.Pattern[str]:
