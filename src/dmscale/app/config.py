@@ -193,12 +193,18 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        num: Any = value
         if isinstance(value, str):
             try:
                 return int(value)
             except ValueError:
-                pass
-        why = "expected an integer" + (", not a fraction" if isinstance(value, float) and math.isfinite(value) else "")
+                try:
+                    num = float(value)
+                except ValueError:
+                    pass
+        if isinstance(num, float) and math.isfinite(num) and num.is_integer() and abs(num) < 2**53:
+            return int(num)
+        why = "expected an integer" + (", not a fraction" if isinstance(num, float) and math.isfinite(num) else "")
         raise ConfigError(f"{key}={value!r}: {why}")
     if isinstance(default, float):
         if isinstance(value, bool):
@@ -210,8 +216,9 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             except OverflowError:
                 raise ConfigError(f"{key}={value!r:.40}: number out of range") from None
         elif isinstance(value, str):
+            yaml_special = {".nan": math.nan, ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf}
             try:
-                out = float(value)
+                out = yaml_special.get(value.strip().lower(), None) or float(value)
             except ValueError:
                 pass
         if out is None:

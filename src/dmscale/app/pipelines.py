@@ -192,12 +192,7 @@ class Run:
     # ---------------------------------------------------------------- state & log
     def _read_state(self) -> dict[str, Any]:
         p = self.dir / "state.json"
-        if not os.path.lexists(p):
-            return {"phases": {}}
-        state = read_json_file(p, what="run state", exc=ConfigError)
-        if not isinstance(state.get("phases"), dict):
-            raise ConfigError(f"run state {str(p)!r} is corrupted: no 'phases' table")
-        return state
+        return read_state(p) if os.path.lexists(p) else {"phases": {}}
 
     def _write_state(self) -> None:
         atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1) + "\n")
@@ -684,7 +679,7 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json."""
     run_dir = Path(run_dir)
-    state = read_json_file(run_dir / "state.json", what="run state", exc=ConfigError)
+    state = read_state(run_dir / "state.json")
     cfg = load_run_config(run_dir)
     ph = state["phases"]
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
@@ -723,6 +718,14 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
                          "describe": b.get("describe"), "baseline": m})
     atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
     return out
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A run's ``state.json`` (a regular JSON file with a ``phases`` table); ConfigError naming it otherwise."""
+    state = read_json_file(path, what="run state", exc=ConfigError)
+    if not isinstance(state.get("phases"), dict):
+        raise ConfigError(f"run state {str(path)!r} is corrupted: no 'phases' table")
+    return state
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:

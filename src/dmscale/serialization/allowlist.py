@@ -309,7 +309,10 @@ class Allowlist:
                 return obj
             raise LoadError(f"{where}: {spec!r} is a {type(obj).__name__}, not a function or class")
         if module_allowed(mod, self.class_prefixes):
-            obj = self.resolve(spec, where, "class")
+            try:
+                obj = self.resolve(spec, where, "class")
+            except LoadError:
+                obj = None
             if isinstance(obj, type) and issubclass(obj, nn.Module):
                 return obj  # a layer class held as a value (e.g. norm_layer=nn.BatchNorm2d)
         raise LoadError(
