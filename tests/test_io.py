@@ -153,6 +153,74 @@ def test_replaces_a_format_1_save_without_marker(tmp_path: Path) -> None:
     assert _load(path).fc1.out_features == 6
 
 
+# ------------------------------------------------------------------------------------------------ fidelity
+
+
+def test_loaded_tensors_are_fresh_aligned_allocations(tmp_path: Path) -> None:
+    """Tensors are copied out of the file into torch's own (64-byte aligned) memory: never views of a mapped file."""
+    torch.manual_seed(0)
+    m = zoo.OddSizes().eval()
+    path = tmp_path / "odd"
+    dio.save(m, path)
+    header_len = int.from_bytes((path / dio.WEIGHTS_FILE).read_bytes()[:8], "little")
+    offsets = json.loads((path / dio.WEIGHTS_FILE).read_bytes()[8:8 + header_len])
+    assert any((8 + header_len + v["data_offsets"][0]) % 64 for k, v in offsets.items() if k != "__metadata__")
+    m2 = _load(path)
+    storages = set()
+    for t in list(m2.parameters()) + list(m2.buffers()):
+        assert t.data_ptr() % 64 == 0 and t.is_contiguous()
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # owns exactly its data
+        storages.add(t.untyped_storage().data_ptr())
+    assert len(storages) == len(list(m2.parameters())) + len(list(m2.buffers()))
+    x = torch.randn(9, 37)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("make,inputs", [
+    (lambda: zoo.OddSizes(), lambda: (torch.randn(33, 37),)),
+    (lambda: zoo.SmallCNN(), lambda: (torch.randn(4, 3, 8, 8),)),
+    (lambda: zoo.TinyTransformer(), lambda: (torch.randint(0, 50, (3, 9)),)),
+    (lambda: zoo.RecurrentClassifier(), lambda: (torch.randn(4, 7, 6),)),
+    (lambda: zoo.PartialActs(), lambda: (torch.randn(4, 5),)),
+    (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 40, batch_first=True), 2,
+                                   enable_nested_tensor=False), lambda: (torch.randn(2, 5, 16),)),
+    (lambda: zoo.OddSizes().double(), lambda: (torch.randn(5, 37, dtype=torch.float64),)),
+    (lambda: zoo.OddSizes().bfloat16(), lambda: (torch.randn(5, 37).bfloat16(),)),
+])
+def test_bit_identical_outputs(tmp_path: Path, make: Any, inputs: Any) -> None:
+    torch.manual_seed(0)
+    m = make().eval()
+    x = inputs()
+    dio.save(m, tmp_path / "m")
+    m2 = _load(tmp_path / "m")
+    with torch.no_grad():
+        a, b = m(*x), m2(*x)
+    assert torch.equal(a, b), (a - b).abs().max()
+    _assert_same_tree(m, m2)
+
+
+def test_partial_activations_roundtrip(tmp_path: Path) -> None:
+    import functools
+
+    m = zoo.PartialActs().eval()
+    m2 = _roundtrip(m, tmp_path / "p", torch.randn(3, 5))
+    assert isinstance(m2.gelu, functools.partial) and m2.gelu.func is torch.nn.functional.gelu
+    assert m2.gelu.keywords == {"approximate": "tanh"} and m2.softmax.keywords == {"dim": -1}
+    assert m2.scale.func is zoo.local_scale  # a function of the trusted package
+    s = dio.read_structure(tmp_path / "p")
+    assert s["module"]["attributes"]["gelu"] == {"$partial": {"func": "torch.nn.functional:gelu", "args": [],
+                                                              "keywords": {"approximate": "tanh"}}}
+    m.bad = functools.partial(torch.nn.functional.gelu, approximate=torch.ones(1))
+    with pytest.raises(TypeError, match="'bad'.*partial arguments must be plain data"):
+        dio.save(m, tmp_path / "q")
+    del m.bad
+    m.bad = functools.partial(lambda x: x)
+    with pytest.raises(TypeError, match="'bad'.*not importable"):
+        dio.save(m, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
 # ------------------------------------------------------------------------------------------------ Hugging Face
 
 transformers = pytest.importorskip("transformers")
@@ -450,3 +518,41 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(_same(k, j) and _same(a[k], b[j]) for k, j in zip(a, b))
     return a == b
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "bert", "t5"])
+def test_hf_bit_identical_after_reload(tmp_path: Path, name: str) -> None:
+    """Several HF families, including Gemma2, whose GELUTanh holds a functools.partial activation."""
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=64)
+    if name == "gpt2":
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64,
+                                                                 n_positions=16, bos_token_id=0, eos_token_id=0))
+    elif name == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, bos_token_id=0,
+                                                                   eos_token_id=0, **small))
+    elif name == "gemma2":
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, bos_token_id=0,
+                                                                     eos_token_id=0, pad_token_id=0, **small))
+    elif name == "bert":
+        m = transformers.BertModel(transformers.BertConfig(**small))
+    else:
+        m = transformers.T5ForConditionalGeneration(transformers.T5Config(num_layers=1, d_model=32, num_heads=4, d_kv=8,
+                                                                          d_ff=48, vocab_size=64))
+    m.eval()
+    ids = torch.randint(0, 64, (2, 11))
+    kw = {"input_ids": ids}
+    if name == "t5":
+        kw["decoder_input_ids"] = ids[:, :5]
+    dio.save(m, tmp_path / name)
+    m2 = dio.load(tmp_path / name)  # HF classes need no trust=
+    with torch.no_grad():
+        a, b = m(**kw), m2(**kw)
+    a = a.logits if hasattr(a, "logits") else a.last_hidden_state
+    b = b.logits if hasattr(b, "logits") else b.last_hidden_state
+    assert torch.equal(a, b)
+    if name == "gemma2":
+        import functools
+
+        act = m2.model.layers[0].mlp.act_fn
+        assert type(act).__name__ == "GELUTanh" and isinstance(act.act, functools.partial)

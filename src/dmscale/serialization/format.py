@@ -791,7 +791,10 @@ class _Loader:
         bad = _first_non_plain([args, kw])
         if bad is not None:
             raise LoadError(f"{where}: $partial arguments must be plain data, not {bad}")
-        return functools.partial(fn, *self.decode(args, where), **self.decode(kw, where))
+        kw = self.decode(kw, where)
+        if not (isinstance(kw, dict) and all(isinstance(k, str) for k in kw)):
+            raise LoadError(f"{where}: malformed $partial value (keywords must map names to values)")
+        return functools.partial(fn, *self.decode(args, where), **kw)
 
     def object(self, idx: Any, where: str) -> Any:
         """Rebuild (once) a shared Hugging Face config from ``objects[idx]``."""
@@ -816,7 +819,13 @@ class _Loader:
             data = self.decode(entry.get("data"), where)
             if not isinstance(data, dict):
                 raise LoadError(f"{where}: object {idx}: config data must be an object")
-            cfg = cls.from_dict(data)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cfg = cls.from_dict(data)
+            except Exception as exc:  # the config class validates its data (HF raises many exception types)
+                raise LoadError(f"{where}: object {idx} ({cls.__name__}): the config data is invalid: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
             private = entry.get("private") or {}
             if not isinstance(private, dict):
                 raise LoadError(f"{where}: object {idx}: 'private' must be an object")

@@ -112,37 +112,46 @@ def size_constraints(m: nn.Module) -> list[tuple[str, bool]]:
         rules.append((f"bias shape {tuple(b.shape)} == ({w.shape[0]},)", tuple(b.shape) == (w.shape[0],)))
     if isinstance(m, nn.modules.conv._ConvNd):
         g = d.get("groups")
-        rules.append((f"groups={g!r} is a positive integer", _pos_int(g)))
+        rules.append((f"groups={_show(g)} is a positive integer", _pos_int(g)))
         if _pos_int(g):
             for key in ("in_channels", "out_channels"):
                 c = d.get(key)
-                rules.append((f"{key}={c!r} is divisible by groups={g}", type(c) is int and c % g == 0))
+                rules.append((f"{key}={_show(c)} is divisible by groups={_show(g)}", type(c) is int and c % g == 0))
         if w is not None and b is not None:
             out_c = d.get("out_channels")
-            rules.append((f"bias shape {tuple(b.shape)} == ({out_c},)", tuple(b.shape) == (out_c,)))
+            rules.append((f"bias shape {tuple(b.shape)} == ({_show(out_c)},)", tuple(b.shape) == (out_c,)))
     if isinstance(m, nn.modules.batchnorm._NormBase):
         n = d.get("num_features")
         for name in ("weight", "bias", "running_mean", "running_var"):
             t = _param(m, name)
             if t is not None:
-                rules.append((f"{name} shape {tuple(t.shape)} == ({n},)", tuple(t.shape) == (n,)))
+                rules.append((f"{name} shape {tuple(t.shape)} == ({_show(n)},)", tuple(t.shape) == (n,)))
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and w is not None and b is not None:
         rules.append((f"bias shape {tuple(b.shape)} == weight shape {tuple(w.shape)}", b.shape == w.shape))
     if isinstance(m, nn.GroupNorm):
         g, c = d.get("num_groups"), d.get("num_channels")
-        rules.append((f"num_channels={c!r} is divisible by num_groups={g!r}",
+        rules.append((f"num_channels={_show(c)} is divisible by num_groups={_show(g)}",
                       _pos_int(g) and type(c) is int and c % g == 0))
         if w is not None and b is not None:
             rules.append((f"bias shape {tuple(b.shape)} == weight shape {tuple(w.shape)}", b.shape == w.shape))
     if isinstance(m, nn.MultiheadAttention):
         h, e = d.get("num_heads"), d.get("embed_dim")
-        rules.append((f"embed_dim={e!r} is divisible by num_heads={h!r}",
+        rules.append((f"embed_dim={_show(e)} is divisible by num_heads={_show(h)}",
                       _pos_int(h) and type(e) is int and e % h == 0))
     if isinstance(m, (nn.Embedding,)):
         p, n = d.get("padding_idx"), d.get("num_embeddings")
-        rules.append((f"padding_idx={p!r} is None or in [0, {n!r})",
+        rules.append((f"padding_idx={_show(p)} is None or in [0, {_show(n)})",
                       p is None or (type(p) is int and type(n) is int and 0 <= p < n)))
     return rules
+
+
+def _show(v: Any) -> str:
+    """A short, safe repr for messages (never the repr of a module, which may recurse)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return repr(v)[:60]
+    if isinstance(v, tuple) and all(isinstance(x, (bool, int, float, str)) for x in v) and len(v) <= 8:
+        return repr(v)
+    return f"<{type(v).__name__}>"
 
 
 def _same(have: Any, want: Any) -> bool:
@@ -167,7 +176,7 @@ def check_sizes(root: nn.Module, where: str = "structure.json") -> None:
                 raise LoadError(f"{label}: size attribute {attr!r} is missing (its weights imply {want!r})")
             have = m.__dict__[attr]
             if not _same(have, want):
-                raise LoadError(f"{label}: has {attr}={have!r} but its weights imply {attr}={want!r}; "
+                raise LoadError(f"{label}: has {attr}={_show(have)} but its weights imply {attr}={want!r}; "
                                 "the structure disagrees with the weights")
         for desc, ok in size_constraints(m):
             if not ok:
