@@ -257,7 +257,7 @@ def test_missing_or_garbage_structure(saved):
 
 def test_missing_weights_file(saved):
     _weights(saved).unlink()
-    with pytest.raises(FileNotFoundError, match="weights file missing"):
+    with pytest.raises(FileNotFoundError, match="weights file .*model.safetensors' does not exist"):
         _load(saved)
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import io_models as zoo
-from dmscale.serialization import atomic, dirs
+from dmscale.serialization import dirs
 from dmscale.serialization import format as dio
 from dmscale.serialization.errors import ForeignDirectoryError, LoadError, ModelNotFoundError
 

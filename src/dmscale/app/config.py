@@ -286,12 +286,7 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
-    try:
-        raw = read_regular_file(p, what="config file", max_bytes=MAX_CONFIG_BYTES, exc=ConfigError)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror or exc}") from None
+    raw = read_regular_file(p, what="config file", max_bytes=MAX_CONFIG_BYTES, exc=ConfigError, missing=ConfigError)
     if b"\x00" in raw:
         raise ConfigError(f"config file {str(p)!r} is binary (contains NUL bytes), not a text config")
     try:

@@ -27,7 +27,7 @@ try:  # POSIX
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_regular_file", "read_json_file", "open_regular", "file_kind",
+__all__ = ["atomic_write_bytes", "atomic_write_text", "read_regular_file", "read_json_file", "remove_if_unlocked", "open_regular", "file_kind",
            "clean_stale_temp_files", "fsync_dir", "fsync_file", "rename_exchange", "default_mode", "try_flock"]
 
 _umask_lock = threading.Lock()
@@ -132,9 +132,22 @@ def open_regular(path: str | os.PathLike[str], *, what: str, exc: type[Exception
 
 
 def read_regular_file(path: str | os.PathLike[str], *, what: str, max_bytes: int | None = None,
-                      exc: type[Exception] = ValueError) -> bytearray:
-    """All bytes of a regular file (see :func:`open_regular`); refuses files over ``max_bytes``."""
-    fd = open_regular(path, what=what, exc=exc)
+                      exc: type[Exception] = ValueError, missing: type[Exception] | None = None) -> bytearray:
+    """All bytes of a regular file (see :func:`open_regular`); refuses files over ``max_bytes``.
+
+    With ``missing``, a missing file raises ``missing`` and any other OS error ``exc`` (both name the
+    file); without it, ``OSError`` passes through.
+    """
+    try:
+        fd = open_regular(path, what=what, exc=exc)
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise missing(f"{what} {str(path)!r} does not exist") from None
+    except OSError as e:
+        if missing is None:
+            raise
+        raise exc(f"{what} {str(path)!r} cannot be read: {e.strerror or e}") from None
     with os.fdopen(fd, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         if max_bytes is not None and size > max_bytes:
@@ -170,9 +183,15 @@ def read_json_file(path: str | os.PathLike[str], *, what: str, exc: type[Excepti
     return data
 
 
-def _temp_pattern(name: str) -> re.Pattern[str]:
-    """Names of the temp files ``atomic_write_bytes`` creates for target ``name`` (``mkstemp`` suffixes)."""
-    return re.compile(rf"^\.{re.escape(name)}{re.escape(TEMP_INFIX)}[A-Za-z0-9_]{{8}}$")
+def temp_siblings(target: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
+    """Entries next to ``target`` named exactly like the temp files/dirs this package creates for it
+    (``.NAME.tmp-XXXXXXXX``, the ``tempfile`` suffix)."""
+    t = Path(target).absolute()
+    pat = re.compile(rf"^\.{re.escape(t.name)}{re.escape(TEMP_INFIX)}[A-Za-z0-9_]{{8}}$")
+    try:
+        return [e for e in os.scandir(t.parent) if pat.match(e.name)]
+    except OSError:
+        return []
 
 
 def clean_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
@@ -182,31 +201,44 @@ def clean_stale_temp_files(target: str | os.PathLike[str]) -> list[Path]:
     regular file (its writer had taken the lock before writing) and no live writer holds its lock.
     Returns the removed paths.
     """
-    t = Path(target)
-    pat = _temp_pattern(t.name)
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(t.parent))
-    except OSError:
-        return removed
-    for e in entries:
-        if not pat.match(e.name):
-            continue
+    for e in temp_siblings(target):
         try:
             if not e.is_file(follow_symlinks=False) or e.stat(follow_symlinks=False).st_size == 0:
                 continue
-            fd = os.open(e.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
         except OSError:
             continue
-        try:
-            if try_flock(fd):
-                os.unlink(e.path)
-                removed.append(Path(e.path))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        if remove_if_unlocked(e.path):
+            removed.append(Path(e.path))
     return removed
+
+
+def remove_if_unlocked(path: str | os.PathLike[str], directory: bool = False) -> bool:
+    """Remove a temp file (or, with ``directory``, a temp dir tree) unless a live writer holds its ``flock``.
+
+    The lock is taken without waiting and held while removing; symlinks are never followed.
+    Returns whether it was removed.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= getattr(os, "O_DIRECTORY", 0) if directory else getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        if not try_flock(fd):
+            return False
+        if directory:
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from dmscale.serialization.atomic import (TEMP_INFIX, atomic_write_text, default_mode, file_kind, fsync_dir,
-                                          fsync_file, open_regular, rename_exchange, try_flock)
+                                          fsync_file, open_regular, remove_if_unlocked, rename_exchange, temp_siblings,
+                                          try_flock)
 from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError
 
 try:  # POSIX
@@ -272,10 +273,6 @@ def check_replaceable(target: str | os.PathLike[str], kind: str, entries: Iterab
             "delete them, so nothing was changed (move them out or choose another path)")
 
 
-def _temp_dir_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"^\.{re.escape(name)}{re.escape(TEMP_INFIX)}[A-Za-z0-9_]{{8}}$")
-
-
 def _open_dir(path: str | os.PathLike[str]) -> int:
     return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
                    | getattr(os, "O_CLOEXEC", 0))
@@ -287,28 +284,11 @@ def clean_stale_temp_dirs(target: str | os.PathLike[str]) -> list[Path]:
     Only directories with exactly the temp-name pattern, carrying a dmscale marker (written after
     the writer took the lock) and not locked by a live writer are removed. Returns them.
     """
-    t = Path(target).absolute()
-    pat = _temp_dir_pattern(t.name)
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(t.parent))
-    except OSError:
-        return removed
-    for e in entries:
-        if not pat.match(e.name) or not e.is_dir(follow_symlinks=False) or dir_kind(e.path) is None:
-            continue
-        try:
-            fd = _open_dir(e.path)
-        except OSError:
-            continue
-        try:
-            if try_flock(fd):
-                shutil.rmtree(e.path)
-                removed.append(Path(e.path))
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    for e in temp_siblings(target):
+        if e.is_dir(follow_symlinks=False) and dir_kind(e.path) is not None \
+                and remove_if_unlocked(e.path, directory=True):
+            removed.append(Path(e.path))
     return removed
 
 

@@ -483,12 +483,8 @@ def read_structure(path: str | os.PathLike[str], *, verify: bool = True) -> dict
     :class:`~dmscale.LoadError` (``ModelNotFoundError`` if the file is missing).
     """
     file = _structure_file(path)
-    try:
-        raw = read_regular_file(file, what="structure file", max_bytes=MAX_STRUCTURE_BYTES, exc=LoadError)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"no dmscale model structure at {str(file)!r}") from None
-    except OSError as exc:
-        raise LoadError(f"cannot read {str(file)!r}: {exc.strerror or exc}") from None
+    raw = read_regular_file(file, what="structure file", max_bytes=MAX_STRUCTURE_BYTES, exc=LoadError,
+                            missing=ModelNotFoundError)
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -529,12 +525,7 @@ def _load_weights(directory: Path, structure: dict[str, Any], device: str | torc
     if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or "\x00" in name:
         raise LoadError(f"invalid weights file name {name!r:.80} in structure.json")
     wpath = directory / name
-    try:
-        buf = read_regular_file(wpath, what="weights file", exc=LoadError)
-    except FileNotFoundError:
-        raise ModelNotFoundError(f"weights file missing: {str(wpath)!r}") from None
-    except OSError as exc:
-        raise LoadError(f"cannot read weights file {str(wpath)!r}: {exc.strerror or exc}") from None
+    buf = read_regular_file(wpath, what="weights file", exc=LoadError, missing=ModelNotFoundError)
     size = len(buf)
     expected_size = info.get("bytes")
     if type(expected_size) is int and size != expected_size:
