@@ -235,6 +235,20 @@ def test_size_rules_of_more_layers(tmp_path: Path, make: Any, attr: str, value: 
         dmscale.load(path)
 
 
+def test_hf_config_cannot_name_a_hub_kernel(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    m = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+    path = tmp_path / "m"
+    dmscale.save(m, path)
+    assert dmscale.load(path).config._attn_implementation == m.config._attn_implementation
+
+    def edit(s: dict[str, Any]) -> None:
+        s["objects"][0]["private"]["_attn_implementation_internal"] = "someone/evil-kernel"
+    _edit(path, edit)
+    with pytest.raises(LoadError, match="_attn_implementation_internal='someone/evil-kernel' is not a built-in"):
+        dmscale.load(path)
+
+
 def test_hf_conv1d_size_attributes(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D

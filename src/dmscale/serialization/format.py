@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import types
 import warnings
@@ -40,7 +41,7 @@ from dmscale.serialization.atomic import atomic_write_bytes, atomic_write_text, 
 from dmscale.serialization.dirs import atomic_directory
 from dmscale.serialization.errors import LoadError, ModelNotFoundError
 from dmscale.serialization.sizes import check_sizes, rebuild_transient, transient_attrs
-from dmscale.serialization.weights import parse_safetensors, sha256_bytes
+from dmscale.serialization.weights import parse_safetensors, sha256_bytes, strict_json_loads
 
 __all__ = [
     "FORMAT_NAME",
@@ -76,6 +77,8 @@ _METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, types.BuiltinFun
 _PLAIN_TAGS = frozenset({"$tuple", "$set", "$frozenset", "$dict", "$odict", "$float", "$dtype", "$size", "$device",
                          "$enum"})
 _DTYPES_BY_NAME = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+# attention / experts implementation names a Hugging Face config may carry: registered names, never a Hub repo
+_IMPL_NAME = re.compile(r"^[A-Za-z0-9_|]{1,64}$")
 
 
 def _hf_config_bases() -> tuple[type, ...]:
@@ -460,17 +463,6 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
 # --------------------------------------------------------------------------------------------------
 
 
-def _finite_float(s: str) -> float:
-    v = float(s)
-    if not math.isfinite(v):
-        raise ValueError(f"number {s} is out of range")
-    return v
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def _structure_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     return p / STRUCTURE_FILE if p.is_dir() or not p.suffix else p
@@ -486,7 +478,7 @@ def read_structure(path: str | os.PathLike[str], *, verify: bool = True) -> dict
     raw = read_regular_file(file, what="structure file", max_bytes=MAX_STRUCTURE_BYTES, exc=LoadError,
                             missing=ModelNotFoundError)
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+        data = strict_json_loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise LoadError(f"{str(file)!r} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
@@ -826,6 +818,10 @@ class _Loader:
                 if _class_method_named(type(cfg), k):
                     raise LoadError(f"{where}: object {idx}: attribute {k!r} would replace a method")
                 cfg.__dict__[k] = self.decode(x, f"{where}.{k}")
+            for k, x in vars(cfg).items():  # e.g. _attn_implementation_internal
+                if "implementation" in k and x is not None and not (isinstance(x, str) and _IMPL_NAME.match(x)):
+                    raise LoadError(f"{where}: object {idx} ({cls.__name__}): {k}={x!r:.80} is not a built-in "
+                                    "implementation name (a Hub kernel repository would download code)")
         finally:
             self.building.discard(idx)
         self.objects[idx] = cfg
