@@ -112,6 +112,22 @@ def test_module_shipped_in_the_directory_is_never_imported(saved: Path, tmp_path
     assert not {"payload", "m.payload", "evilpkg"} & set(sys.modules)
 
 
+def test_package_shadowed_from_the_directory_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    """`python -c "import dmscale; dmscale.load('.')"` run inside a directory that ships its own `transformers/`."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path / "m"
+    dmscale.save(transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16,
+                                                                n_positions=8)), path)
+    marker = tmp_path / "PWNED"
+    (path / "transformers").mkdir()
+    (path / "transformers" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    script = "import dmscale\ntry:\n    dmscale.load('.')\nexcept dmscale.LoadError as e:\n    print(e)\n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=path, capture_output=True, text=True, timeout=600, env=env)
+    assert "package 'transformers' would be imported from inside the directory being loaded" in out.stdout, out.stderr
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("ref", ["torch:os.system", "torch.serialization:pickle.loads", "torch.nn:os.system",
                                  "torch.nn.functional:torch.load", "os:system", "builtins:eval", "builtins:exec",
                                  "builtins:__import__", "subprocess:run", "torch:load", "torch.hub:load"])

@@ -222,7 +222,7 @@ class Allowlist:
             f"dmscale.load(path, trust=[{mod!r}])"
         )
 
-    def _import(self, mod: str, where: str) -> types.ModuleType:
+    def import_module(self, mod: str, where: str) -> types.ModuleType:
         """Import an allowed module, refusing packages that live inside the directory being loaded."""
         m = sys.modules.get(mod)
         if isinstance(m, types.ModuleType):
@@ -248,7 +248,7 @@ class Allowlist:
         mod, qual = split_path(spec, where)
         if not module_allowed(mod, self.class_prefixes):
             raise self._refuse(spec, where, what)
-        obj: Any = self._import(mod, where)
+        obj: Any = self.import_module(mod, where)
         parts = qual.split(".")
         for i, part in enumerate(parts):
             d = vars(obj)
@@ -285,7 +285,7 @@ class Allowlist:
         if not module_allowed(mod, self.class_prefixes) and spec not in _HF_CONFIG_CLASSES:
             raise self._refuse(spec, where, "config class")
         if spec in _HF_CONFIG_CLASSES:
-            obj: Any = self._import(mod, where)
+            obj: Any = self.import_module(mod, where)
             for part in qual.split("."):
                 obj = vars(obj).get(part)
                 if obj is None:

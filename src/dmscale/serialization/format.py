@@ -793,8 +793,7 @@ class _Loader:
             raise LoadError(f"{where}: object {idx} is not a Hugging Face config entry")
         bases = _hf_config_bases()
         if not bases and isinstance(entry.get("class"), str) and entry["class"].startswith("transformers."):
-            import transformers  # noqa: F401  (an allowlisted package; its config classes are needed)
-
+            self.allow.import_module("transformers", where)  # allowlisted; never from inside the directory
             bases = _hf_config_bases()
         cls = self.allow.config_class(entry.get("class"), where, bases)
         self.building.add(idx)
