@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from .layers.spec import spec_for
 from .trace.tracer import Space
 
 if TYPE_CHECKING:
@@ -19,19 +20,6 @@ __all__ = ["export_model", "ExportError", "SkipBlock"]
 
 class ExportError(RuntimeError):
     """The exported model does not compute what the hard-masked supernet computes."""
-
-
-# which dim of each known layer's parameters is its output dim (where the mask is folded)
-_OUT_DIM = {
-    "linear": {"weight": 0, "bias": 0},
-    "conv": {"weight": 0, "bias": 0},
-    "batchnorm": {"weight": 0, "bias": 0},
-    "layernorm": {"weight": 0, "bias": 0},
-    "rmsnorm": {"weight": 0},
-    "groupnorm": {"weight": 0, "bias": 0},
-    "embedding": {"weight": 1},
-    "hf_conv1d": {"weight": 1, "bias": 0},
-}
 
 
 def _along(v: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -76,16 +64,19 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         new = copy.deepcopy(dms.model)
     modules = dict(new.named_modules())
 
-    # 1. fold surviving soft mask values into each layer's output side, and into raw parameters
+    # 1. fold surviving soft mask values into each layer's output side (its spec's out_dims), and into
+    #    raw parameters
     for name, rec in tr.layers.items():
         mod = modules[name]
         if rec.tied:
             continue  # shared weight: the hard-masked supernet uses 0/1 masks here
+        spec = rec.spec if rec.spec is not None else spec_for(mod)
+        out_dims = spec.out_dims if spec is not None else {}
         for _, s in rec.out_dims.items():
             m = mask_of(s)
             if m is None:
                 continue
-            for pname, d in _OUT_DIM.get(rec.kind, {}).items():
+            for pname, d in out_dims.items():
                 p = getattr(mod, pname, None)
                 if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
                     p.mul_(_along(m.to(p.dtype), d, p.dim()))
@@ -131,12 +122,10 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
                     store[attr] = sliced[id(t)][1]
 
     # 3. fix the size attributes of every known layer (tied ones too: they have no layer record)
-    from .trace.tracer import layer_kind
-
     for mod in new.modules():
-        kind = layer_kind(mod)
-        if kind is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
-            _update_layer_attrs(mod, kind)
+        spec = spec_for(mod)
+        if spec is not None and spec.maskable and isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
+            spec.update(mod)
     _update_reshape_attrs(dms, modules, keep_of)
 
     # 4. drop removed blocks
@@ -184,40 +173,6 @@ def _assign(mod: nn.Module, attr: str, t: torch.Tensor, is_buffer: bool) -> None
         mod._parameters[attr] = t
     else:
         setattr(mod, attr, t)
-
-
-def _update_layer_attrs(mod: nn.Module, kind: str) -> None:
-    """Make a sliced layer's size attributes agree with its weights."""
-    w = getattr(mod, "weight", None)
-    if kind == "linear":
-        mod.out_features, mod.in_features = w.shape[0], w.shape[1]
-    elif kind == "conv":
-        out_c, in_per_group = w.shape[0], w.shape[1]
-        if mod.groups > 1 and in_per_group == 1 and mod.groups == mod.in_channels == mod.out_channels:
-            mod.groups = out_c
-            mod.in_channels = out_c
-        else:
-            mod.in_channels = in_per_group * mod.groups
-        mod.out_channels = out_c
-    elif kind == "batchnorm":
-        mod.num_features = (w if w is not None else mod.running_mean).shape[0]
-    elif kind == "layernorm":
-        if w is not None:
-            mod.normalized_shape = (w.shape[0],)
-    elif kind == "rmsnorm":
-        if isinstance(mod, getattr(nn, "RMSNorm", ())) and w is not None:
-            mod.normalized_shape = (w.shape[0],)
-        elif w is not None and hasattr(mod, "hidden_size") and isinstance(mod.hidden_size, int):
-            mod.hidden_size = w.shape[0]
-    elif kind == "groupnorm":
-        c = w.shape[0]
-        if mod.num_groups == mod.num_channels:
-            mod.num_groups = c
-        mod.num_channels = c
-    elif kind == "embedding":
-        mod.embedding_dim = w.shape[1]
-    elif kind == "hf_conv1d":
-        mod.nf = w.shape[1]
 
 
 # attribute-name hints when several int attributes hold the same old value (num_heads == head_dim)

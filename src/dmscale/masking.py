@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .space import Group, SearchSpace
+from .layers.spec import LayerSpec, spec_for
 from .trace.tracer import LayerRecord, Space, TraceResult
 
 __all__ = ["Masker", "MODES"]
@@ -77,7 +78,7 @@ class Masker:
         self.handles: list[Any] = []
         self.raw: list[tuple[nn.Module, str]] = []
         self.installed = False
-        self.fold = True  # conv/BN masks go through their weights (see _fold_into_weights)
+        self.fold = True  # masks of layers whose spec says so go through their weights (see _fold_into_weights)
 
     # ------------------------------------------------------------------ masks
     def prunable(self, s: Space) -> bool:
@@ -159,9 +160,10 @@ class Masker:
             if not dims and norm is None:
                 continue
             mod = modules[name]
-            if self.fold and self._fold_into_weights(mod, rec, dims, norm):
+            spec = _spec(rec, mod)
+            if self.fold and self._fold_into_weights(mod, rec, spec, dims, norm):
                 continue
-            self.handles.append(mod.register_forward_hook(self._layer_hook(rec, dims, norm)))
+            self.handles.append(mod.register_forward_hook(self._layer_hook(rec, spec, dims, norm)))
         for bname, (g, i) in self.block_gate.items():
             blk = g.blocks[i]
             self.handles.append(modules[bname].register_forward_hook(self._block_hook(g, i, blk.input_spec),
@@ -177,27 +179,29 @@ class Masker:
             self.raw.append((mod, rec.attr))
         self.installed = True
 
-    def _fold_into_weights(self, mod: nn.Module, rec: LayerRecord, dims: list[tuple[int, Space]],
+    def _fold_into_weights(self, mod: nn.Module, rec: LayerRecord, spec: LayerSpec, dims: list[tuple[int, Space]],
                            norm: Space | None) -> bool:
-        """Mask a conv / BatchNorm through its output-side weight and bias instead of its activation.
+        """Mask a layer whose spec has ``fold_into_weights`` (conv, BatchNorm) through its output-side
+        parameters instead of its activation.
 
         ``m * (W x + b) = (m W) x + m b`` and ``m * BN(x) = BN_{m gamma, m beta}(x)`` exactly, and a
         weight is far smaller than a conv activation (batch x H x W per channel), so this removes
         most of the masking cost on CNNs. Linear layers keep the activation hook (a language
         model's weights outweigh its activations).
         """
-        if rec.kind not in ("conv", "batchnorm") or rec.tied or norm is not None or len(dims) != 1:
+        if not spec.fold_into_weights or rec.tied or norm is not None or len(dims) != 1:
             return False
         space = dims[0][1]
-        targets = [a for a in ("weight", "bias") if isinstance(getattr(mod, a, None), nn.Parameter)]
-        if "weight" not in targets:
+        targets = [a for a in spec.out_dims if isinstance(getattr(mod, a, None), nn.Parameter)]
+        if spec.out_param not in targets:
             return False
         for attr in targets:
             p = getattr(mod, attr)
-            if p.shape[0] != space.find().size:
+            if p.shape[spec.out_dims[attr]] != space.find().size:
                 return False
         for attr in targets:
-            parametrize.register_parametrization(mod, attr, _RawMask(self, [(0, space)]), unsafe=True)
+            parametrize.register_parametrization(mod, attr, _RawMask(self, [(spec.out_dims[attr], space)]),
+                                                 unsafe=True)
             self.raw.append((mod, attr))
         return True
 
@@ -237,7 +241,7 @@ class Masker:
             self.current.clear()
             self._composite.clear()
 
-    def _layer_hook(self, rec: LayerRecord, dims: list[tuple[int, Space]], norm: Space | None):
+    def _layer_hook(self, rec: LayerRecord, spec: LayerSpec, dims: list[tuple[int, Space]], norm: Space | None):
         def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
             if self.mode == "off" or not isinstance(out, torch.Tensor):
                 return None
@@ -245,7 +249,7 @@ class Masker:
             if norm is not None:
                 keep = self.keep_for(norm)
                 if keep is not None:
-                    y = _masked_norm(mod, rec.kind, args[0], keep)
+                    y = spec.masked_norm(mod, args[0], keep)
             for d, s in dims:
                 if rec.tied and self.mode == "hard":  # export cannot fold into a shared weight
                     k = self.keep_for(s)
@@ -278,28 +282,9 @@ class Masker:
         return hook
 
 
-def _masked_norm(mod: nn.Module, kind: str, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """LayerNorm / RMSNorm whose statistics use only the kept channels (as the exported layer will)."""
-    h = keep.to(torch.float32)
-    n = h.sum().clamp_min(1.0)
-    xf = x.to(torch.float32)
-    if kind == "layernorm":
-        mean = (xf * h).sum(-1, keepdim=True) / n
-        var = (((xf - mean) ** 2) * h).sum(-1, keepdim=True) / n
-        y = (xf - mean) * torch.rsqrt(var + mod.eps)
-        y = y.to(x.dtype)
-        if mod.weight is not None:
-            y = y * mod.weight
-        if getattr(mod, "bias", None) is not None:
-            y = y + mod.bias
-        return y
-    # RMSNorm (torch's and Hugging Face style)
-    eps = getattr(mod, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(mod, "eps", None)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    var = ((xf * xf) * h).sum(-1, keepdim=True) / n
-    y = (xf * torch.rsqrt(var + eps)).to(x.dtype)
-    w = getattr(mod, "weight", None)
-    return y * w if w is not None else y
+def _spec(rec: LayerRecord, mod: nn.Module) -> LayerSpec:
+    """The spec a layer record was traced with (looked up for records made without one)."""
+    spec = rec.spec if rec.spec is not None else spec_for(mod)
+    if spec is None:
+        raise ValueError(f"layer '{rec.module}' ({type(mod).__name__}) has no LayerSpec")
+    return spec
