@@ -222,3 +222,15 @@ class OddSizes(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.n(torch.relu(self.a(x)))) + self.odd.sum()
+
+
+class EinsumDense(nn.Module):
+    """A user's layer whose sizes live in attributes (``dmscale.register_layer`` tells load how to check them)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        self.kernel = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ni,io->no", x, self.kernel)

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import dmscale
 import io_models as zoo
 from dmscale.serialization import dirs
 from dmscale.serialization import format as dio
@@ -219,6 +220,24 @@ def test_partial_activations_roundtrip(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="'bad'.*not importable"):
         dio.save(m, tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_registered_layer_sizes_are_checked_at_load(tmp_path: Path) -> None:
+    """A user's layer registered with dmscale.register_layer(size_attrs=...) has its sizes checked by load too."""
+    from dmscale.layers import LayerSpec, unregister_layer
+
+    path = tmp_path / "e"
+    dio.save(zoo.EinsumDense(3, 5), path)
+    _edit(path, lambda s: s["module"]["attributes"].update(n_out=6))
+    assert _load(path).n_out == 6  # unknown layer: nothing to compare with
+    dmscale.register_layer(zoo.EinsumDense, LayerSpec("einsum_dense", out_dims={"kernel": 1}, params=("kernel",),
+                                                      size_attrs=lambda m: {"n_in": m.kernel.shape[0],
+                                                                            "n_out": m.kernel.shape[1]}))
+    try:
+        with pytest.raises(LoadError, match=r"\(EinsumDense\): has n_out=6 but its weights imply n_out=5"):
+            _load(path)
+    finally:
+        unregister_layer(zoo.EinsumDense)
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face

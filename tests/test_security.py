@@ -199,7 +199,7 @@ def test_swapped_layer_class_is_refused(saved: Path) -> None:
         dmscale.load(saved)
     # with a recomputed checksum, a class that does not match the layer's weights fails the size check
     _edit(saved, lambda s: s["module"]["children"]["0"].update({"class": "torch.nn.modules.conv:Conv1d"}))
-    with pytest.raises(LoadError, match=r"module '0' \(Conv1d\)"):
+    with pytest.raises(LoadError, match=r"module '0' \(Conv1d\): its size attributes cannot be derived"):
         dmscale.load(saved)
 
 

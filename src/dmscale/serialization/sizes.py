@@ -3,8 +3,11 @@
 :func:`expected_size_attrs` is the one place that maps a module to its size attributes
 (``in_features``, ``out_channels``, ``num_heads``-derived ``head_dim``, ...) as its weights imply
 them; :func:`dmscale.load` refuses a ``structure.json`` whose attributes disagree
-(:func:`check_sizes`). The layer registry (``dmscale.layers``, ``LayerSpec.size_attrs``) is meant to
-replace this table; keep the knowledge here until then.
+(:func:`check_sizes`). It joins two sources: the layer registry (``LayerSpec.size_attrs`` of
+``dmscale.layers``, which also covers layers users register with ``dmscale.register_layer``) and
+the defensive table below (exact types, more layer types: RNNs, Bilinear, PReLU, kernel sizes, MHA
+``kdim``/``vdim``/``head_dim``). Where both name an attribute the table's value is used; the
+registry is meant to take over the table once it covers these layers.
 
 :func:`transient_attrs` / :func:`rebuild_transient`: state a layer derives from its parameters
 (the RNN flat-weight list and its weak references) is not saved and is rebuilt after loading.
@@ -40,12 +43,35 @@ def _pos_int(v: Any) -> bool:
     return type(v) is int and v >= 1
 
 
+def _registry_sizes(m: nn.Module) -> dict[str, Any]:
+    """Size attributes from the module's ``LayerSpec`` (built-in or registered); LoadError if they cannot be derived."""
+    from dmscale.layers.spec import spec_for
+
+    spec = spec_for(m)
+    if spec is None or spec.size_attrs is None:
+        return {}
+    try:
+        return dict(spec.sizes(m))
+    except Exception as exc:  # a crafted module may lack what the spec reads
+        raise LoadError(f"its size attributes cannot be derived from its weights and attributes "
+                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
 def expected_size_attrs(m: nn.Module) -> dict[str, Any]:
     """``{attribute: value}`` that ``m``'s own weights imply, for the layer types dmscale knows ({} otherwise).
 
     Only attributes that the weights determine are returned (a LayerNorm without affine weights has
-    none). Values are ints or tuples of ints, exactly as the layer's constructor stores them.
+    none). Values are ints or tuples of ints, exactly as the layer's constructor stores them. Joins
+    :func:`_table_sizes` and the layer registry (see the module docstring).
     """
+    out = _table_sizes(m)
+    for k, v in _registry_sizes(m).items():
+        out.setdefault(k, v)
+    return out
+
+
+def _table_sizes(m: nn.Module) -> dict[str, Any]:
+    """The defensive size table (every tensor and attribute is type-checked before use)."""
     w = _param(m, "weight")
     out: dict[str, Any] = {}
     if isinstance(m, nn.Linear) and w is not None and w.dim() == 2:
@@ -171,7 +197,11 @@ def check_sizes(root: nn.Module, where: str = "structure.json") -> None:
             continue
         seen.add(id(m))
         label = f"{where}: module {name or '<root>'!r} ({type(m).__name__})"
-        for attr, want in expected_size_attrs(m).items():
+        try:
+            expected = expected_size_attrs(m)
+        except LoadError as exc:
+            raise LoadError(f"{label}: {exc}") from None
+        for attr, want in expected.items():
             if attr not in m.__dict__:
                 raise LoadError(f"{label}: size attribute {attr!r} is missing (its weights imply {want!r})")
             have = m.__dict__[attr]
