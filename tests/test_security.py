@@ -427,6 +427,24 @@ def test_save_over_user_files_is_refused(tmp_path: Path) -> None:
         dmscale.save(_model(), other)  # a run directory is not a model directory
 
 
+def test_user_file_appearing_during_save_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file the user drops into the old directory while it is being replaced survives (with a warning)."""
+    d = tmp_path / "m"
+    dmscale.save(_model(), d)
+    real = dirs.rename_exchange
+
+    def exchange_then_user_writes(a: Path, b: Path) -> bool:
+        ok = real(a, b)
+        (a if ok else b).joinpath("late.txt").write_text("mine")  # `a` now holds the old contents
+        return ok
+    monkeypatch.setattr(dirs, "rename_exchange", exchange_then_user_writes)
+    with pytest.warns(UserWarning, match="files dmscale did not write appeared"):
+        dmscale.save(_model(), d)
+    kept = [p for p in tmp_path.iterdir() if (p / "late.txt").exists()]
+    assert len(kept) == 1 and (kept[0] / "late.txt").read_text() == "mine"
+    assert dmscale.load(d) is not None
+
+
 def test_stale_temp_dirs_are_cleaned_live_ones_kept(tmp_path: Path) -> None:
     d = tmp_path / "m"
     stale = tmp_path / ".m.tmp-abcd1234"  # what a killed save leaves: marked, unlocked

@@ -301,8 +301,15 @@ def _discard_replaced(old: Path, entries: set[str]) -> None:
         with contextlib.suppress(OSError):
             if stat.S_ISREG(os.lstat(p).st_mode):
                 os.unlink(p)
-    with contextlib.suppress(OSError):
+    try:
         os.rmdir(old)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        import warnings
+
+        warnings.warn(f"kept {str(old)!r}: files dmscale did not write appeared in the replaced directory while "
+                      "it was being saved; move them back", stacklevel=4)
 
 
 def _replace_directory(new: Path, target: Path, entries: set[str]) -> None:
