@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,8 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, TrainConfig, dump_yaml, from_dict, validate
+from dmscale.app.config import ConfigError, RunConfig, TrainConfig, dump_yaml, from_file, validate
 from dmscale.app.datasets import ImageData, load_dataset
+from dmscale.serialization.atomic import read_json_file
+from dmscale.serialization.checkpoint import load_checkpoint
+from dmscale.serialization.dirs import claim_dir, lock_dir, remove_dmscale_dir
 from dmscale.serialization.format import atomic_write_bytes, atomic_write_text, load, save
 from dmscale.resources import count
 from dmscale.schedule import Target
@@ -167,6 +169,8 @@ class Run:
         if run_dir.exists() and any(run_dir.iterdir()) and not (resume or attach):
             raise FileExistsError(f"run directory {str(run_dir)!r} is not empty; use --resume {run_dir} to continue "
                                   "it or choose another run.out / --out")
+        self.lock = lock_dir(run_dir, what="run directory")  # held for the life of the command
+        claim_dir(run_dir, "run")
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         if not (run_dir / "config.yaml").exists() or not (resume or attach):
             atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -188,7 +192,7 @@ class Run:
     # ---------------------------------------------------------------- state & log
     def _read_state(self) -> dict[str, Any]:
         p = self.dir / "state.json"
-        return json.loads(p.read_text("utf-8")) if p.exists() else {"phases": {}}
+        return read_state(p) if os.path.lexists(p) else {"phases": {}}
 
     def _write_state(self) -> None:
         atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1) + "\n")
@@ -253,7 +257,7 @@ class Run:
         p = self.ckpt_path(phase)
         if not p.exists():
             return None
-        return torch.load(p, map_location="cpu", weights_only=True)
+        return load_checkpoint(p, map_location="cpu")
 
     def batches(self, phase: str) -> Batches:
         """Deterministic batches for a phase."""
@@ -675,7 +679,7 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json."""
     run_dir = Path(run_dir)
-    state = json.loads((run_dir / "state.json").read_text("utf-8"))
+    state = read_state(run_dir / "state.json")
     cfg = load_run_config(run_dir)
     ph = state["phases"]
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
@@ -716,15 +720,20 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A run's ``state.json`` (a regular JSON file with a ``phases`` table); ConfigError naming it otherwise."""
+    state = read_json_file(path, what="run state", exc=ConfigError)
+    if not isinstance(state.get("phases"), dict):
+        raise ConfigError(f"run state {str(path)!r} is corrupted: no 'phases' table")
+    return state
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The config a run directory was started with (``config.yaml``)."""
-    import yaml
-
     p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    data = yaml.safe_load(p.read_text("utf-8")) or {}
-    cfg = from_dict(data)
+    cfg = from_file(p)
     cfg.run.out = str(run_dir)
     return cfg
 
@@ -737,9 +746,5 @@ def run(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) 
 
 
 def clean_run_dir(path: str | Path) -> None:
-    """Delete a run directory created by dmscale (refuses directories without config.yaml)."""
-    p = Path(path)
-    if p.exists():
-        if not (p / "config.yaml").exists():
-            raise FileExistsError(f"{str(p)!r} exists and is not a dmscale run directory; refusing to delete it")
-        shutil.rmtree(p)
+    """Delete a run directory dmscale created (its marker); anything else is refused, a locked one too."""
+    remove_dmscale_dir(path, "run")
