@@ -94,13 +94,13 @@ def test_dmscale_save_and_run_directory(user_pkg, tmp_path):
     net = load_model("userpkg.nets:build", {"width": 6}).eval()
     dmscale.save(net, tmp_path / "saved")
     x = torch.randn(5, 4)
-    back = load_model(tmp_path / "saved")
+    back = load_model(tmp_path / "saved", trust=["userpkg"])
     assert model_kind(str(tmp_path / "saved")) == "dmscale"
     torch.testing.assert_close(back(x), net(x))
     run = tmp_path / "run"
     run.mkdir()
     dmscale.save(net, run / "model")
-    torch.testing.assert_close(load_model(str(run))(x), net(x))  # a run directory's model/
+    torch.testing.assert_close(load_model(str(run), trust=["userpkg"])(x), net(x))  # a run directory's model/
     with pytest.raises(ModelSpecError, match="--model-kwargs apply to"):
         load_model(tmp_path / "saved", {"width": 3})
 

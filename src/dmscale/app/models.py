@@ -139,12 +139,7 @@ def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
 def _load_dmscale(p: Path, trust: tuple[str, ...], device: str) -> nn.Module:
     from dmscale.serialization.format import load
 
-    kw: dict[str, Any] = {"device": device}
-    # dmscale.load(trust=...) names packages beyond its allowlist; a load without that parameter
-    # rebuilds any importable nn.Module class the structure names, a superset of what trust allows
-    if trust and "trust" in inspect.signature(load).parameters:
-        kw["trust"] = list(trust)
-    return load(p, **kw)
+    return load(p, device=device, trust=list(trust) or None)
 
 
 def _hf_task(config: Any, task: str | None, spec: str) -> str:
