@@ -15,7 +15,7 @@ from .trace.tracer import Space
 if TYPE_CHECKING:
     from .search import DMS
 
-__all__ = ["export_model", "ExportError", "SkipBlock"]
+__all__ = ["export_model", "ExportError", "SkipBlock", "reference_outputs", "verify_export"]
 
 
 class ExportError(RuntimeError):
@@ -33,8 +33,19 @@ def _get_module(root: nn.Module, name: str) -> nn.Module:
 
 
 @torch.no_grad()
-def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> nn.Module:
-    """Build the smaller model; with ``check`` verify it against the hard-masked supernet."""
+def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float = 1e-4,
+                 source: nn.Module | None = None) -> nn.Module:
+    """Build the smaller model; with ``check`` verify it against the hard-masked supernet.
+
+    ``source``: an unmasked, unsharded full copy of the model to slice in place (the sharded export
+    passes the gathered weights); by default a deep copy of ``dms.model`` without its masks. A model
+    sharded with FSDP2 is exported by :func:`dmscale.distributed.export` (collective, every rank).
+    """
+    if source is None:
+        from .distributed import export as export_sharded, is_sharded
+
+        if is_sharded(dms.model):
+            return export_sharded(dms, check=check, atol=atol, rtol=rtol)
     masker = dms.masker
     tr = dms.trace
     with masker.use_mode("hard"):
@@ -60,8 +71,11 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             for s in rec.out_dims.values():
                 mask_of(s)
         depth_keep = {g.key: masker.current_keep[g.key] for g in dms.groups if g.kind == "depth"}
-    with masker.detached():
-        new = copy.deepcopy(dms.model)
+    if source is not None:
+        new = source
+    else:
+        with masker.detached():
+            new = copy.deepcopy(dms.model)
     modules = dict(new.named_modules())
 
     # 1. fold surviving soft mask values into each layer's output side (its spec's out_dims), and into
@@ -241,23 +255,35 @@ def _flat(out: Any) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: float = 1e-4) -> None:
-    """Raise ExportError unless the export's outputs equal the hard-masked supernet's on the examples.
-
-    Tolerance: ``|export - ref| <= atol * max(1, max|ref|) + rtol * |ref|``.
-    """
+def reference_outputs(dms: "DMS") -> list[torch.Tensor]:
+    """The hard-masked supernet's floating outputs on the examples, in eval mode (the export check's reference)."""
     model = dms.model
-    was_m, was_e = model.training, exported.training
+    was = model.training
     model.eval()
-    exported.eval()
     try:
         with dms.hard():
-            ref = _flat(model(*dms.example_inputs, **dms.example_kwargs))
+            return _flat(model(*dms.example_inputs, **dms.example_kwargs))
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: float = 1e-4,
+                  reference: list[torch.Tensor] | None = None) -> None:
+    """Raise ExportError unless the export's outputs equal the hard-masked supernet's on the examples.
+
+    Tolerance: ``|export - ref| <= atol * max(1, max|ref|) + rtol * |ref|``. ``reference``: the
+    supernet's outputs computed beforehand (:func:`reference_outputs`; the sharded export does so on
+    every rank).
+    """
+    was_e = exported.training
+    exported.eval()
+    try:
+        ref = reference_outputs(dms) if reference is None else reference
         got = _flat(exported(*dms.example_inputs, **dms.example_kwargs))
     except Exception as exc:
         raise ExportError(f"the exported model failed to run on example_inputs: {exc}") from exc
     finally:
-        model.train(was_m)
         exported.train(was_e)
     if len(ref) != len(got):
         raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}")

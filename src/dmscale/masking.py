@@ -52,8 +52,31 @@ class _RawMask(nn.Module):
         for d, s in self.dims.obj:
             mk = m.mask_for(s)
             if mk is not None:
-                x = x * _along(mk.to(x.dtype), d, x.dim())
+                x = x * _dtensor_like(_along(mk.to(x.dtype), d, x.dim()), x)
         return x
+
+
+# ---------------------------------------------------------------- sharded (DTensor) parameters
+# FSDP2 shards a parametrization's ``original``: inside a forward the parametrization sees the
+# all-gathered plain weight; read outside one it sees the DTensor shard, and the mask is made a
+# replicated DTensor on the same mesh. Parameters that are DTensors when the masks are installed
+# are not folded (their layer gets an activation mask); raw ones are refused (see dmscale.distributed).
+def _dtensor_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    from .distributed import as_dtensor_like, is_dtensor
+
+    return as_dtensor_like(mask, x) if is_dtensor(x) else mask
+
+
+def _any_dtensor(mod: nn.Module, attrs: list[str]) -> bool:
+    from .distributed import is_dtensor
+
+    return any(is_dtensor(getattr(mod, a, None)) for a in attrs)
+
+
+def _sharded(model: nn.Module) -> bool:
+    from .distributed import is_sharded
+
+    return is_sharded(model)
 
 
 class Masker:
@@ -153,6 +176,10 @@ class Masker:
         if self.installed:
             return
         modules = dict(self.model.named_modules())
+        for rec in self.tr.params.values():  # before anything is attached: all or nothing
+            if rec.raw and not rec.is_buffer and _any_dtensor(modules[rec.module], [rec.attr]):
+                raise ValueError(f"parameter '{rec.name}' is already sharded (a DTensor): its mask cannot be folded "
+                                 "into it; build DMS before fully_shard (see dmscale.distributed)")
         self.handles.append(self.model.register_forward_pre_hook(lambda mod, args: self.begin_forward()))
         for name, rec in self.tr.layers.items():
             dims = [(d, s) for d, s in rec.out_dims.items() if self.prunable(s)]
@@ -193,7 +220,7 @@ class Masker:
             return False
         space = dims[0][1]
         targets = [a for a in spec.out_dims if isinstance(getattr(mod, a, None), nn.Parameter)]
-        if spec.out_param not in targets:
+        if spec.out_param not in targets or _any_dtensor(mod, targets):  # sharded: activation mask instead
             return False
         for attr in targets:
             p = getattr(mod, attr)
@@ -207,6 +234,10 @@ class Masker:
 
     def remove(self) -> None:
         """Detach everything, leaving the user's model as it was (same parameter objects)."""
+        if self.raw and _sharded(self.model):
+            raise RuntimeError("the masks cannot be removed from a model sharded with fully_shard (FSDP2 manages "
+                               "the parametrized weights): export it with dms.export(), or remove the masks "
+                               "before sharding")
         for h in self.handles:
             h.remove()
         self.handles.clear()

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
+from . import distributed as _dist
 from .importance import ImportanceTracker
 from .masking import Masker
 from .resources import Resources
@@ -54,6 +55,7 @@ class DMS:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(target, Target):
             raise TypeError("target must be dmscale.Target(flops=...) or Target(params=...)")
+        _dist.refuse_sharded(model)  # FSDP2: build DMS first, then fully_shard (dmscale.distributed)
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         if not isinstance(example_inputs, (tuple, list)):
@@ -135,6 +137,7 @@ class DMS:
         for p in self.structure_parameters():
             p.register_hook(mean)
         self.distributed = True
+        self._skeleton = _dist.take_skeleton(self)  # meta copy: the sharded export fills it (FSDP2)
 
     def attach_grad_scaler(self, scaler: Any) -> None:
         """Use with fp16 ``torch.amp.GradScaler``: importance is computed from unscaled gradients."""
