@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +193,9 @@ def save_sharded_checkpoint(path: str | os.PathLike[str], model: nn.Module,
             raise failed
         assert tmp is not None
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
-        dcp.save(state, storage_writer=writer, no_dist=world == 1 and not _initialized())
+        with warnings.catch_warnings():  # without a process group DCP warns that it saves from one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(state, storage_writer=writer, no_dist=not _initialized())
         _barrier()
         if rank == 0:
             (tmp / _DMS_FILE).write_text(text)
@@ -231,7 +234,9 @@ def load_sharded_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     box, state = _state(model, optimizer, dms, rank_state)
     reader_cls, planner_cls = _reader_classes()
     try:
-        dcp.load(state, storage_reader=reader_cls(str(p)), planner=planner_cls(), no_dist=not _initialized())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader_cls(str(p)), planner=planner_cls(), no_dist=not _initialized())
     except CheckpointError:
         raise
     except Exception as exc:
