@@ -10,12 +10,16 @@ with FLOPs counted on the exported model by ``dmscale.count``; the goal is >= 0.
 Models: ResNet-style CNN (tests/models.py, widths (32, 64, 128), depths (2, 2, 2), 32x32 input)
 and TinyViT (dim 192, 6 blocks, 6 heads, 32x32 input, patch 4 -> 65 tokens).
 
-    python benchmarks/bench_export_speed.py [--quick] [--threads N]
+    python benchmarks/bench_export_speed.py [--quick] [--threads N] [--device cuda] [--batches 1,64]
+
+``--device cuda`` times the models on the GPU (eval mode, ``torch.inference_mode``, each call
+ends with a device synchronize); ``supernet_matmul_time_share`` is then not measured (null).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -37,9 +41,10 @@ def make(key: str) -> torch.nn.Module:
     return TinyViT(img=32, patch=4, dim=192, depth=6, heads=6, n_classes=10)
 
 
-def export_at(key: str, frac: float, seed: int = 0, divisor: int = 1) -> tuple[torch.nn.Module, float]:
-    model = make(key)
-    x = torch.randn(2, 3, 32, 32)
+def export_at(key: str, frac: float, seed: int = 0, divisor: int = 1,
+              device: str = "cpu") -> tuple[torch.nn.Module, float]:
+    model = make(key).to(device)
+    x = torch.randn(2, 3, 32, 32, device=device)
     dms = dmscale.DMS(model, (x,), dmscale.Target(flops=min(frac, 1.0)), total_steps=10, warn=False,
                       divisor=divisor)
     achieved = common.set_common_ratio(dms, frac, seed=seed)
@@ -53,43 +58,49 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: reproducible on a shared machine)")
     ap.add_argument("--models", default="cnn,vit")
+    ap.add_argument("--batches", default="1,64", help="comma-separated batch sizes")
+    ap.add_argument("--name", default=NAME, help="result file stem")
+    common.device_arg(ap)
     args = ap.parse_args()
+    dev = common.check_device(args.device)
     torch.set_num_threads(args.threads)
     fracs = [0.75, 0.5, 0.25]
     divisors = [1, 8]  # 1 = DMS default (step-1 widths); 8 = widths rounded to multiples of 8
-    batches = [1, 64]
+    batches = [int(b) for b in args.batches.split(",")]
     res = []
     rows = []
     shares = {}
     for key in args.models.split(","):
         sup = make(key).eval()
-        full = dmscale.count(sup, (torch.randn(1, 3, 32, 32),))
+        full = dmscale.count(sup, (torch.randn(1, 3, 32, 32),))  # FLOPs counted on the CPU
+        sup.to(dev)
         exports = {}
         for f in fracs:
             for div in divisors:
-                small, achieved = export_at(key, f, divisor=div)
+                small, achieved = export_at(key, f, divisor=div, device=dev)
                 exports[(f, div)] = (small.eval(), achieved)
         for b in batches:
-            x = torch.randn(b, 3, 32, 32)
-            share = matmul_time_share(sup, x)
+            x = torch.randn(b, 3, 32, 32, device=dev)
+            share = matmul_time_share(sup, x) if dev == "cpu" else None
             shares[(key, b)] = share
-            print(f"{key} b={b}: {share:.0%} of the supernet's forward time is in conv/linear/matmul kernels")
-            fns = {"super": (lambda m=sup: m(x))}
+            if share is not None:
+                print(f"{key} b={b}: {share:.0%} of the supernet's forward time is in conv/linear/matmul kernels")
+            fns = {"super": common.synced(lambda m=sup: m(x), dev)}
             for fk, (small, _) in exports.items():
-                fns[fk] = (lambda m=small: m(x))
-            if b == 1:
+                fns[fk] = common.synced(lambda m=small: m(x), dev)
+            if b == 1 or dev == "cuda":
                 rounds, reps, inner = (3, 5, 5) if args.quick else (6, 10, 10)
             else:
                 rounds, reps, inner = (2, 2, 1) if args.quick else (5, 4, 1)
             with torch.inference_mode():
                 t = common.interleaved(fns, rounds=rounds, repeats=reps, warmup=2, inner=inner)
             for (f, div), (small, achieved) in exports.items():
-                c = dmscale.count(small, (torch.randn(1, 3, 32, 32),))
+                c = dmscale.count(copy.deepcopy(small).cpu(), (torch.randn(1, 3, 32, 32),))
                 flops_ratio = c["flops"] / full["flops"]
                 speedup = t["super"]["median"] / t[(f, div)]["median"]
                 promise = 1.0 / flops_ratio
                 eff = speedup / promise
-                e = {"model": key, "batch": b, "target_flops_frac": f, "divisor": div, "dms_hard_flops_frac": achieved,
+                e = {"model": key, "device": dev, "batch": b, "target_flops_frac": f, "divisor": div, "dms_hard_flops_frac": achieved,
                      "exported_flops_frac": flops_ratio, "exported_params_frac": c["params"] / full["params"],
                      "super_latency_s": t["super"]["median"], "export_latency_s": t[(f, div)]["median"],
                      "widths": _widths(small),
@@ -102,7 +113,8 @@ def main() -> None:
                       f"-> efficiency {eff:.2f}", flush=True)
     n_met = sum(e["met"] for e in res if e["divisor"] == 1)
     n_all = sum(1 for e in res if e["divisor"] == 1)
-    common.save_result(NAME, {"name": NAME, "quick": args.quick, "threads": args.threads, "results": res,
+    common.save_result(args.name, {"name": args.name, "quick": args.quick, "device": dev, "threads": args.threads,
+                              "results": res,
                               "goal": {"efficiency_goal": 0.8, "met": n_met, "of": n_all,
                                        "min_efficiency": min(e["efficiency"] for e in res if e["divisor"] == 1)}})
     print()
@@ -122,12 +134,12 @@ def main() -> None:
         xs = [0.2, 1.0]
         a.plot(xs, [1 / v for v in xs], "k--", lw=1, label="1 / FLOPs ratio")
         a.plot(xs, [0.8 / v for v in xs], "k:", lw=1, label="0.8 x promise")
-        a.set(xlabel="exported FLOPs / supernet FLOPs", ylabel="measured speed-up", title=f"{key}: CPU latency",
+        a.set(xlabel="exported FLOPs / supernet FLOPs", ylabel="measured speed-up", title=f"{key}: {dev.upper()} latency",
               ylim=(0, 5.5))
         a.legend()
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(common.plot_path(NAME), dpi=120)
+    fig.savefig(common.plot_path(args.name), dpi=120)
 
 
 def matmul_time_share(model: torch.nn.Module, x: torch.Tensor) -> float:

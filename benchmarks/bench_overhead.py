@@ -10,13 +10,17 @@ rounds (same noise), median over all repeats. The DMS step is then broken down (
 mask computation (``begin_forward``), the resource loss forward+backward, ``dms.step()``, and a
 cProfile of whole DMS steps (top functions by own time) to show where the overhead sits.
 
-    python benchmarks/bench_overhead.py [--quick]
+    python benchmarks/bench_overhead.py [--quick] [--device cuda]
+
+``--device cuda`` runs both steps on the GPU (each timed call ends with a device synchronize);
+GPT-2 needs ``transformers`` and is skipped (and recorded as such) without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib.util
 import io
 import os
 import pstats
@@ -62,10 +66,14 @@ def make_gpt(seed: int) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
 MODELS = {"cnn": make_cnn, "gpt2": make_gpt}
 
 
-def run_model(key: str, quick: bool) -> dict:
+def run_model(key: str, quick: bool, device: str = "cpu") -> dict:
     make = MODELS[key]
     plain, inputs, y, loss_fn = make(0)
     sup, _, _, _ = make(0)
+    plain.to(device)
+    sup.to(device)
+    inputs = tuple(t.to(device) for t in inputs)
+    y = y.to(device)
     plain.train()
     sup.train()
     opt_p = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
@@ -96,6 +104,9 @@ def run_model(key: str, quick: bool) -> dict:
             if g.kind != "depth":
                 dms.space.ratio(g).fill_(0.7)
     rounds, reps = (2, 2) if quick else (5, 4)
+    if device == "cuda":  # GPU steps are fast: more repeats for stable medians
+        rounds, reps = (3, 10) if quick else (5, 20)
+    plain_step, dms_step = common.synced(plain_step, device), common.synced(dms_step, device)
     t = common.interleaved({"plain": plain_step, "dms": dms_step}, rounds=rounds, repeats=reps, warmup=2)
     ratio = t["dms"]["median"] / t["plain"]["median"]
 
@@ -121,11 +132,12 @@ def run_model(key: str, quick: bool) -> dict:
         with dms.unmasked():  # hooks still fire but return at once: the cost of the hook machinery
             loss_fn(sup(*inputs), y).backward()
 
-    parts = common.interleaved({"begin_forward (all masks)": masks, "resource loss fwd+bwd": res_loss,
+    parts = common.interleaved({k: common.synced(f, device) for k, f in {
+                                "begin_forward (all masks)": masks, "resource loss fwd+bwd": res_loss,
                                 "dms.step()": dms.step,
                                 "fwd+bwd plain": fb_plain,
                                 "fwd+bwd DMS soft masks": fb_soft,
-                                "fwd+bwd DMS masks off (hooks only)": fb_off},
+                                "fwd+bwd DMS masks off (hooks only)": fb_off}.items()},
                                rounds=rounds, repeats=reps, warmup=1)
     n_mask_hooks = sum(1 for r in dms.trace.layers.values()
                        if any(dms.masker.prunable(s) for s in r.out_dims.values()))
@@ -151,6 +163,7 @@ def run_model(key: str, quick: bool) -> dict:
         by_file[tag] = by_file.get(tag, 0.0) + tt / n_prof
     return {
         "model": key,
+        "device": device,
         "groups": len(dms.groups),
         "layers_with_output_mask": n_mask_hooks, "layers_total": len(dms.trace.layers),
         "block_gates": n_block_gates,
@@ -170,12 +183,19 @@ def main() -> None:
     ap.add_argument("--models", default="cnn,gpt2")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: reproducible ratios on a shared machine)")
+    ap.add_argument("--name", default=NAME, help="result file stem")
+    common.device_arg(ap)
     args = ap.parse_args()
+    dev = common.check_device(args.device)
     torch.set_num_threads(args.threads)
-    res = {}
+    res, skipped = {}, {}
     for key in args.models.split(","):
         print(f"--- {key}", flush=True)
-        res[key] = run_model(key, args.quick)
+        if key == "gpt2" and importlib.util.find_spec("transformers") is None:
+            skipped[key] = "transformers is not installed"
+            print("   skipped: transformers is not installed", flush=True)
+            continue
+        res[key] = run_model(key, args.quick, dev)
         r = res[key]
         print(f"plain {r['plain_step_s'] * 1e3:.1f} ms  dms {r['dms_step_s'] * 1e3:.1f} ms  ratio {r['ratio']:.2f}x  "
               f"({r['layers_with_output_mask']}/{r['layers_total']} layers multiply a mask into their output, "
@@ -185,8 +205,10 @@ def main() -> None:
         print("   cProfile own time per DMS step by file:")
         for k, v in list(r["profile_own_time_per_step_s"].items())[:8]:
             print(f"      {k:30s} {v * 1e3:8.2f} ms")
-    common.save_result(NAME, {"name": NAME, "quick": args.quick, "results": res,
-                              "timing": "interleaved rounds, median step time; ratio = dms / plain, same run"})
+    common.save_result(args.name, {"name": args.name, "quick": args.quick, "device": dev, "results": res,
+                                   "skipped": skipped,
+                                   "timing": "interleaved rounds, median step time; ratio = dms / plain, same run"
+                                             + ("; each call ends with torch.cuda.synchronize()" if dev == "cuda" else "")})
     rows = [[k, r["plain_step_s"] * 1e3, r["dms_step_s"] * 1e3, r["ratio"], "yes" if r["met"] else "NO"]
             for k, r in res.items()]
     print()
@@ -202,10 +224,10 @@ def main() -> None:
         ax.text(i + 0.2, res[k]["dms_step_s"] * 1e3, f"{res[k]['ratio']:.2f}x", ha="center", va="bottom")
     ax.set_xticks(list(xs), keys)
     ax.set_ylabel("step time (ms, median)")
-    ax.set_title("DMS search step vs plain training step (CPU)")
+    ax.set_title(f"DMS search step vs plain training step ({dev.upper()})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(common.plot_path(NAME), dpi=120)
+    fig.savefig(common.plot_path(args.name), dpi=120)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ to the ratio) for N = 64 ... 16384 (11008 = Llama-7B MLP width) and measure memo
   minus ``VmRSS`` before the call. (``getrusage`` ru_maxrss is not used: Linux carries it over
   ``fork``+``exec`` from the parent, so a child inherits the benchmark's own peak.)
 
-    python benchmarks/bench_topk.py [--quick]
+    python benchmarks/bench_topk.py [--quick] [--device cuda]
+
+With ``--device cuda`` the operator runs on the GPU (timings synchronize the device; the real
+memory column is the CUDA allocator's peak growth, ``cuda_peak_delta``, instead of the RSS) and
+the result file carries ``"device": "cuda"``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def scatter_topk(c: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """
     n = c.numel()
     order = torch.argsort(c.detach(), stable=True)
-    ranks = torch.empty(n, dtype=c.dtype).scatter_(0, order, torch.arange(n, dtype=c.dtype))
+    ranks = torch.empty(n, dtype=c.dtype, device=c.device).scatter_(
+        0, order, torch.arange(n, dtype=c.dtype, device=c.device))
     cn = (ranks + 0.5) / n
     return torch.sigmoid(n * (cn - (1.0 - ratio)))
 
@@ -63,7 +68,7 @@ IMPLS = {"dmscale": differentiable_topk, "reference": reference_topk, "dmscale_s
 
 def fwd_bwd(impl, c: torch.Tensor, ratio: torch.Tensor) -> None:
     m = impl(c, ratio)
-    (m * torch.linspace(0, 1, m.numel())).sum().backward()  # a loss that depends on every element
+    (m * torch.linspace(0, 1, m.numel(), device=m.device)).sum().backward()  # a loss on every element
     ratio.grad = None
 
 
@@ -85,9 +90,9 @@ class AllocCounter(TorchDispatchMode):
         return out
 
 
-def alloc_bytes(impl, n: int) -> tuple[int, int]:
-    c = torch.rand(n)
-    ratio = torch.tensor(0.5, requires_grad=True)
+def alloc_bytes(impl, n: int, device: str = "cpu") -> tuple[int, int]:
+    c = torch.rand(n, device=device)
+    ratio = torch.tensor(0.5, requires_grad=True, device=device)
     with AllocCounter() as ac:
         fwd_bwd(impl, c, ratio)
     return ac.total, ac.largest
@@ -120,36 +125,52 @@ def rss_peak_delta(impl: str, n: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_peak_delta(impl, n: int) -> int:
+    """Peak growth (bytes) of the CUDA caching allocator's allocated memory during one forward+backward."""
+    c = torch.rand(n, device="cuda")
+    ratio = torch.tensor(0.5, requires_grad=True, device="cuda")
+    fwd_bwd(IMPLS["dmscale"], torch.rand(64, device="cuda"), torch.tensor(0.5, requires_grad=True, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd(impl, c, ratio)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip RSS subprocesses for small N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--name", default=NAME, help="result file stem")
+    common.device_arg(ap)
     args = ap.parse_args()
+    dev = common.check_device(args.device)
+    mem_key = "cuda_peak_delta" if dev == "cuda" else "rss_peak_delta"
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 7 if args.quick else 25
     rows, res = [], []
     for n in SIZES:
-        c = torch.rand(n)
-        ratio = torch.tensor(0.5, requires_grad=True)
+        c = torch.rand(n, device=dev)
+        ratio = torch.tensor(0.5, requires_grad=True, device=dev)
         # correctness (random floats: no ties): dmscale ranks are (rank + 0.5) / N (so that round(ratio*N)
         # elements are kept); the reference uses rank / N. With that half-step shift applied they agree.
         with torch.no_grad():
             d = (differentiable_topk(c, ratio) - reference_topk(c, ratio + 0.5 / n)).abs().max().item()
             d2 = (differentiable_topk(c, ratio) - scatter_topk(c, ratio)).abs().max().item()
             assert d < 1e-3 and d2 == 0.0, (d, d2)
-        fns = {k: (lambda f=f: fwd_bwd(f, c, ratio)) for k, f in IMPLS.items()}
+        fns = {k: common.synced(lambda f=f: fwd_bwd(f, c, ratio), dev) for k, f in IMPLS.items()}
         big = n >= 4096
         t = common.interleaved(fns, rounds=3 if big else 5, repeats=max(2, repeats // (3 if big else 1)),
                                warmup=1 if big else 3, inner=1 if big else 10)
         entry = {"n": n, "max_abs_mask_diff_vs_shifted_reference": d}
         for k in IMPLS:
-            tot, largest = alloc_bytes(IMPLS[k], n)
+            tot, largest = alloc_bytes(IMPLS[k], n, dev)
             entry[k] = {"time_s": t[k]["median"], "time_min_s": t[k]["min"], "time_iqr_s": t[k]["iqr"],
                         "alloc_bytes": tot, "largest_bytes": largest}
             if k != "dmscale_scatter" and (not args.quick or n in (4096, 11008)):
-                entry[k]["rss_peak_delta"] = rss_peak_delta(k, n)
+                entry[k][mem_key] = cuda_peak_delta(IMPLS[k], n) if dev == "cuda" else rss_peak_delta(k, n)
         entry["speedup"] = entry["reference"]["time_s"] / entry["dmscale"]["time_s"]
         entry["speedup_scatter"] = entry["reference"]["time_s"] / entry["dmscale_scatter"]["time_s"]
         entry["alloc_ratio"] = entry["reference"]["alloc_bytes"] / entry["dmscale"]["alloc_bytes"]
@@ -158,23 +179,25 @@ def main() -> None:
                      entry["dmscale_scatter"]["time_s"] * 1e6, entry["speedup_scatter"],
                      entry["dmscale"]["alloc_bytes"] / 1024, entry["reference"]["alloc_bytes"] / 1024,
                      entry["alloc_ratio"],
-                     entry["dmscale"].get("rss_peak_delta", float("nan")) / 2**20,
-                     entry["reference"].get("rss_peak_delta", float("nan")) / 2**20, d])
+                     entry["dmscale"].get(mem_key, float("nan")) / 2**20,
+                     entry["reference"].get(mem_key, float("nan")) / 2**20, d])
         print(f"N={n}: {entry['speedup']:.1f}x faster, {entry['alloc_ratio']:.0f}x fewer bytes", flush=True)
     at = next(e for e in res if e["n"] == 11008)
     goal = {"speedup_at_11008": at["speedup"], "alloc_ratio_at_11008": at["alloc_ratio"],
             "speedup_scatter_at_11008": at["speedup_scatter"], "speedup_goal": 50.0, "met": at["speedup"] >= 50.0,
             "dmscale_bytes_per_element_at_11008": at["dmscale"]["alloc_bytes"] / 11008,
             "reference_bytes_per_element_at_11008": at["reference"]["alloc_bytes"] / 11008}
-    out = {"name": args.name, "quick": args.quick, "threads": torch.get_num_threads(), "sizes": SIZES, "results": res, "goal": goal,
+    out = {"name": args.name, "quick": args.quick, "device": dev, "threads": torch.get_num_threads(), "sizes": SIZES,
+           "results": res, "goal": goal,
            "memory_method": "alloc_bytes: TorchDispatchMode sum of aten-op output sizes during fwd+bwd "
-                            "(analytic); rss_peak_delta: ru_maxrss growth in a fresh subprocess (real)",
+                            "(analytic); rss_peak_delta: VmHWM growth in a fresh subprocess (real, CPU); "
+                            "cuda_peak_delta: torch.cuda.max_memory_allocated growth (real, CUDA)",
            "timing": "median over interleaved repeats of forward+backward (grad to the ratio)"}
     common.save_result(args.name, out)
 
     print()
     print(common.table(rows, ["N", "dms us", "ref us", "speedup", "scatter us", "speedup(scatter)", "dms KiB", "ref KiB", "mem x",
-                              "dms RSS MiB", "ref RSS MiB", "max|dm|"]))
+                              f"dms {mem_key} MiB", f"ref {mem_key} MiB", "max|dm|"]))
     print(f"\nN=11008: {goal['speedup_at_11008']:.0f}x faster (goal >= 50x: {'MET' if goal['met'] else 'NOT MET'}), "
           f"{goal['dmscale_bytes_per_element_at_11008']:.0f} B/element vs "
           f"{goal['reference_bytes_per_element_at_11008']:.0f} B/element")

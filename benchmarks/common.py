@@ -55,7 +55,41 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": load,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gpu": gpu_info(),
     }
+
+
+def gpu_info() -> dict[str, Any] | None:
+    """Name, count and memory of the CUDA devices (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    p = torch.cuda.get_device_properties(0)
+    return {"name": p.name, "count": torch.cuda.device_count(), "memory_gib": round(p.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "capability": f"{p.major}.{p.minor}"}
+
+
+def device_arg(ap) -> None:
+    """Add ``--device cpu|cuda`` to a benchmark's argument parser."""
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where to run (cuda: timings synchronize the device; results carry a 'device' field)")
+
+
+def check_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch.cuda.is_available() is False")
+    return device
+
+
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a device synchronize, so wall-clock timing covers the queued GPU work."""
+    if device != "cuda":
+        return fn
+
+    def run() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
 
 
 def save_result(name: str, data: dict[str, Any]) -> str:

@@ -110,18 +110,22 @@ def run(name: str, rank: int = 0, world: int = 1, *, sharded: bool | None = None
         device: str = "cpu") -> dict:
     """A short search on rank's slice of every global batch (sharded by default when world > 1), then export."""
     sharded = world > 1 if sharded is None else sharded
-    model, blocks, xs, ys, loss_fn, probe, make_dms = build(name, device)
-    dms = make_dms(model)
     out: dict = {}
+    for r in range(world if sharded else 1):  # one rank at a time holds the unsharded model (host memory)
+        if r == rank or not sharded:
+            model, blocks, xs, ys, loss_fn, probe, make_dms = build(name, device)
+            dms = make_dms(model)
+            if sharded and fallback:  # masks re-installed on sharded parameters: convs use activation masks
+                folded = len(dms.masker.raw)
+                dms.masker.remove()
+                shard(model, blocks)
+                dms.masker.install()
+                out["folded_before"], out["folded_after"] = folded, len(dms.masker.raw)
+            elif sharded:
+                shard(model, blocks)
+        if sharded and world > 1:
+            dist.barrier()
     if sharded:
-        if fallback:  # masks re-installed on sharded parameters: conv layers use activation masks
-            folded = len(dms.masker.raw)
-            dms.masker.remove()
-            shard(model, blocks)
-            dms.masker.install()
-            out["folded_before"], out["folded_after"] = folded, len(dms.masker.raw)
-        else:
-            shard(model, blocks)
         out["dtensor_params"] = sum(dmscale.distributed.is_dtensor(p) for p in model.parameters())
     opt = torch.optim.SGD([{"params": dms.weight_parameters(), "lr": 0.05},
                            {"params": dms.structure_parameters(), "lr": 0.2, "weight_decay": 0.0}])
@@ -165,11 +169,12 @@ def _vit_extras(dms, model, probe) -> dict:
         m = dms.masker.mask_for(space)
         res["expected_weight"] = full_state_dict(model)["patch_embed.weight"] * m.view(-1, 1, 1, 1)
         dms.masker.current.clear()
-    small = export(dms, rank=0)
+    small = export(dms, rank=0, device="cpu")  # gathered into host memory on rank 0 only
     res["rank0_export_is_none"] = small is None
     if small is not None:
+        res["rank0_export_device"] = str(next(small.parameters()).device)
         with torch.no_grad():
-            res["rank0_probe"] = logits(small.eval()(probe)).clone()
+            res["rank0_probe"] = logits(small.eval()(probe.cpu())).clone()
     return res
 
 

@@ -182,6 +182,9 @@ def _check_fsdp(ranks: list[dict], names) -> None:
                 assert r[name]["export_device"].startswith("cuda")
         if len(ranks) > 1:
             S.assert_ranks_agree(ranks[0][name], ranks[1][name])
+        if name == "vit" and "rank0_probe" in ranks[0][name]:  # gathered to host memory on rank 0
+            assert ranks[0][name]["rank0_export_device"] == "cpu"
+            torch.testing.assert_close(ranks[0][name]["rank0_probe"], ranks[0][name]["probe"], atol=1e-4, rtol=1e-4)
         single = S.run(name, device="cuda:0" if DEVICE == "cuda" else "cpu")
         assert any(k < f for f, k in single["kept"].values())
         S.assert_same_as_single(ranks[0][name], single, atol=1e-4)

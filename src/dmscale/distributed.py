@@ -181,7 +181,13 @@ def full_state_dict(model: nn.Module, keep: bool = True, device: torch.device | 
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         t = p.detach()
-        t = t.full_tensor() if is_dtensor(t) else t.clone()  # a fresh tensor: export scales it in place
+        if is_dtensor(t):
+            full = t.full_tensor()
+            if full.untyped_storage().data_ptr() == t.to_local().untyped_storage().data_ptr():
+                full = full.clone()  # one rank: the "gathered" tensor is the shard itself
+            t = full
+        else:
+            t = t.clone()  # a fresh tensor: export scales it in place
         if keep:
             out[_plain_name(name)] = t.to(device) if device is not None else t
     return out

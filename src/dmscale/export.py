@@ -245,6 +245,15 @@ def _drop_children(root: nn.Module, cname: str, drop: set[int]) -> None:
         raise ExportError("cannot remove blocks from the root module")
 
 
+def _to(obj: Any, device: torch.device | None) -> Any:
+    """Tensors in (nested) inputs moved to ``device`` (unchanged when None or already there)."""
+    if device is None:
+        return obj
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
+
+
 def _flat(out: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_flatten
 
@@ -280,7 +289,11 @@ def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: flo
     exported.eval()
     try:
         ref = reference_outputs(dms) if reference is None else reference
-        got = _flat(exported(*dms.example_inputs, **dms.example_kwargs))
+        p0 = next(iter(exported.parameters()), None)
+        dev = p0.device if p0 is not None else None  # the sharded export may gather to another device
+        args, kwargs = _to(dms.example_inputs, dev), _to(dms.example_kwargs, dev)
+        ref = [r.to(dev) for r in ref] if dev is not None else ref
+        got = _flat(exported(*args, **kwargs))
     except Exception as exc:
         raise ExportError(f"the exported model failed to run on example_inputs: {exc}") from exc
     finally:

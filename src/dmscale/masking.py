@@ -101,6 +101,7 @@ class Masker:
         self.handles: list[Any] = []
         self.raw: list[tuple[nn.Module, str]] = []
         self.installed = False
+        self._hooked: list[Space] = []  # spaces whose masks layers and parametrizations use
         self.fold = True  # masks of layers whose spec says so go through their weights (see _fold_into_weights)
 
     # ------------------------------------------------------------------ masks
@@ -127,6 +128,11 @@ class Masker:
                 if self.on_mask is not None and torch.is_grad_enabled() and m.requires_grad:
                     self.on_mask(g, m)
             self.current[g.key] = m
+        # compose every layer's mask here, outside any checkpointed block: non-reentrant activation
+        # checkpointing recomputes a block and requires it to save the same tensors as its forward,
+        # so inside blocks masks are only looked up (a first-use composition would save more)
+        for s in self._hooked:
+            self.mask_for(s)
 
     def _ensure(self) -> None:
         if not self.current and self.mode != "off":
@@ -188,6 +194,7 @@ class Masker:
                 continue
             mod = modules[name]
             spec = _spec(rec, mod)
+            self._hooked.extend(s for _, s in dims)
             if self.fold and self._fold_into_weights(mod, rec, spec, dims, norm):
                 continue
             self.handles.append(mod.register_forward_hook(self._layer_hook(rec, spec, dims, norm)))
@@ -202,6 +209,7 @@ class Masker:
             if not dims:
                 continue
             mod = modules[rec.module]
+            self._hooked.extend(s for _, s in dims)
             parametrize.register_parametrization(mod, rec.attr, _RawMask(self, dims), unsafe=True)
             self.raw.append((mod, rec.attr))
         self.installed = True
@@ -241,6 +249,7 @@ class Masker:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._hooked.clear()
         for mod, attr in self.raw:
             if parametrize.is_parametrized(mod, attr):
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
