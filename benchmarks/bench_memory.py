@@ -236,7 +236,12 @@ def main() -> None:
             for mode in modes:
                 d = tempfile.mkdtemp(dir=tmp)
                 t0 = time.perf_counter()
-                mp.spawn(_rank, args=(world, os.path.join(d, "init"), d, src, mode, a), nprocs=world, join=True)
+                try:
+                    mp.spawn(_rank, args=(world, os.path.join(d, "init"), d, src, mode, a), nprocs=world, join=True)
+                except Exception as exc:  # recorded (e.g. no collective backend for this device), the rest still runs
+                    results.append({"mode": mode, "world": world, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"})
+                    print(f"{mode} world={world}: FAILED {type(exc).__name__}", flush=True)
+                    continue
                 recs = [json.load(open(os.path.join(d, f"{mode}_w{world}_r{r}.json"))) for r in range(world)]
                 results.append({"mode": mode, "world": world, "ranks": recs, "wall_s": time.perf_counter() - t0})
                 for r in recs:

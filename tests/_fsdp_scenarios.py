@@ -38,8 +38,12 @@ class ConvNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def build(name: str, device: str = "cpu"):
-    """(model, blocks to shard, inputs per step, targets per step, loss fn, probe input, DMS factory) on ``device``."""
+def build(name: str, device: str = "cpu", model_device: str | None = None):
+    """(model, blocks to shard, inputs per step, targets per step, loss fn, probe input, DMS factory).
+
+    Data on ``device``; the model (and the DMS examples) on ``model_device`` (default: ``device``).
+    """
+    model_device = model_device or device
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(123)
     if name in ("gpt2", "llama"):
@@ -64,26 +68,27 @@ def build(name: str, device: str = "cpu"):
         def loss_fn(out, y):
             return F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), y[:, 1:].reshape(-1))
         probe = torch.randint(0, VOCAB, (3, 12), generator=g).to(device)
-        model.to(device)
+        model.to(model_device)
 
         def make_dms(m):
+            ex = xs[0][:1].to(model_device)
             if name == "llama":  # the LLM recipe's search: GQA heads (one element per KV head), FFN, depth
                 from dmscale.recipes.llm import build_llm_dms
 
-                return build_llm_dms(m, xs[0][:1], dmscale.Target(params=0.6), STEPS, prune_depth=True)
-            return dmscale.DMS(m, (xs[0][:1],), dmscale.Target(flops=0.6), STEPS)
+                return build_llm_dms(m, ex, dmscale.Target(params=0.6), STEPS, prune_depth=True)
+            return dmscale.DMS(m, (ex,), dmscale.Target(flops=0.6), STEPS)
         return model, blocks, xs, ys, loss_fn, probe, make_dms
     if name == "vit":
         model = TinyViT(img=8, patch=4, dim=16, depth=2, heads=2, n_classes=10)
     else:
         model = ConvNet()
     blocks = list(model.blocks)
-    model.to(device)
+    model.to(model_device)
     xs = [torch.randn(BATCH, 3, 8, 8, generator=g).to(device) for _ in range(STEPS)]
     ys = [torch.randint(0, 10, (BATCH,), generator=g).to(device) for _ in range(STEPS)]
     probe = torch.randn(3, 3, 8, 8, generator=g).to(device)
     return model, blocks, xs, ys, F.cross_entropy, probe, \
-        (lambda m: dmscale.DMS(m, (xs[0][:2],), dmscale.Target(flops=0.5), STEPS))
+        (lambda m: dmscale.DMS(m, (xs[0][:2].to(model_device),), dmscale.Target(flops=0.5), STEPS))
 
 
 def shard(model: nn.Module, blocks: list[nn.Module]) -> None:
@@ -108,13 +113,20 @@ def cpu(x):
 
 def run(name: str, rank: int = 0, world: int = 1, *, sharded: bool | None = None, fallback: bool = False,
         device: str = "cpu") -> dict:
-    """A short search on rank's slice of every global batch (sharded by default when world > 1), then export."""
+    """A short search on rank's slice of every global batch (sharded by default when world > 1), then export.
+
+    ``name@cpu``: the model and DMS are built on the CPU, the search state is moved to ``device``
+    and ``fully_shard`` moves the model there (the recipe for models too large for one GPU).
+    """
+    name, _, where = name.partition("@")
     sharded = world > 1 if sharded is None else sharded
     out: dict = {}
     for r in range(world if sharded else 1):  # one rank at a time holds the unsharded model (host memory)
         if r == rank or not sharded:
-            model, blocks, xs, ys, loss_fn, probe, make_dms = build(name, device)
+            model, blocks, xs, ys, loss_fn, probe, make_dms = build(name, device, model_device=where or None)
             dms = make_dms(model)
+            if where:
+                dmscale.distributed.move_search_state(dms, device)
             if sharded and fallback:  # masks re-installed on sharded parameters: convs use activation masks
                 folded = len(dms.masker.raw)
                 dms.masker.remove()
@@ -220,7 +232,7 @@ def worker(rank: int, init_file: str, out_dir: str, world: int, backend: str = "
         device = f"cuda:{torch.cuda.current_device()}"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        out = {name: run(name, rank, world, sharded=True, device=device) for name in names}
+        out = {name: run(name, rank, world, sharded=True, device=device) for name in names}  # name@cpu too
         if extras:
             out["conv_fallback"] = run("conv", rank, world, sharded=True, fallback=True, device=device)
             out["refusals"] = refusals(device)

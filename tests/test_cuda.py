@@ -185,7 +185,7 @@ def _check_fsdp(ranks: list[dict], names) -> None:
         if name == "vit" and "rank0_probe" in ranks[0][name]:  # gathered to host memory on rank 0
             assert ranks[0][name]["rank0_export_device"] == "cpu"
             torch.testing.assert_close(ranks[0][name]["rank0_probe"], ranks[0][name]["probe"], atol=1e-4, rtol=1e-4)
-        single = S.run(name, device="cuda:0" if DEVICE == "cuda" else "cpu")
+        single = S.run(name.partition("@")[0], device="cuda:0" if DEVICE == "cuda" else "cpu")
         assert any(k < f for f, k in single["kept"].values())
         S.assert_same_as_single(ranks[0][name], single, atol=1e-4)
 
@@ -202,8 +202,9 @@ def test_fsdp_nccl_one_gpu_per_rank(tmp_path):
 @pytest.mark.skipif(DEVICE == "cuda" and not dist.is_nccl_available(), reason="NCCL is not available")
 def test_fsdp_nccl_single_rank(tmp_path):
     """FSDP2 over an NCCL group of one rank on GPU 0: sharding (DTensors), DMS's all-reduces and the export."""
-    ranks = _spawn(tmp_path, 1, "nccl" if DEVICE == "cuda" else "gloo", ("vit",), extras=False)
-    _check_fsdp(ranks, ("vit",))
+    names = ("vit", "vit@cpu")  # vit@cpu: built on the CPU, search state moved, fully_shard moves the model
+    ranks = _spawn(tmp_path, 1, "nccl" if DEVICE == "cuda" else "gloo", names, extras=False)
+    _check_fsdp(ranks, names)
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and N_GPU != 1, reason="for a machine with exactly one GPU")

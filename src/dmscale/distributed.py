@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .search import DMS
 
 __all__ = ["broadcast_search_state", "check_in_sync", "search_state_in_sync", "export", "is_sharded",
-           "is_dtensor", "full_state_dict", "ShardingOrderError"]
+           "is_dtensor", "full_state_dict", "move_search_state", "ShardingOrderError"]
 
 
 class ShardingOrderError(ValueError):
@@ -105,6 +105,24 @@ def as_dtensor_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
     return DTensor.from_local(t.to(ref.device if ref.device.type != "meta" else t.device), ref.device_mesh,
                               [Replicate()] * ref.device_mesh.ndim, run_check=False)
+
+
+# ------------------------------------------------------------------ search state placement
+@torch.no_grad()
+def move_search_state(dms: "DMS", device: torch.device | str) -> None:
+    """Move the search state (ratios, importance) and the example inputs to ``device``.
+
+    For a model too large for one accelerator: build ``DMS`` on the CPU copy, move the search
+    state to the GPU, then ``fully_shard`` (FSDP2 moves the model's shards to the mesh's device).
+    The ratio parameters stay the same objects (their gradient hooks and optimizer entries hold).
+    """
+    from torch.utils._pytree import tree_map
+
+    dms.space.to(device)
+    dms.space._rank_cache.clear()
+    move = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
+    dms.example_inputs = tuple(tree_map(move, list(dms.example_inputs)))
+    dms.example_kwargs = tree_map(move, dms.example_kwargs)
 
 
 # ------------------------------------------------------------------ search state in sync
