@@ -12,6 +12,9 @@ from typing import Any, Sequence
 import torch
 
 from dmscale.app.config import ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
+from dmscale.app.runs import RunDirError
+from dmscale.recipes.loop import CheckpointError, TrainingError
+from dmscale.recipes.pipelines import OverBudgetError
 
 __all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
 
@@ -55,6 +58,8 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if pretrained:
         p.add_argument("--pretrained", help="model.pretrained: a dmscale.save directory or a run directory")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="keep a search that ends over budget (by default the run fails with exit code 1)")
 
 
 def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +159,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         validate(cfg)
     t0 = time.time()
     print(f"dmscale {a.command}: pipeline {pipeline}, run directory {cfg.run.out}", flush=True)
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     _print_result(summary, t0)
     return 0
 
@@ -178,7 +183,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print("dmscale demo: DMS (enlarged supernet -> search -> export -> retrain)")
     print("datasets on this machine: " + ", ".join(f"{k} ({'yes' if ok else 'no'})" for k, (ok, _) in avail.items()))
     t0 = time.time()
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     print(f"\nusing dataset {summary['dataset'].get('name')}: {summary['dataset'].get('selection')}")
     if a.baselines:
         summary = pipelines.run_baselines(cfg, resume=True)
@@ -261,8 +266,10 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     """Widen a saved model (or a run's exported model) x width with dmscale.upscale and save it."""
     from dmscale.serialization.format import load, read_structure, save
     from dmscale.app.pipelines import resolve_model_dir
+    from dmscale.app.runs import check_output_path
     from dmscale.mup.upscale import upscale
 
+    check_output_path(a.out)
     src = resolve_model_dir(a.model)
     model = load(src)
     meta = dict(read_structure(src).get("meta") or {})
@@ -350,6 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"dmscale: {exc}", file=sys.stderr)
         return 2
+    except (RunDirError, CheckpointError) as exc:  # bad input: a run directory or checkpoint that does not fit
+        print(f"dmscale: error: {exc}", file=sys.stderr)
+        return 2
+    except (TrainingError, OverBudgetError) as exc:  # the run failed (non-finite training, over budget)
+        print(f"dmscale: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         out = (_CURRENT_RUN or [getattr(a, "resume", None) or "RUN_DIR"])[0]
         how = f"--out {out}" if a.command == "baseline" else f"--resume {out}"
