@@ -9,7 +9,7 @@ _new = importlib.import_module("dmscale.recipes.baselines")
 bisect_max = _new.bisect_max
 one_shot_prune = _new.one_shot_prune
 uniform_width = _new.uniform_width
-__all__ = ["bisect_max", "one_shot_prune", "uniform_width", "uniform_width_model"]
+__all__ = ["bisect_max", "one_shot_prune", "uniform_width"]  # + uniform_width_model (lazy, below)
 
 
 def __getattr__(name: str):

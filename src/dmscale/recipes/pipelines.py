@@ -182,7 +182,7 @@ Builder = Callable[[nn.Module, tuple, Target, int], DMS]
 
 def _search_export(model: nn.Module, task: Task | Callable, batches: Batches, target: Target, steps: int, *,
                    train_weights: bool, lr: float, optimizer: str | Callable, desc: str,
-                   structure_lr: float | None = None, structure_optimizer: str = "adam", amp: str | None = None,
+                   lr_schedule: Callable[[int], float] | Any = None, structure_lr: float | None = None, structure_optimizer: str = "adam", amp: str | None = None,
                    train_mode: bool = True, project_budget: bool = True,
                    recalibrate: Callable[[nn.Module], None] | None = None, check: bool = True, atol: float = 1e-4,
                    rtol: float = 1e-4, progress: bool = False, dms_kwargs: dict[str, Any] | None = None,
@@ -201,8 +201,8 @@ def _search_export(model: nn.Module, task: Task | Callable, batches: Batches, ta
         kw.update(dms_kwargs or {})
         d = DMS(model, ex, target, steps, **kw)
     wopt = optimizer if callable(optimizer) else (lambda ps: make_optimizer(ps, optimizer, lr))
-    s = Search(d, train_weights=train_weights, weight_optimizer=wopt, structure_optimizer=structure_optimizer,
-               structure_lr=structure_lr, amp=amp)
+    s = Search(d, train_weights=train_weights, weight_optimizer=wopt, lr=lr_schedule,
+               structure_optimizer=structure_optimizer, structure_lr=structure_lr, amp=amp)
     was = model.training
     done = False
     try:
@@ -266,8 +266,9 @@ def dms_p(model: nn.Module, task: Task | Callable, batches: Batches, target: Tar
     """DMS_p: search weights and structure of a pretrained ``model`` (trained in place), export, fine-tune.
 
     ``optimizer`` (``sgd`` / ``adam`` / ``adamw`` or a factory ``f(params)``) at ``lr`` trains the weights in
-    the search and the fine-tuning (``finetune_lr`` if given, ``finetune_batches`` if given). Options
-    as :func:`dms_fast`, plus ``train_mode``. Returns ``(exported, info)``; info holds the search
+    the search and the fine-tuning (``finetune_lr`` if given, ``finetune_batches`` if given);
+    ``lr_schedule(step)`` (or a scheduler) varies it during the search. Options as :func:`dms_fast`,
+    plus ``train_mode``. Returns ``(exported, info)``; info holds the search
     ``history`` and the ``finetune`` history.
     """
     return _search_then_finetune("DMS_p", model, task, batches, target, steps, finetune_steps, finetune_batches,
