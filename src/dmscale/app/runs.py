@@ -75,7 +75,7 @@ def mark_run_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    """A directory dmscale made for a run: the marker, or (runs of dmscale < 0.2) a ``config.yaml`` with ``state.json``."""
+    """A directory dmscale made for a run: the marker, or (runs of dmscale < 0.2) config.yaml with state.json."""
     p = Path(path)
     return p.is_dir() and ((p / RUN_MARKER).is_file() or ((p / "config.yaml").is_file()
                                                           and (p / "state.json").is_file()))

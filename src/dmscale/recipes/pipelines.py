@@ -182,13 +182,14 @@ Builder = Callable[[nn.Module, tuple, Target, int], DMS]
 
 def _search_export(model: nn.Module, task: Task | Callable, batches: Batches, target: Target, steps: int, *,
                    train_weights: bool, lr: float, optimizer: str | Callable, desc: str,
-                   lr_schedule: Callable[[int], float] | Any = None, structure_lr: float | None = None, structure_optimizer: str = "adam", amp: str | None = None,
-                   train_mode: bool = True, project_budget: bool = True,
+                   lr_schedule: Callable[[int], float] | Any = None, structure_lr: float | None = None,
+                   structure_optimizer: str = "adam", amp: str | None = None, train_mode: bool = True,
+                   project_budget: bool = True,
                    recalibrate: Callable[[nn.Module], None] | None = None, check: bool = True, atol: float = 1e-4,
                    rtol: float = 1e-4, progress: bool = False, dms_kwargs: dict[str, Any] | None = None,
-                   builder: Builder | None = None, example: tuple | None = None, ratios: Callable[[DMS], ContextManager] | None = None,
-                   remove: bool = True, callback: Callable[[dict[str, Any]], None] | None = None
-                   ) -> tuple[nn.Module, dict[str, Any]]:
+                   builder: Builder | None = None, example: tuple | None = None,
+                   ratios: Callable[[DMS], ContextManager] | None = None, remove: bool = True,
+                   callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the DMS (traced on ``example``, default: the task's example from ``batches(0)``), search, finish
     (project, recalibrate, export); the masks come out unless ``remove=False`` (then ``info['dms']`` holds
     the search, e.g. for another export)."""
