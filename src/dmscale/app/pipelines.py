@@ -7,10 +7,11 @@ exactly and a finished phase is skipped. The run directory is locked for the who
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,8 @@ from dmscale.app.config import ConfigError, RunConfig, TrainConfig
 from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
-from dmscale.recipes.loop import cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all, train_loop
+from dmscale.recipes.loop import (NonFiniteError, cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all,
+                                  train_loop)
 from dmscale.recipes.pipelines import OverBudgetError, Search
 from dmscale.recipes.pipelines import finish as finish_search
 from dmscale.recipes.tasks import ImageClassification
@@ -85,6 +87,15 @@ class _PhaseHooks:
         return post
 
 
+@contextlib.contextmanager
+def _config_keys(**keys: Any) -> Iterator[None]:
+    """Add the config keys behind a non-finite training step (``retrain.lr=1e+30``) to its error."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}; config: " + ", ".join(f"{k}={v}" for k, v in keys.items())) from exc
+
+
 def _resume_or_start(run: Run, phase: str, total: int, batches: Batches,
                      restore: Callable[[dict[str, Any], str], None]) -> int:
     """Restore a phase's checkpoint (checked against the run) and return its step, else seed the phase; the log
@@ -115,8 +126,10 @@ def train_phase(run: Run, phase: str, model: nn.Module, tc: TrainConfig) -> dict
     model.train()
     hooks = _PhaseHooks(run, phase, tc.steps, lambda: run.eval(model),
                         lambda n: run.save_ckpt(phase, n, tc.steps, loop_state(model, [opt]), batches))
-    train_loop(model, batches, ImageClassification(tc.label_smoothing), tc.steps, start=start, weight_optimizer=opt,
-               lr=cosine_lr(tc.lr, tc.steps, tc.warmup_steps), **hooks.kw)
+    key = "pretrain" if phase == "pretrain" else "retrain"
+    with _config_keys(**{f"{key}.lr": tc.lr}):
+        train_loop(model, batches, ImageClassification(tc.label_smoothing), tc.steps, start=start,
+                   weight_optimizer=opt, lr=cosine_lr(tc.lr, tc.steps, tc.warmup_steps), **hooks.kw)
     acc = run.eval(model)
     run.log({"phase": phase, "step": tc.steps, "eval_acc": acc})
     return {"acc": acc, "steps": tc.steps, "seconds": round(time.time() - t0, 1)}
@@ -234,7 +247,8 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
     hooks = _PhaseHooks(run, "search", s.steps, hard_eval,
                         lambda n: run.save_ckpt("search", n, s.steps, search.state_dict(), batches), dms=dms)
     # DMS_fast too: BatchNorm in train mode (batch statistics), weights frozen
-    search.run(ImageClassification(s.label_smoothing), batches, start=start, train_mode=True, **hooks.kw)
+    with _config_keys(**{"search.lr": s.lr, "search.structure_lr": search.sopt.param_groups[0]["lr"]}):
+        search.run(ImageClassification(s.label_smoothing), batches, start=start, train_mode=True, **hooks.kw)
     recal = (lambda m: recalibrate_bn(m, run.batches("recalibrate"), s.bn_recalibrate)) if s.bn_recalibrate else None
     small, fin = finish_search(dms, recalibrate=recal)
     acc_hard = run.eval(small)
