@@ -137,10 +137,6 @@ class RunLock:
             finally:
                 os.close(fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
@@ -322,8 +318,6 @@ class Run:
     def write_state(self) -> None:
         """Write state.json atomically."""
         atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1) + "\n")
-
-    _write_state = write_state  # the name before 0.2
 
     def done(self, phase: str) -> dict[str, Any] | None:
         """Results of a finished phase, or None."""
