@@ -138,7 +138,7 @@ def test_second_command_on_a_locked_run_fails_at_once_naming_the_holder(searched
         assert holder.stdout.readline().strip() == "locked"
         before = (searched / "state.json").read_text()
         for argv in (["search", "--resume", str(searched), "-q"], ["baseline", "--out", str(searched), "-q"],
-                     ["demo", "--quick", "--out", str(searched), "--fresh", "-q"]):
+                     ["demo", "--quick", "--out", str(searched), "--fresh", "-q"], ["report", str(searched)]):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
             assert f"pid {holder.pid}" in err and "in use" in err, err

@@ -117,10 +117,11 @@ def imports_of(name: str) -> set[str]:
                 mod = node.module or ""
             if mod.split(".")[0] != "dmscale":
                 continue
-            add(mod)
-            for a in node.names:
-                if f"{mod}.{a.name}" in MODULES:
-                    add(f"{mod}.{a.name}")
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES]
+            if len(subs) < len(node.names) or mod not in own:  # names from the package itself, or another package
+                add(mod)
+            for sub in subs:
+                add(sub)
     return found
 
 
@@ -177,6 +178,7 @@ def test_walker_sees_function_level_imports_and_skips_type_checking(tmp_path, mo
     got = imports_of("dmscale.probe")
     assert {"dmscale.recipes.loop", "dmscale.recipes", "dmscale.budget", "dmscale.topk"} <= got
     assert "dmscale.app.runs" not in got
+    assert "dmscale" not in got  # `from . import budget` runs no more of the package than is running
     assert layer_of("dmscale.probe") == "core"
 
 

@@ -195,9 +195,13 @@ def cmd_report(a: argparse.Namespace) -> int:
     """Rebuild summary.json, report.md and plots of a run directory and print the tables."""
     from dmscale.app.pipelines import summarize
     from dmscale.app.report import render, write_report
+    from dmscale.app.runs import RunLock, is_run_dir
 
-    s = summarize(a.run_dir)
-    write_report(a.run_dir, s)
+    if not is_run_dir(a.run_dir):
+        raise FileNotFoundError(f"{a.run_dir!r} is not a run directory (no config.yaml and state.json)")
+    with RunLock(a.run_dir):  # it rewrites summary.json / report.md: not while a command runs there
+        s = summarize(a.run_dir)
+        write_report(a.run_dir, s)
     print(render(s))
     return 0
 

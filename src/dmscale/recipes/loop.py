@@ -202,10 +202,13 @@ def _params(opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:
+    """One fused inf-norm per device (inf/nan propagate) and one host sync per device."""
     if not params:
         return True
-    norms = torch._foreach_norm([p.detach() for p in params], float("inf"))  # inf/nan propagate
-    return bool(torch.isfinite(torch.stack([n.float().cpu() for n in norms])).all())
+    per_device: dict[torch.device, list[torch.Tensor]] = {}
+    for n in torch._foreach_norm([p.detach() for p in params], float("inf")):
+        per_device.setdefault(n.device, []).append(n.float())
+    return all(bool(torch.isfinite(torch.stack(ns)).all()) for ns in per_device.values())
 
 
 def _bad_modules(model: nn.Module) -> list[str]:
