@@ -253,7 +253,7 @@ class Run:
         if outer is not None:
             raise RunDirError(f"run.out={str(run_dir)!r} is inside the run directory {outer}, which only its own "
                               "pipeline writes; choose a directory outside it")
-        existing = run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+        existing = run_dir.is_dir() and any(p.name not in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir())
         if existing and not (resume or attach):
             raise FileExistsError(f"run directory {str(run_dir)!r} is not empty; use --resume {run_dir} to continue "
                                   "it or choose another run.out / --out")
