@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from dmscale.serialization.checkpoint import CheckpointError  # one class: unreadable or not this run's
 
 __all__ = ["train_loop", "TrainingError", "NonFiniteError", "CheckpointError", "cosine_lr", "make_optimizer",
            "frozen", "seed_all", "rng_state", "set_rng_state", "loop_state", "load_loop_state", "AMP_MODES"]
@@ -43,10 +44,6 @@ class TrainingError(RuntimeError):
 
 class NonFiniteError(TrainingError, FloatingPointError):
     """A loss, weight or structure ratio became inf/nan; the message names the learning rate / module."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not belong to this model / run (keys, shapes, step, seed) or is not a checkpoint."""
 
 
 # ----------------------------------------------------------------------------------------- small pieces
