@@ -1,5 +1,5 @@
 """Built-in LayerSpecs: torch's Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm,
-Embedding, MultiheadAttention, Hugging Face's GPT-2 ``Conv1D``. Norm layers of any class are
+Embedding, Hugging Face's GPT-2 ``Conv1D`` (MultiheadAttention: :mod:`.mha`, RNNs: :mod:`.rnn`). Norm layers of any class are
 recognised by what they compute (:mod:`dmscale.layers.norms`), not by these specs.
 
 Also the reusable pieces a user's spec can take: :func:`linear_unit` (trace a layer that computes
@@ -19,8 +19,8 @@ from ..trace.spaces import fix, union
 from .predicates import is_hf_conv1d, is_rmsnorm
 from .spec import LayerSpec, _register_builtin, register_matcher
 
-__all__ = ["linear_unit", "opaque_unit", "is_rmsnorm", "is_hf_conv1d", "LINEAR", "CONV", "BATCHNORM", "LAYERNORM",
-           "GROUPNORM", "RMSNORM", "EMBEDDING", "HF_CONV1D", "MULTIHEAD_ATTENTION"]
+__all__ = ["linear_unit", "opaque_unit", "is_rmsnorm", "is_hf_conv1d", "LINEAR", "CONV", "CONV_TRANSPOSE", "BATCHNORM", "LAYERNORM",
+           "GROUPNORM", "RMSNORM", "EMBEDDING", "HF_CONV1D"]
 
 
 # --------------------------------------------------------------------------- trace units
@@ -86,6 +86,11 @@ def _conv_update(mod: nn.Module) -> None:
     mod.out_channels = out_c
 
 
+def _conv_transpose_sizes(mod: nn.Module) -> dict[str, Any]:
+    w = mod.weight  # (in, out / groups, *kernel)
+    return {"in_channels": w.shape[0], "out_channels": w.shape[1] * mod.groups}
+
+
 def _batchnorm_sizes(mod: nn.Module) -> dict[str, Any]:
     t = _weight(mod)
     if t is None:
@@ -131,15 +136,12 @@ def _hf_conv1d_sizes(mod: nn.Module) -> dict[str, Any]:
     return {"nf": w.shape[1], "nx": w.shape[0]}
 
 
-def _mha_sizes(mod: nn.Module) -> dict[str, Any]:
-    w = mod.in_proj_weight if mod.in_proj_weight is not None else mod.q_proj_weight
-    return {"embed_dim": w.shape[1] if mod.in_proj_weight is not None else w.shape[0]}
-
-
 # --------------------------------------------------------------------------- the specs
 LINEAR = LayerSpec("linear", out_dims={"weight": 0, "bias": 0}, size_attrs=_linear_sizes)
 CONV = LayerSpec("conv", out_dims={"weight": 0, "bias": 0}, fold_into_weights=True, size_attrs=_conv_sizes,
                  update_attrs=_conv_update)
+CONV_TRANSPOSE = LayerSpec("conv_transpose", out_dims={"weight": 1, "bias": 0}, fold_into_weights=True,
+                          size_attrs=_conv_transpose_sizes)
 BATCHNORM = LayerSpec("batchnorm", out_dims={"weight": 0, "bias": 0},
                       params=("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
                       fold_into_weights=True, size_attrs=_batchnorm_sizes)
@@ -152,16 +154,14 @@ RMSNORM = LayerSpec("rmsnorm", out_dims={"weight": 0}, size_attrs=_rmsnorm_sizes
 EMBEDDING = LayerSpec("embedding", out_dims={"weight": 1}, size_attrs=_embedding_sizes)
 HF_CONV1D = LayerSpec("hf_conv1d", out_dims={"weight": 1, "bias": 0},
                       trace_unit=linear_unit(in_dim=0, out_dim=1, op="hf_conv1d"), size_attrs=_hf_conv1d_sizes)
-# traced as one unit and left unpruned for now (its fast path bypasses the functional ops)
-MULTIHEAD_ATTENTION = LayerSpec("mha", trace_unit=opaque_unit, size_attrs=_mha_sizes)
 
 register_matcher(is_hf_conv1d, HF_CONV1D)
 _register_builtin((nn.Linear,), LINEAR)
 _register_builtin((nn.Conv1d, nn.Conv2d, nn.Conv3d), CONV)
+_register_builtin((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), CONV_TRANSPOSE)
 _register_builtin((nn.modules.batchnorm._BatchNorm,), BATCHNORM)
 _register_builtin((nn.LayerNorm,), LAYERNORM)
 if hasattr(nn, "RMSNorm"):
     _register_builtin((nn.RMSNorm,), RMSNORM)
 _register_builtin((nn.GroupNorm,), GROUPNORM)
 _register_builtin((nn.Embedding,), EMBEDDING)
-_register_builtin((nn.MultiheadAttention,), MULTIHEAD_ATTENTION)

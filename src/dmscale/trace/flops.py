@@ -6,7 +6,8 @@ layers run as one fused aten op in some modes, and the counter sees 0 FLOPs for 
 - ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on CPU (``aten.mkldnn_rnn_layer``) and with cuDNN
   (``aten._cudnn_rnn``, ``aten.miopen_rnn``);
 - the eval fast path of ``nn.TransformerEncoderLayer`` (``aten._transformer_encoder_layer_fwd``)
-  and of ``nn.MultiheadAttention`` (``aten._native_multi_head_attention``).
+  and of ``nn.MultiheadAttention`` (``aten._native_multi_head_attention``);
+- ``F.scaled_dot_product_attention`` on CPU (``aten._scaled_dot_product_flash_attention_for_cpu``).
 
 The formulas here count what the unfused path computes (its input projections, recurrent
 products, attention products and output projections), so a model has the same count whichever
@@ -21,7 +22,7 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.utils.flop_counter import flop_registry, shape_wrapper
+from torch.utils.flop_counter import flop_registry, sdpa_flop_count, shape_wrapper
 
 __all__ = ["FLOP_FORMULAS", "flop_formula"]
 
@@ -83,7 +84,15 @@ def _native_mha_flop(query, key, value, embed_dim, num_head, qkv_weight, qkv_bia
     return 2 * b * (lq * w + 2 * lk * w + lq * proj) + _attention_products(b, lq, lk, e)
 
 
+def _cpu_flash_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """``_scaled_dot_product_flash_attention_for_cpu``: ``q @ k^T`` and ``attn @ v`` (torch's sdpa formula)."""
+    if not all(isinstance(s, (tuple, list, torch.Size)) and len(s) == 4 for s in (query, key, value)):
+        return 0
+    return sdpa_flop_count(query, key, value)
+
+
 FLOP_FORMULAS: dict[Any, Callable[..., int]] = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flop,
     aten.mkldnn_rnn_layer: _rnn_layer_flop,
     aten._cudnn_rnn: _cudnn_rnn_flop,
     aten.miopen_rnn: _cudnn_rnn_flop,

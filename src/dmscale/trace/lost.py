@@ -1,7 +1,8 @@
 """No silent loss: the dimensions a search could have pruned but that a trace had to fix.
 
 A dimension *could have been searched* when a parameter lives in it, it flows through the
-model's activations, it has at least two elements, and (for a factor of a split dimension) it is
+model's activations, it has at least two elements, it is not a spatial dim of a convolution or
+pooling output (tokens made from patches, e.g. a position embedding's rows), and (for a factor of a split dimension) it is
 an attention head / head-dim or a convolution group factor. It is *lost* when the trace fixed it
 for any reason other than being a model input or output or an embedding's vocabulary: an op
 without a rule, a reduction over channels, slicing, a norm dmscale does not model, and so on.
@@ -25,8 +26,8 @@ SEARCHABLE_SPLIT_TAGS = ("heads", "head_dim", "conv_groups", "group_channels")
 
 
 def _searchable_shape(leaf: Space, min_size: int) -> bool:
-    if leaf.size < min_size or "act" not in leaf.tags:
-        return False
+    if leaf.size < min_size or "act" not in leaf.tags or "spatial" in leaf.tags:
+        return False  # too small, never in an activation, or a spatial / token position dim
     if "split" in leaf.tags:
         if "heads" in leaf.tags and "head_dim" in leaf.tags:
             return False

@@ -108,6 +108,7 @@ class Tracer(TorchFunctionMode):
         self.unsupported_spaces: dict[str, list[Space]] = {}
         self.size_attrs: list[SizeAttrRecord] = []
         self.watches: dict[int, list[tuple[torch.Tensor, Callable[[str], None]]]] = {}
+        self.unit_call: tuple[tuple, dict] = ((), {})  # (args, kwargs) of the unit whose trace_unit runs
 
     # -- labels
     def get(self, t: torch.Tensor) -> list[Space]:
@@ -228,6 +229,9 @@ class Tracer(TorchFunctionMode):
                 fix(s, f"{reason} in {self.current_module() or 'model'}")
                 if len(touched) < 256:
                     touched.append(s)
+        for t in outs:  # activations: a parameter dim they meet later is reported as lost
+            for s in self.get(t):
+                s.find().tags.add("act")
         for t in ins:
             self.mark_raw(t)
         self.unsupported.setdefault(name, [])
@@ -257,7 +261,7 @@ class Tracer(TorchFunctionMode):
         if name.startswith("get:"):
             if not isinstance(out, torch.Tensor):
                 return
-        elif not tensors(out):
+        elif not tensors(out) and name != "__setitem__":  # x[i] = v returns nothing but writes into x
             return
         fn = rule_for(name)
         if fn is None:
@@ -386,6 +390,7 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
             if tr.leaf_depth == 0:
                 flops = tr.counter.total - tr.leaf_flop_start.pop()
                 x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+                tr.unit_call = (args, kwargs)
                 spec.trace_unit(tr, mod, name, x, output, flops)
         if spec is not None and spec.maskable and tr.leaf_depth == 0:
             y = first_tensor(output)
