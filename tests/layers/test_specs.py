@@ -57,10 +57,10 @@ def test_hf_conv1d_and_multihead_attention():
     assert spec_for(conv).out_dims == {"weight": 1, "bias": 0}
     mha = nn.MultiheadAttention(8, 2)
     spec = spec_for(mha)
-    assert spec.kind == "mha" and not spec.maskable and spec.trace_unit is not None
-    assert layer_kind(mha) is None and spec.sizes(mha) == {"embed_dim": 8}
+    assert spec.kind == "mha" and not spec.maskable and spec.trace_unit is None and spec.params == ()
+    assert layer_kind(mha) is None and spec.sizes(mha) == {"embed_dim": 8, "kdim": 8, "vdim": 8, "head_dim": 4}
     mha_kv = nn.MultiheadAttention(8, 2, kdim=5, vdim=3)
-    assert spec_for(mha_kv).sizes(mha_kv) == {"embed_dim": 8}
+    assert spec_for(mha_kv).sizes(mha_kv) == {"embed_dim": 8, "kdim": 5, "vdim": 3, "head_dim": 4}
 
 
 def test_lookup_by_subclass_not_by_name():
@@ -172,7 +172,7 @@ def test_layer_spec_callables_are_checked_and_params_default():
     assert LayerSpec("y").sizes(nn.ReLU()) == {}
 
 
-def test_multihead_attention_is_traced_as_an_unsearched_unit():
+def test_multihead_attention_is_traced_through_its_op():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -186,11 +186,10 @@ def test_multihead_attention_is_traced_as_an_unsearched_unit():
             return self.out(torch.relu(self.mid(self.attn(h, h, h, need_weights=False)[0])))
 
     res = trace(Net(), (torch.randn(2, 5, 4),))
-    for name in ("attn.in_proj_weight", "inp.weight"):
-        assert all(s.find().fixed for s in res.params[name].dims[:1])
-    assert any("MultiheadAttention 'attn' is not searched" in r
-               for r in res.params["attn.in_proj_weight"].dims[0].find().fix_reasons)
-    assert not res.params["mid.weight"].dims[0].find().fixed  # after the unit, search goes on
-    (op,) = [o for o in res.ops if o.module == "attn"]
-    assert op.name == "MultiheadAttention" and op.flops > 0 and op.dims == []
-    assert "attn" not in res.layers and not res.unsupported
+    for name, d in (("attn.in_proj_weight", 0), ("attn.in_proj_weight", 1), ("inp.weight", 0),
+                    ("attn.out_proj.weight", 0), ("attn.out_proj.weight", 1)):
+        assert not any(leaf.fixed for leaf in res.params[name].dims[d].leaves())
+    assert not res.params["mid.weight"].dims[0].find().fixed
+    ops = [o for o in res.ops if o.module == "attn"]
+    assert {o.name for o in ops} == {"mha"} and sum(o.flops for o in ops) > 0
+    assert "attn" not in res.layers and not res.unsupported and not res.lost

@@ -91,7 +91,8 @@ def multi_head_attention(tr, c) -> None:
     terms: list[tuple[float, list[Space]]] = []
     for (t, w_in_dim), rows in zip(proj_in, (lq, lk, lk)):
         terms.append((2.0 * rows * n * w_in_dim.find().size * inner_n, [t[0]] + batch + [w_in_dim, inner]))
-    terms.append((4.0 * n * lq * lk * inner_n, [qd[0], kd[0]] + batch + [inner]))
+    lk_att = lk + int(isinstance(bias_k, torch.Tensor)) + int(bool(c.arg(9, "add_zero_attn", False)))
+    terms.append((4.0 * n * lq * lk_att * inner_n, [qd[0], kd[0]] + batch + [inner]))
     terms.append((2.0 * lq * n * inner_n * w_out.shape[0], [qd[0]] + batch + [inner, od_w[0]]))
     total = sum(f for f, _ in terms)
     for f, dims in terms:
