@@ -312,8 +312,10 @@ def _encoder_checks(model, small):
     assert len(small.encoder.layers) >= 1
     for layer in small.encoder.layers:
         a = layer.self_attn
-        assert a.embed_dim == small.embed.out_features == layer.linear1.in_features == layer.norm1.weight.shape[0]
-        assert isinstance(a, PrunedMultiheadAttention) == (a.num_heads * a.head_dim != a.embed_dim)
+        width = small.embed.out_features
+        assert a.in_proj_weight.shape[1] == layer.linear1.in_features == layer.norm1.weight.shape[0] == width
+        assert a.embed_dim == a.num_heads * a.head_dim
+        assert isinstance(a, PrunedMultiheadAttention) == (a.embed_dim != width)
 
 
 def _resnext_checks(model, small):

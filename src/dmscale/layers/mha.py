@@ -31,9 +31,11 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose inner width ``num_heads * head_dim`` may differ from ``embed_dim``.
 
     Made by ``dms.export()`` from a searched ``nn.MultiheadAttention`` (never constructed directly):
-    same parameters and attributes, the forward of ``F.multi_head_attention_forward`` with the head
-    size taken from ``head_dim`` instead of ``embed_dim // num_heads``. ``_qkv_same_embed_dim`` is
-    False so that torch's fused paths (which assume equal widths) are not taken.
+    same parameters, the forward of ``F.multi_head_attention_forward`` for a query of any width.
+    ``embed_dim`` keeps torch's meaning for the projections (``num_heads * head_dim``); the query,
+    key and value widths are those of the projection weights (``kdim`` / ``vdim`` for key / value).
+    ``_qkv_same_embed_dim`` is False so that torch's fused paths (which assume equal widths) are
+    not taken.
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # noqa: D102
@@ -127,26 +129,33 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
 
-def _mha_sizes(mod: nn.Module) -> dict[str, Any]:
+def _widths(mod: nn.Module) -> tuple[int, int, int]:
+    """Widths of the query / key / value the module reads."""
     if mod.in_proj_weight is not None:
-        e_in = k_in = v_in = mod.in_proj_weight.shape[1]
-    else:
-        e_in, k_in, v_in = (getattr(mod, f"{p}_proj_weight").shape[1] for p in "qkv")
+        return (mod.in_proj_weight.shape[1],) * 3
+    return tuple(getattr(mod, f"{p}_proj_weight").shape[1] for p in "qkv")
+
+
+def _mha_sizes(mod: nn.Module) -> dict[str, Any]:
+    _, k_in, v_in = _widths(mod)
     inner = mod.out_proj.weight.shape[1]
-    return {"embed_dim": e_in, "kdim": k_in, "vdim": v_in, "head_dim": inner // mod.num_heads}
+    if isinstance(mod, PrunedMultiheadAttention) or mod.in_proj_weight is None:
+        embed = inner  # torch's meaning: the width of the q / k / v projections
+    else:
+        embed = mod.in_proj_weight.shape[1]
+    return {"embed_dim": embed, "kdim": k_in, "vdim": v_in, "head_dim": inner // mod.num_heads}
 
 
 def _mha_update(mod: nn.Module) -> None:
-    """After export slicing (``num_heads`` already set from the kept heads): sizes from the weights, and
-    the subclass when the inner width no longer equals the input width."""
-    sizes = _mha_sizes(mod)
-    for attr, value in sizes.items():
-        setattr(mod, attr, value)
-    inner = mod.num_heads * mod.head_dim
-    if inner != sizes["embed_dim"] and type(mod) is nn.MultiheadAttention:
+    """After export slicing (``num_heads`` already set from the kept heads): the subclass when the inner
+    width no longer equals the query width, then the sizes from the weights."""
+    q_in = _widths(mod)[0]
+    if mod.out_proj.weight.shape[1] != q_in and type(mod) is nn.MultiheadAttention:
         mod.__class__ = PrunedMultiheadAttention
+    for attr, value in _mha_sizes(mod).items():
+        setattr(mod, attr, value)
     if isinstance(mod, PrunedMultiheadAttention):
-        mod._qkv_same_embed_dim = False  # torch's fused paths assume inner == embed_dim
+        mod._qkv_same_embed_dim = False  # torch's fused paths assume inner == embed_dim == query width
 
 
 MULTIHEAD_ATTENTION = LayerSpec("mha", params=(), size_attrs=_mha_sizes, update_attrs=_mha_update)
