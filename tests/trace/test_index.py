@@ -1,22 +1,11 @@
-"""Indexing fixes the dims it indexes by position (an int, a partial slice, a tensor of indices, a mask)
-and passes every other dim through; ``x[i] = v`` unites ``v`` with the region written; ``gather`` and
+"""Indexing by tensors (and lists, masks) fixes the dims it indexes by position and passes every other
+dim through (basic indexing: tests/trace/test_shape.py); ``x[i] = v`` unites ``v`` with the region written; ``gather`` and
 ``index_select`` fix the dim they select along and keep the others (an index expanded along a dim
 does not tie it)."""
 
 import torch
 
 from ruletools import fixed, free, run_op, same
-
-
-def test_basic_indexing():
-    tr, (x,), out = run_op(lambda x: x[:, None, ..., :], torch.randn(2, 3, 4))
-    od, xd = tr.get(out), tr.get(x)
-    assert same(od[0], xd[0]) and od[1].size == 1 and same(od[2], xd[1]) and same(od[3], xd[2])
-    assert all(free(s) for s in xd)
-    tr, (x,), out = run_op(lambda x: x[:, 0], torch.randn(2, 3, 4))
-    assert fixed(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[2]) and free(tr.get(x)[2])
-    tr, (x,), out = run_op(lambda x: x[:, :2], torch.randn(2, 3))
-    assert fixed(tr.get(x)[1]) and fixed(tr.get(out)[1])
 
 
 def test_tensor_index_over_an_unpruned_dim_keeps_the_others():
@@ -27,6 +16,8 @@ def test_tensor_index_over_an_unpruned_dim_keeps_the_others():
     assert out.shape == (2, 3, 5) and free(tr.get(x)[0]) and fixed(tr.get(x)[1])
     assert same(tr.get(out)[0], tr.get(x)[0]) and same(tr.get(out)[2], tr.get(x)[2])
     assert not tr.unsupported
+    tr, (x,), out = run_op(lambda x: x[:, [0, 2]], torch.randn(2, 3, 5))  # a list is an index tensor
+    assert fixed(tr.get(x)[1]) and same(tr.get(out)[2], tr.get(x)[2]) and not tr.unsupported
 
 
 def test_advanced_indices_together_and_apart():

@@ -1,31 +1,22 @@
-"""Packed sequences: ``pack_padded_sequence`` / ``pad_packed_sequence`` pass the feature dims through
-(the RNN layers are units, see tests/layers/test_rnn_spec.py)."""
+"""Packed sequences: ``pack_padded_sequence`` / ``pad_packed_sequence`` pass the feature dims through;
+the packed rows and ``batch_sizes`` are new spaces (the RNN layers themselves are units, see
+tests/layers/test_rnn_spec.py)."""
 
 import torch
-import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from dmscale.trace import trace
+from ruletools import free, run_op, same
+
+LENGTHS = torch.tensor([5, 2, 4])
 
 
-class Packed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Linear(3, 6)
-        self.rnn = nn.GRU(6, 8, batch_first=True)
-        self.fc = nn.Linear(8, 2)
+def test_features_pass_through_packing_and_padding():
+    def f(x):
+        packed = pack_padded_sequence(x, LENGTHS, batch_first=True, enforce_sorted=False)
+        return packed.data, pad_packed_sequence(packed, batch_first=True)[0]
 
-    def forward(self, x, lengths):
-        packed = pack_padded_sequence(self.emb(x), lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True)
-        return self.fc(out)
-
-
-def test_features_pass_through_packing():
-    res = trace(Packed(), (torch.randn(3, 5, 3), torch.tensor([5, 2, 4])))
-    p = res.params
-    assert p["rnn.weight_ih_l0"].dims[1].find() is p["emb.weight"].dims[0].find()
-    assert p["fc.weight"].dims[1].find() is p["rnn.weight_hh_l0"].dims[1].find()
-    assert not p["emb.weight"].dims[0].find().fixed and not p["fc.weight"].dims[1].find().fixed
-    assert not res.lost
+    tr, (x,), (data, padded) = run_op(f, torch.randn(3, 5, 6))
+    xd = tr.get(x)
+    assert data.shape == (11, 6) and same(tr.get(data)[1], xd[2]) and free(xd[2])
+    assert padded.shape == (3, 5, 6) and same(tr.get(padded)[2], xd[2])
+    assert not tr.unsupported.get("_pack_padded_sequence") and not tr.unsupported.get("_pad_packed_sequence")

@@ -83,6 +83,17 @@ def test_unbind_fixes_its_dim():
     assert fixed(tr.get(x)[1]) and same(tr.get(outs[0])[1], tr.get(x)[2])
 
 
+def test_getitem():
+    tr, (x,), out = run_op(lambda x: x[:, None, ..., :], torch.randn(2, 3, 4))
+    od, xd = tr.get(out), tr.get(x)
+    assert same(od[0], xd[0]) and od[1].size == 1 and same(od[2], xd[1]) and same(od[3], xd[2])
+    assert all(free(s) for s in xd)
+    tr, (x,), out = run_op(lambda x: x[:, 0], torch.randn(2, 3, 4))
+    assert fixed(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[2]) and free(tr.get(x)[2])
+    tr, (x,), out = run_op(lambda x: x[:, :2], torch.randn(2, 3))
+    assert fixed(tr.get(x)[1]) and fixed(tr.get(out)[1])
+
+
 def test_narrow_and_select():
     tr, (x,), out = run_op(lambda x: x.narrow(1, 0, 2), torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and free(tr.get(x)[0])

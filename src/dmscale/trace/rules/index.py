@@ -1,4 +1,5 @@
-"""Indexing: ``x[...]`` (basic and advanced), ``x[...] = v``, ``gather``, ``index_select``.
+"""Indexing by tensors: ``x[idx]`` (the ``__getitem__`` rule in :mod:`.shape` calls
+:func:`advanced_getitem`), ``x[...] = v``, ``gather``, ``index_select``.
 
 A dimension that is indexed by position (an int, a partial slice, a tensor of indices) is fixed:
 export could not know which positions survive. Every other dimension passes through, so
@@ -123,10 +124,9 @@ def index_labels(tr, src: torch.Tensor, idx: Any, out_shape: tuple[int, ...]) ->
     return od if len(od) == len(out_shape) else None
 
 
-@op_rule("__getitem__")
-def getitem(tr, c) -> None:
-    """Full slices, ``None`` and ``...`` keep spaces. An int, a partial slice or a tensor of indices fixes the
-    dim it indexes; the other dims pass through (advanced indexing places the index's dims as numpy does)."""
+def advanced_getitem(tr, c) -> None:
+    """``x[idx]`` with tensor (or list, or mask) indices, called by the ``__getitem__`` rule: the dims indexed
+    by position are fixed, the others pass through, the index's dims are placed as numpy does."""
     src, idx, out = c.args[0], c.args[1], c.out
     if not isinstance(out, torch.Tensor):
         return tr.unknown("__getitem__", c.args, c.kwargs, out)
@@ -135,7 +135,7 @@ def getitem(tr, c) -> None:
             tr.get(t)
     od = index_labels(tr, src, idx, tuple(out.shape))
     if od is None or [s.find().size for s in od] != list(out.shape):
-        return tr.unknown("__getitem__", (src,), {}, out)
+        return tr.unknown("__getitem__(tensor index)", (src,), {}, out)
     tr.set(out, od)
 
 

@@ -1,16 +1,18 @@
 """Shape ops: reshapes split / merge spaces, permutes reorder them, ``cat`` / ``split`` concatenate them.
 
-Narrowing part of a dimension, and copying data along one (``repeat``, a broadcasting ``expand``),
-make that dimension unprunable: export could not slice it consistently. Indexing (``x[...]``,
-``gather``) is in :mod:`.index`.
+Slicing or indexing part of a dimension, and copying data along one (``repeat``, a broadcasting
+``expand``), make that dimension unprunable: export could not slice it consistently.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from ..registry import norm_dim, op_rule, tensors
 from ..spaces import Space, TraceError, composite, fix, split, union
+from .index import advanced_getitem
 
 
 @op_rule("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "squeeze_",
@@ -205,6 +207,55 @@ def split_op(tr, c) -> None:
     size_arg = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
     if name == "split" and isinstance(size_arg, int) and len(outs) > 1:
         tr.record_reshape(size_arg, parts[0])
+
+
+@op_rule("__getitem__")
+def getitem(tr, c) -> None:
+    """Full slices and ``None`` / ``...`` keep spaces; an int index, a partial slice, or tensor indexing
+    fixes the indexed dim (tensor and mask indices: :func:`.index.advanced_getitem`)."""
+    src, idx, out = c.args[0], c.args[1], c.out
+    sd = list(tr.get(src))
+    where = tr.current_module() or "model"
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in idx) or \
+            any(isinstance(i, (list,)) for i in idx):
+        return advanced_getitem(tr, c)  # indexing by tensors / lists: rules/index.py
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis and not (isinstance(i, torch.Tensor)))
+    bool_dims = sum(i.dim() for i in idx if isinstance(i, torch.Tensor))
+    if bool_dims:
+        return advanced_getitem(tr, c)
+    full: list[Any] = []
+    for i in idx:
+        if i is Ellipsis:
+            full.extend([slice(None)] * (src.dim() - n_real))
+        else:
+            full.append(i)
+    while sum(1 for i in full if i is not None) < src.dim():
+        full.append(slice(None))
+    od: list[Space] = []
+    d = 0
+    for i in full:
+        if i is None:
+            od.append(Space(1, "unsqueeze"))
+            continue
+        if isinstance(i, int) or (isinstance(i, torch.Tensor) and i.dim() == 0):
+            fix(sd[d], f"integer index in {where}")
+            d += 1
+            continue
+        if isinstance(i, slice):
+            start, stop, step = i.indices(src.shape[d])
+            if (start, stop, step) == (0, src.shape[d], 1):
+                od.append(sd[d])
+            else:
+                fix(sd[d], f"slice in {where}")
+                od.append(Space(len(range(start, stop, step)), "slice", fixed=True))
+            d += 1
+            continue
+        raise TraceError(f"internal: index {i!r}")
+    if len(od) != out.dim():
+        return tr.unknown("__getitem__", (src,), {}, out)
+    tr.set(out, od)
 
 
 @op_rule("narrow", "select")
