@@ -261,9 +261,3 @@ def norm_spec(form: NormForm, base: LayerSpec | None = None) -> LayerSpec:
                          masked_norm=form.apply, size_attrs=size_attrs, update_attrs=update, fold_mask=form.fold)
         _SPECS[key] = spec
     return spec
-
-
-def is_unit_norm(spec: LayerSpec | None) -> bool:
-    """True for a spec made by :func:`norm_spec`."""
-    return spec is not None and any(s is spec for s in _SPECS.values())
-

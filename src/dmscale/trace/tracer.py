@@ -38,7 +38,6 @@ __all__ = ["Space", "TraceResult", "trace", "TraceError", "is_rmsnorm", "layer_k
            "LayerRecord", "OpRecord", "ParamRecord", "ReshapeRecord"]
 
 _RESIDUAL_ADDS = ("add", "add_", "__add__", "__radd__", "__iadd__")
-_NORM_KINDS = ("layernorm", "rmsnorm")
 
 
 # --------------------------------------------------------------------------- flops
@@ -315,8 +314,10 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     units = {k for k, sp in specs.items() if sp is not None and sp.trace_unit is not None}
     # norms are recognised by what they compute (layers/norms.py): modules without a spec of their
     # own (or with a built-in norm spec) whose parameters look like a norm's are probed on first call
+    from ..layers.builtin import LAYERNORM, RMSNORM  # torch's norm classes are probed like any norm-shaped module
+
     norm_probe = {id(m) for m in model.modules()
-                  if (specs[id(m)] is None or specs[id(m)].kind in _NORM_KINDS) and norm_candidate(m)}
+                  if (specs[id(m)] is None or specs[id(m)] in (LAYERNORM, RMSNORM)) and norm_candidate(m)}
     norm_forms: dict[int, Any] = {}
     handles = []
     containers = {}
