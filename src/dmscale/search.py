@@ -108,8 +108,8 @@ class DMS:
             raise ValueError(f"target {target.kind}={target.fraction} is below what the minimum widths allow "
                              f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
         if warn and self.trace.lost:
-            warnings.warn("dmscale: these dimensions could be searched but are fixed (not searched):"
-                          + self.trace.lost_text(), stacklevel=2)
+            warnings.warn("dmscale: these dimensions could be searched but are fixed (an op with no channel rule, "
+                          "or what the model does with them):" + self.trace.lost_text(), stacklevel=2)
         self.importance.refresh_l1()
         self.distributed = False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
