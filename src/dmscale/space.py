@@ -36,7 +36,7 @@ class Group:
     """A searchable dimension: N elements (channels, heads or blocks) sharing one kept ratio."""
 
     name: str
-    kind: str  # 'width' | 'heads' | 'head_dim' | 'depth'
+    kind: str  # 'width' | 'heads' | 'head_dim' | 'groups' | 'depth'
     size: int
     lam: float
     bounds: GroupBounds
@@ -169,7 +169,11 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
         if leaf.fixed or leaf.size < min_width or "act" not in leaf.tags:
             continue
         if "split" in leaf.tags:
-            if "heads" in leaf.tags and "head_dim" not in leaf.tags:
+            if "conv_groups" in leaf.tags:  # whole groups of a grouped convolution
+                kind = "groups"
+            elif "group_channels" in leaf.tags:  # channels per group of a grouped convolution
+                kind = "width"
+            elif "heads" in leaf.tags and "head_dim" not in leaf.tags:
                 kind = "heads"
             elif "head_dim" in leaf.tags and "heads" not in leaf.tags:
                 kind = "head_dim"
@@ -177,7 +181,7 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
                 continue  # a split factor that is not an attention dim: unprunable
         else:
             kind = "width"
-        if (kind == "width" and not prune_width) or (kind == "heads" and not prune_heads) or \
+        if (kind in ("width", "groups") and not prune_width) or (kind == "heads" and not prune_heads) or \
                 (kind == "head_dim" and not prune_head_dim):
             continue
         base = members[0].split(":")[0].rsplit(".", 1)[0] if "." in members[0] else members[0].split(":")[0]
