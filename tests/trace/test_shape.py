@@ -94,12 +94,6 @@ def test_getitem():
     assert fixed(tr.get(x)[1]) and fixed(tr.get(out)[1])
 
 
-def test_getitem_with_tensor_index_is_unsupported():
-    idx = torch.tensor([0, 2])
-    tr, (x,), out = run_op(lambda x: x[:, idx], torch.randn(2, 3))
-    assert "__getitem__(tensor index)" in tr.unsupported and all(fixed(s) for s in tr.get(x))
-
-
 def test_narrow_and_select():
     tr, (x,), out = run_op(lambda x: x.narrow(1, 0, 2), torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and free(tr.get(x)[0])

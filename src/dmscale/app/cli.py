@@ -57,6 +57,8 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if pretrained:
         p.add_argument("--pretrained", help="model.pretrained: a dmscale.save directory or a run directory")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="keep a search that ends over budget (by default the run fails with exit code 1)")
 
 
 def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +158,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         validate(cfg)
     t0 = time.time()
     print(f"dmscale {a.command}: pipeline {pipeline}, run directory {cfg.run.out}", flush=True)
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     _print_result(summary, t0)
     return 0
 
@@ -179,7 +181,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print("dmscale demo: DMS (enlarged supernet -> search -> export -> retrain)")
     print(availability_report(cfg.data.root or None), flush=True)
     t0 = time.time()
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     print(f"\nusing dataset {summary['dataset'].get('name')}: {summary['dataset'].get('selection')}")
     if a.baselines:
         summary = pipelines.run_baselines(cfg, resume=True)
@@ -191,9 +193,14 @@ def cmd_report(a: argparse.Namespace) -> int:
     """Rebuild summary.json, report.md and plots of a run directory and print the tables."""
     from dmscale.app.pipelines import summarize
     from dmscale.app.report import render, write_report
+    from dmscale.app.runs import is_run_dir, lock_run_dir
 
-    s = summarize(a.run_dir)
-    write_report(a.run_dir, s)
+    if not is_run_dir(a.run_dir):
+        raise FileNotFoundError(f"{a.run_dir!r} is not a run directory (no .dmscale run marker, no config.yaml and "
+                                "state.json)")
+    with lock_run_dir(a.run_dir):  # it rewrites summary.json / report.md: not while a command runs there
+        s = summarize(a.run_dir)
+        write_report(a.run_dir, s)
     print(render(s))
     return 0
 
@@ -299,9 +306,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def cmd_upscale(a: argparse.Namespace) -> int:
     """Widen a saved model (or a run's exported model) x width with dmscale.upscale and save it."""
-    from dmscale.serialization.dirs import enclosing_dmscale_dir
     from dmscale.serialization.format import load, read_structure, save
     from dmscale.app.pipelines import resolve_model_dir
+    from dmscale.app.runs import check_output_path
     from dmscale.mup.upscale import upscale
 
     if not math.isfinite(a.width) or a.width != int(a.width) or not 1 <= a.width <= 64:
@@ -310,10 +317,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
         raise ConfigError(f"--noise {a.noise}: must be a finite number >= 0")
     if not 0 <= a.seed <= SEED_MAX:
         raise ConfigError(f"--seed {a.seed}: must be in [0, {SEED_MAX}]")
-    run_dir = enclosing_dmscale_dir(a.out, "run")
-    if run_dir is not None:
-        raise ConfigError(f"--out {a.out}: is inside the run directory {str(run_dir)!r}, whose files dmscale manages; "
-                          "choose a path outside it")
+    check_output_path(a.out)
     src = resolve_model_dir(a.model)
     model = load(src, trust=_trust(a))
     meta = dict(read_structure(src).get("meta") or {})
@@ -392,12 +396,16 @@ _PASSTHROUGH = {
 
 def _error_exit(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) of an error: 2 for bad input (config, files, paths, locks), 1 for a failed run."""
+    from dmscale.recipes.loop import TrainingError
+    from dmscale.recipes.pipelines import OverBudgetError
     from dmscale.serialization.checkpoint import CheckpointError
     from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError, LoadError
 
     msg = str(exc).strip() or type(exc).__name__
     if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError)):
         return 2, msg
+    if isinstance(exc, (TrainingError, OverBudgetError)):  # the run failed: non-finite training, over budget
+        return 1, msg
     if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return 2, msg
     return 1, f"{type(exc).__name__}: {msg}"

@@ -15,7 +15,8 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing its data, corrupted, not a regular file or not a dict (names the file)."""
+    """A checkpoint that cannot be used: missing, corrupted, not a regular file or not a dict, or (checked by the
+    recipes) not this model's / run's (keys, shapes, step, seed). The message names the file."""
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dmscale.app.datasets.base import cache_dir, safe_extract
+from dmscale.eval.tokenizers import ByteTokenizer  # one definition, below the app layer (re-exported here)
 
 __all__ = ["TextCorpus", "load_text_corpus", "ByteTokenizer", "make_lm_batches", "TextData", "load_text",
            "read_text_file", "split_heldout", "encode_text", "resolve_tokenizer", "TEXT_CORPORA",
@@ -152,30 +153,6 @@ def load_text_corpus(name: str = "shakespeare", root: str | os.PathLike | None =
 # --------------------------------------------------------------------------------------------
 # Tokenizer + LM batches
 # --------------------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """UTF-8 byte-level tokenizer (vocab 256): lossless for any text, needs no hub download."""
-
-    vocab_size: int = 256
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> list of byte ids in [0, 256)."""
-        return list(text.encode("utf-8"))
-
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        """Text -> 1-d LongTensor of byte ids (fast path for whole corpora)."""
-        return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
-
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
-        """Byte ids -> text (invalid UTF-8 sequences, e.g. from sampling, become U+FFFD)."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def __call__(self, text: str) -> list[int]:
-        """Alias of encode."""
-        return self.encode(text)
-
 
 def make_lm_batches(text: str, tokenizer: ByteTokenizer | None = None, seq_len: int = 128,
                     batch_size: int = 32, seed: int = 0, max_batches: int | None = None,

@@ -12,6 +12,7 @@ import torch
 
 from ..registry import norm_dim, op_rule, tensors
 from ..spaces import Space, TraceError, composite, fix, split, union
+from .index import advanced_getitem
 
 
 @op_rule("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "squeeze_",
@@ -140,6 +141,7 @@ def expand(tr, c) -> None:
             od.append(sd[j])
         else:  # broadcast copies (e.g. repeat_kv): not a dimension export could slice
             od.append(Space(n, "expand", fixed=n > 1))
+            od[-1].tags.add("bcast_copy")  # equal values along it (an index built this way may follow any slice)
     tr.set(out, od)
 
 
@@ -210,7 +212,7 @@ def split_op(tr, c) -> None:
 @op_rule("__getitem__")
 def getitem(tr, c) -> None:
     """Full slices and ``None`` / ``...`` keep spaces; an int index, a partial slice, or tensor indexing
-    fixes the indexed dim (tensor indexing: the op is unsupported)."""
+    fixes the indexed dim (tensor and mask indices: :func:`.index.advanced_getitem`)."""
     src, idx, out = c.args[0], c.args[1], c.out
     sd = list(tr.get(src))
     where = tr.current_module() or "model"
@@ -218,11 +220,11 @@ def getitem(tr, c) -> None:
         idx = (idx,)
     if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in idx) or \
             any(isinstance(i, (list,)) for i in idx):
-        return tr.unknown("__getitem__(tensor index)", (src,), {}, out)
+        return advanced_getitem(tr, c)  # indexing by tensors / lists: rules/index.py
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis and not (isinstance(i, torch.Tensor)))
     bool_dims = sum(i.dim() for i in idx if isinstance(i, torch.Tensor))
     if bool_dims:
-        return tr.unknown("__getitem__(mask index)", (src,), {}, out)
+        return advanced_getitem(tr, c)
     full: list[Any] = []
     for i in idx:
         if i is Ellipsis:
