@@ -230,6 +230,16 @@ def main() -> None:
     worlds = [int(w) for w in args.worlds.split(",")]
     a = {k: getattr(args, k) for k in ("device", "seq", "batch", "steps", "dtype", "threads")}
     rows, results = [], []
+    what = ("CUDA caching allocator: memory_allocated / max_memory_allocated (and _reserved)" if args.device == "cuda"
+            else "process RSS: VmRSS / VmHWM from /proc/self/status, HWM reset via /proc/self/clear_refs before "
+                 "each step; glibc MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the kernel")
+
+    def save(src: dict[str, Any], complete: bool) -> None:  # after every configuration: a killed run keeps its rows
+        common.save_result(args.name, {"name": args.name, "quick": args.quick, "device": args.device,
+                                       "model": src["source"], "config": src["config"], "seq": args.seq,
+                                       "batch_per_rank": args.batch, "dtype": args.dtype, "measured": what,
+                                       "complete": complete, "results": results})
+
     with tempfile.TemporaryDirectory() as tmp:
         src = _prepare_source(args.weights, tmp)
         for world in worlds:
@@ -241,6 +251,7 @@ def main() -> None:
                 except Exception as exc:  # recorded (e.g. no collective backend for this device), the rest still runs
                     results.append({"mode": mode, "world": world, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"})
                     print(f"{mode} world={world}: FAILED {type(exc).__name__}", flush=True)
+                    save(src, complete=False)
                     continue
                 recs = [json.load(open(os.path.join(d, f"{mode}_w{world}_r{r}.json"))) for r in range(world)]
                 results.append({"mode": mode, "world": world, "ranks": recs, "wall_s": time.perf_counter() - t0})
@@ -250,13 +261,8 @@ def main() -> None:
                                  r["params_local_bytes"] / 2**20])
                 print(f"{mode} world={world}: peak per rank "
                       + ", ".join(f"{r['step_peak'] / 2**20:.0f} MiB" for r in recs), flush=True)
-    what = ("CUDA caching allocator: memory_allocated / max_memory_allocated (and _reserved)" if args.device == "cuda"
-            else "process RSS: VmRSS / VmHWM from /proc/self/status, HWM reset via /proc/self/clear_refs before "
-                 "each step; glibc MALLOC_MMAP_THRESHOLD_=65536 so freed tensors return to the kernel")
-    common.save_result(args.name, {"name": args.name, "quick": args.quick, "device": args.device,
-                                   "model": src["source"], "config": src["config"], "seq": args.seq,
-                                   "batch_per_rank": args.batch, "dtype": args.dtype, "measured": what,
-                                   "results": results})
+                save(src, complete=False)
+        save(src, complete=True)
     print()
     print(common.table(rows, ["mode", "world", "rank", "after model MiB", "after setup MiB", "step peak MiB",
                               "step peak - setup MiB", "local params MiB"]))

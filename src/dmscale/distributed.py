@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._sharded import fsdp_module_class, is_dtensor, is_sharded
+
 if TYPE_CHECKING:
     from .search import DMS
 
@@ -53,43 +55,9 @@ def _initialized() -> bool:
 
 
 # ------------------------------------------------------------------ DTensor / FSDP detection
-_DTENSOR: list[type | None] = []
-
-
-def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (also an ``nn.Parameter`` wrapping one)."""
-    if not _DTENSOR:
-        cls = None
-        if dist.is_available():
-            try:
-                from torch.distributed.tensor import DTensor as cls
-            except ImportError:  # pragma: no cover - torch without DTensor
-                cls = None
-        _DTENSOR.append(cls)
-    return _DTENSOR[0] is not None and isinstance(t, _DTENSOR[0])
-
-
-def _fsdp_module_class() -> type | None:
-    if not dist.is_available():
-        return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return None
-    return FSDPModule
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``fully_shard`` was applied to ``model`` or a submodule, or a parameter is a DTensor."""
-    fsdp = _fsdp_module_class()
-    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
-        return True
-    return any(is_dtensor(p) for p in model.parameters())
-
-
 def refuse_sharded(model: nn.Module) -> None:
     """Raise :class:`ShardingOrderError` when ``model`` is already sharded (called by ``DMS``)."""
-    fsdp = _fsdp_module_class()
+    fsdp = fsdp_module_class()
     names = [n or "<root>" for n, m in model.named_modules() if fsdp is not None and isinstance(m, fsdp)]
     names += [n for n, p in model.named_parameters() if is_dtensor(p)][:3]
     if names:
@@ -97,14 +65,6 @@ def refuse_sharded(model: nn.Module) -> None:
             "DMS must be built on the unsharded model, before fully_shard: these are sharded already: "
             f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}. Build dmscale.DMS(model, ...) after "
             "init_process_group, then call fully_shard on the blocks and the root (see dmscale.distributed).")
-
-
-def as_dtensor_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` (a plain tensor, the same on every rank) as a replicated DTensor on ``ref``'s mesh."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    return DTensor.from_local(t.to(ref.device if ref.device.type != "meta" else t.device), ref.device_mesh,
-                              [Replicate()] * ref.device_mesh.ndim, run_check=False)
 
 
 # ------------------------------------------------------------------ search state placement

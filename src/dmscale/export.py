@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from ._sharded import is_sharded
 from .layers.spec import spec_for
 from .trace.tracer import Space
 
@@ -39,13 +40,11 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
 
     ``source``: an unmasked, unsharded full copy of the model to slice in place (the sharded export
     passes the gathered weights); by default a deep copy of ``dms.model`` without its masks. A model
-    sharded with FSDP2 is exported by :func:`dmscale.distributed.export` (collective, every rank).
+    sharded with FSDP2 is exported by :func:`dmscale.distributed.export` (``dms.export()`` calls it).
     """
-    if source is None:
-        from .distributed import export as export_sharded, is_sharded
-
-        if is_sharded(dms.model):
-            return export_sharded(dms, check=check, atol=atol, rtol=rtol)
+    if source is None and is_sharded(dms.model):
+        raise ExportError("the model is sharded with fully_shard: export it with dms.export() or "
+                          "dmscale.distributed.export(dms) on every rank (collective)")
     masker = dms.masker
     tr = dms.trace
     with masker.use_mode("hard"):

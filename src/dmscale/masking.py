@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ._sharded import is_dtensor, is_sharded
 from .space import Group, SearchSpace
 from .layers.spec import LayerSpec, spec_for
 from .trace.tracer import LayerRecord, Space, TraceError, TraceResult
@@ -67,21 +68,15 @@ class _RawMask(nn.Module):
 # replicated DTensor on the same mesh. Parameters that are DTensors when the masks are installed
 # are not folded (their layer gets an activation mask); raw ones are refused (see dmscale.distributed).
 def _dtensor_like(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    from .distributed import as_dtensor_like, is_dtensor
+    if not is_dtensor(x):
+        return mask
+    from torch.distributed.tensor import DTensor, Replicate
 
-    return as_dtensor_like(mask, x) if is_dtensor(x) else mask
+    return DTensor.from_local(mask.to(x.device), x.device_mesh, [Replicate()] * x.device_mesh.ndim, run_check=False)
 
 
 def _any_dtensor(mod: nn.Module, attrs: list[str]) -> bool:
-    from .distributed import is_dtensor
-
     return any(is_dtensor(getattr(mod, a, None)) for a in attrs)
-
-
-def _sharded(model: nn.Module) -> bool:
-    from .distributed import is_sharded
-
-    return is_sharded(model)
 
 
 class Masker:
@@ -281,7 +276,7 @@ class Masker:
 
     def remove(self) -> None:
         """Detach everything, leaving the user's model as it was (same parameter objects)."""
-        if self.raw and _sharded(self.model):
+        if self.raw and is_sharded(self.model):
             raise RuntimeError("the masks cannot be removed from a model sharded with fully_shard (FSDP2 manages "
                                "the parametrized weights): export it with dms.export(), or remove the masks "
                                "before sharding")

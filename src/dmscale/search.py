@@ -274,6 +274,8 @@ class DMS:
         """A physically smaller copy of the model (same classes) that computes the hard-masked supernet."""
         from .export import export_model
 
+        if _dist.is_sharded(self.model):  # FSDP2: collective, every rank gets the model (dmscale.distributed)
+            return _dist.export(self, check=check, atol=atol, rtol=rtol)
         return export_model(self, check=check, atol=atol, rtol=rtol)
 
     def summary(self) -> str:
