@@ -2,7 +2,8 @@
 
 DMS is built on the plain model *before* it is wrapped in DDP; every rank sees an equal-sized
 local batch and uses a mean loss, so DDP's averaged weight gradients and DMS's averaged mask /
-ratio gradients are exactly those of one process on the global batch.
+ratio gradients are exactly those of one process on the global batch. Sharded (FSDP2) search:
+tests/test_fsdp.py.
 """
 
 from __future__ import annotations
