@@ -151,3 +151,9 @@ def test_pad_fixes_padded_dims_only():
 def test_repeat_fixes_repeated_dim():
     tr, (x,), out = run_op(lambda x: x.repeat(1, 2), torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and free(tr.get(x)[0]) and fixed(tr.get(out)[1])
+
+
+def test_roll_fixes_the_rolled_dims_only():
+    """Swin's shifted windows roll the spatial dims; the channels pass through."""
+    tr, (x,), out = run_op(lambda x: torch.roll(x, shifts=(1, 1), dims=(1, 2)), torch.randn(2, 4, 4, 3))
+    assert fixed(tr.get(x)[1]) and fixed(tr.get(x)[2]) and free(tr.get(x)[3]) and same(tr.get(out)[3], tr.get(x)[3])

@@ -28,6 +28,27 @@ class Dinov2(Transformer):
             ctx.inexact.append("DINOv2's config gives the FFN width as mlp_ratio x hidden_size")
         return row
 
+    def extra(self, ctx, hidden):
+        remap_backbone_stages(ctx, ctx.find_stacks("encoder.layer")[0])
+
+
+def remap_backbone_stages(ctx, container: str) -> None:
+    """A backbone config names one stage per layer (``stage_names``, ``out_indices``): renumber them for the
+    kept layers (a removed layer's output is the previous kept layer's output)."""
+    cfg, orig = ctx.config, ctx.orig_config
+    old = getattr(orig, "out_indices", None)
+    if not isinstance(getattr(orig, "stage_names", None), list) or old is None:
+        return
+    kept = [i for i, _ in ctx.layers(container)]
+    new: list[int] = []
+    for idx in old:
+        prev = [k for k, i in enumerate(kept) if i < idx]  # stage idx is the output of layer idx - 1
+        j = prev[-1] + 1 if prev else 0
+        if j not in new:
+            new.append(j)
+    cfg.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(kept) + 1)]
+    cfg.out_indices = new
+
 
 VIT = register_family(ViT())
 DINOV2 = register_family(Dinov2())

@@ -388,6 +388,19 @@ def pad(tr, c) -> None:
     tr.set(out, sd)
 
 
+@op_rule("roll")
+def roll(tr, c) -> None:
+    """Rolled dims are fixed (a cyclic shift: Swin's shifted windows); the others pass through."""
+    src = c.args[0]
+    dims = c.arg(2, "dims", None)
+    sd = list(tr.get(src))
+    rolled = range(src.dim()) if dims is None else [norm_dim(d, src.dim()) for d in
+                                                     ((dims,) if isinstance(dims, int) else dims)]
+    for d in rolled:
+        fix(sd[d], f"roll in {tr.current_module() or 'model'}")
+    tr.set(c.out, sd)
+
+
 @op_rule("repeat", "tile", "repeat_interleave")
 def repeat(tr, c) -> None:
     """Unchanged dims pass through; a repeated dim is fixed and its output is a new fixed space."""
