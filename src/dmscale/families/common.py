@@ -81,16 +81,17 @@ def sub(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def head_dim_of(ctx: ExportContext, param: str, dim: int) -> int | None:
-    """Kept size of the part of ``param``'s dim that an attention op tagged as the head dim (None: none)."""
+def head_dim_of(ctx: ExportContext, param: str, dim: int, old: int) -> int | None:
+    """Kept size of the head dim (``old`` elements at full size) inside ``param``'s dim ``dim``: the outermost
+    part of that size made only of elements an attention op tagged 'head_dim' (rotary halves included;
+    q | k | v parts of a fused projection excluded). None: no such part (the head dim is not searched)."""
     s = ctx.param_space(param, dim)
     if s is None:
         return None
 
-    def walk(node):  # the outermost part made only of head-dim elements (rotary halves included)
+    def walk(node):
         r = node.find()
-        leaves = r.leaves()
-        if all("head_dim" in leaf.tags and "heads" not in leaf.tags for leaf in leaves):
+        if r.size == old and all("head_dim" in leaf.tags and "heads" not in leaf.tags for leaf in r.leaves()):
             return r
         for c in r.children:
             hit = walk(c)
@@ -152,7 +153,7 @@ class Transformer(Family):
         if q is None or o is None or oq is None or oo is None:
             raise ExportError(f"{type(self).__name__}: layer '{name}' has no '{spec.q}' / '{spec.o}'")
         hd_old = self._old_head_dim(ctx, orig, spec)
-        hd = head_dim_of(ctx, _qname(name, spec.q, "weight"), _out_dim(oq)) or hd_old
+        hd = head_dim_of(ctx, _qname(name, spec.q, "weight"), _out_dim(oq), hd_old) or hd_old
         inner = in_features(o)
         if inner is None or inner % hd:
             raise ExportError(f"{type(self).__name__}: '{_qname(name, spec.o)}' takes {inner} inputs, not a multiple "
