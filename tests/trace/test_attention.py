@@ -17,7 +17,7 @@ def test_sdpa_equal_heads():
     qd, kd, vd, od = tr.get(q), tr.get(k), tr.get(v), tr.get(out)
     assert same(qd[-1], kd[-1]) and same(kd[-2], vd[-2]) and same(qd[1], kd[1]) and same(kd[1], vd[1])
     assert same(qd[0], kd[0]) and same(qd[0], vd[0])
-    assert not same(qd[-1], vd[-1]) and not same(qd[-2], kd[-2])
+    assert not same(qd[-1], vd[-1]) and not same(qd[-2], kd[-2])  # v's head dim (3) differs from q's (8)
     assert same(od[-1], vd[-1]) and same(od[-2], qd[-2]) and same(od[1], qd[1])
     assert "heads" in qd[1].find().tags and "head_dim" in qd[-1].find().tags and "head_dim" in vd[-1].find().tags
     assert all(free(s) for s in (qd[1], qd[-1], vd[-1]))
@@ -25,6 +25,12 @@ def test_sdpa_equal_heads():
     assert names == ["sdpa_qk", "sdpa_av"]
     total = sum(o.flops for o in tr.ops)
     assert abs(tr.ops[0].flops / total - 8 / 11) < 1e-9
+
+
+def test_sdpa_equal_head_dims_are_pruned_alike():
+    tr, (q, k, v), out = run_op(F.scaled_dot_product_attention, torch.randn(2, 4, 5, 8), torch.randn(2, 4, 6, 8),
+                                torch.randn(2, 4, 6, 8))
+    assert same(tr.get(q)[-1], tr.get(v)[-1]) and same(tr.get(out)[-1], tr.get(q)[-1])
 
 
 def test_sdpa_grouped_query_heads():

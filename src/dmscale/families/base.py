@@ -306,8 +306,8 @@ def config_mismatches(exported: nn.Module, cfg: Any, ctx: ExportContext | None =
             if ref is not None:
                 out.append(f"{name}: {type(mod).__name__} in the export, {type(ref).__name__} from config")
             continue
-        for attr, v in vars(mod).items():
-            if attr.startswith("_") or type(v) not in (int, float, tuple):
+        for attr, v in vars(mod).items():  # sizes and scales (dropout rates do not change the function)
+            if attr.startswith("_") or type(v) not in (int, float, tuple) or "drop" in attr:
                 continue
             r = getattr(ref, attr, None)
             if type(r) is type(v) and r != v:

@@ -217,7 +217,7 @@ class Transformer(Family):
                     for key, v in row.items():
                         per_key.setdefault(_list_key(key, j), []).append(v)
                     if len(self.stacks) > 1 or "[]" in "".join(row):
-                        row = {"stack": cname, **row}
+                        row = {"stack": cname, **{_list_key(k, j)[0]: v for k, v in row.items()}}
                     ctx.layer_sizes.append(row)
                 renumber_layers(layers)
                 kept = [i for i, _ in layers]
@@ -252,10 +252,11 @@ class Transformer(Family):
             set_attrs(sub(layer, spec.module), {a: sizes.get(m) for a, m in spec.attrs.items()})
             row.update({key: sizes[m] for key, m in spec.config.items()})
             heads_key = next((k for k, m in spec.config.items() if m == "heads"), None)
-            if heads_key and "head_dim" not in spec.config.values() and hidden is not None \
-                    and sizes["inner"] != hidden and "head_dim" not in self.create_keys:
+            width = out_features(sub(layer, spec.o))  # this layer's model width (a Swin stage's own)
+            if heads_key and "head_dim" not in spec.config.values() and width is not None \
+                    and sizes["inner"] != width and "head_dim" not in self.create_keys:
                 ctx.inexact.append(f"{type(ctx.config).__name__} derives head_dim = hidden / {heads_key}, the "
-                                   f"export has {sizes['heads']} heads of {sizes['head_dim']} in a width of {hidden}")
+                                   f"export has {sizes['heads']} heads of {sizes['head_dim']} in a width of {width}")
             self.attention_extra(ctx, layer, sub(layer, spec.module), sizes)
         for spec in st.mlp:
             down = sub(layer, spec.down)

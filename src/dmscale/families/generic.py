@@ -174,8 +174,10 @@ def update_generic(ctx: ExportContext) -> None:
             ctx.nonuniform.append(k)
     attn = _attention(layers[0][1]) if layers else None
     hd = getattr(attn, "head_dim", None)
-    if isinstance(hd, int) and hasattr(cfg, "head_dim") and getattr(cfg, "head_dim") != hd:
-        ctx.set_config("head_dim", hd, per_layer=True)
+    heads = getattr(cfg, "num_attention_heads", None)
+    derived = getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
+    if isinstance(hd, int) and derived != hd:  # Llama-style attentions read getattr(config, "head_dim", ...)
+        ctx.set_config("head_dim", hd, per_layer=True, create=True)
 
 
 def describe_sizes(sizes: list[dict[str, Any]]) -> str:

@@ -26,7 +26,8 @@ def tie_scores_bias(tr, bias: torch.Tensor, scores: list[Space], shape: list[int
 
 @op_rule("scaled_dot_product_attention")
 def sdpa(tr, c) -> None:
-    """Couples q[-1] with k[-1], k/v sequence and head dims, and all leading batch dims.
+    """Couples q[-1] with k[-1] (and with v[-1] when equal in size: one head_dim attribute usually views
+    all three), k/v sequence and head dims, and all leading batch dims.
 
     Equal head counts couple q[-3] with k[-3]. Multi-query attention (one key/value head): the
     query heads are searched on their own, tagged 'mask_params' (every parameter holding them is
@@ -39,6 +40,8 @@ def sdpa(tr, c) -> None:
     q, k, v = c.arg(0, "query"), c.arg(1, "key"), c.arg(2, "value")
     qd, kd, vd = list(tr.get(q)), list(tr.get(k)), list(tr.get(v))
     union(qd[-1], kd[-1])
+    if v.shape[-1] == q.shape[-1]:  # models view q, k and v with one head_dim attribute: prune them alike
+        union(vd[-1], qd[-1])
     union(kd[-2], vd[-2])  # key/value sequence
     union(kd[-3], vd[-3])
     for i in range(q.dim() - 3):
