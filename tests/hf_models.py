@@ -92,6 +92,10 @@ def qwen2():
                **DECODER)
 
 
+def qwen3():
+    return _lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **DECODER)
+
+
 def qwen2_moe():
     return _lm("Qwen2MoeConfig", "Qwen2MoeForCausalLM", moe_intermediate_size=32, shared_expert_intermediate_size=32,
                num_experts=4, num_experts_per_tok=2, **DECODER)
@@ -119,6 +123,12 @@ def falcon():
     """Multi-query attention (one key/value head) in a fused query_key_value."""
     return _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                new_decoder_architecture=False, multi_query=True)
+
+
+def falcon_grouped():
+    """The new decoder architecture: query_key_value viewed as (kv heads, q per kv + 2, head_dim)."""
+    return _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               new_decoder_architecture=True, num_kv_heads=2)
 
 
 def falcon_alibi():
@@ -150,6 +160,12 @@ def convnextv2():
     t = _t()
     cfg = t.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], image_size=32)
     return t.ConvNextV2ForImageClassification(cfg), (image(),), {}
+
+
+def convnext():
+    t = _t()
+    cfg = t.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], image_size=32)
+    return t.ConvNextForImageClassification(cfg), (image(),), {}
 
 
 def dinov2():

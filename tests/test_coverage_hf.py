@@ -36,7 +36,7 @@ transformers = pytest.importorskip("transformers")
 NORMS = "pending norms traced by what they compute (plain-torch part of issue 11)"
 GEMMA_NORM = f"Gemma's RMSNorm computes y * (1 + w): the masked hidden dim needs it, {NORMS}"
 T5_NORM = f"T5LayerNorm (RMS over the hidden dim) fixes the hidden dim, {NORMS}"
-CONVNEXT_NORM = f"ConvNeXtV2's channels-first LayerNorm and GRN fix the widths and FFN, {NORMS}"
+CONVNEXT_NORM = f"ConvNeXt's channels-first LayerNorm (and V2's GRN) fix the widths and FFN, {NORMS}"
 PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
 BADDBMM = "BLOOM's attention uses baddbmm, which has no op rule yet: its FLOPs do not follow the masks (plain-torch part)"
 
@@ -79,17 +79,23 @@ CASES = [
     Case("convnextv2", H.convnextv2, ("ffn", "hidden", "layers"),
          xfail={"searchable-ffn": CONVNEXT_NORM, "searchable-hidden": CONVNEXT_NORM,
                 "budget": f"only blocks are searched until the norms are: {CONVNEXT_NORM}"}),
+    Case("convnext", H.convnext, ("ffn", "hidden", "layers"),
+         xfail={"searchable-ffn": CONVNEXT_NORM, "searchable-hidden": CONVNEXT_NORM,
+                "budget": f"only blocks are searched until the norms are: {CONVNEXT_NORM}"}),
     Case("dinov2", H.dinov2, ALL, xfail={"budget": coarse("1.6%")}),
     Case("clip_vision", H.clip_vision, ("heads", "ffn", "layers"), xfail={"budget": coarse("8%")},
          uniform={"prune_heads": False}),
     # beyond the list: families that reuse the same patterns
     Case("llama", H.llama, ALL, causal=True, uniform={}),
     Case("qwen2", H.qwen2, ALL, causal=True, uniform={}),
+    Case("qwen3", H.qwen3, ALL, causal=True, uniform={}),
     Case("gemma", H.gemma, ALL, causal=True, search={"exclude": ["model.embed_tokens"]},
-         xfail={"searchable-hidden": GEMMA_NORM, "roundtrip": PARTIAL, "budget": coarse("3%")}),
+         xfail={"searchable-hidden": GEMMA_NORM, "roundtrip": PARTIAL, "budget": coarse("3%")},
+         uniform={"exclude": ["model.embed_tokens"]}),
     Case("gpt2", H.gpt2, ALL, causal=True, uniform={}),
     Case("gptj", H.gptj, ALL, causal=True, uniform={}),
     Case("falcon", H.falcon, ALL, causal=True),
+    Case("falcon_grouped", H.falcon_grouped, ALL, causal=True),
     Case("falcon_alibi", H.falcon_alibi, ("ffn", "hidden", "layers"), causal=True,
          search={"exclude": ["transformer.rotary_emb"]}),
     Case("bloom", H.bloom, ("ffn", "hidden", "layers"), causal=True, xfail={"counted": BADDBMM}),

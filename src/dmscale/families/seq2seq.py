@@ -21,7 +21,7 @@ def _stack(side: str) -> Stack:
 
 
 class Seq2Seq(Transformer):
-    model_types = ("bart", "whisper", "mbart")
+    model_types = ("bart", "whisper")
     searched = "hidden, heads, FFN, layers (encoder and decoder)"
     hidden_keys = ("d_model",)
     stacks = (_stack("encoder"), _stack("decoder"))

@@ -48,7 +48,7 @@ register_matcher(is_relative_position_bias, RELATIVE_POSITION_BIAS)
 
 
 class Swin(Transformer):
-    model_types = ("swin", "donut-swin")
+    model_types = ("swin",)
     searched = "heads (with their relative position bias), FFN, blocks per stage, stage widths"
     hidden_keys = ("embed_dim",)
     stacks = (Stack("blocks", "depths[]",

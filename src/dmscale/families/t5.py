@@ -1,4 +1,4 @@
-"""T5 (and mT5 / UMT5 layouts): blocks of positional sub-layers ``layer.0`` (self-attention), ``layer.1``
+"""T5: blocks of positional sub-layers ``layer.0`` (self-attention), ``layer.1``
 (cross-attention in the decoder), ``layer.-1`` (``DenseReluDense``).
 
 Depth removes whole ``T5Block``s (the tracer never removes a sub-layer that is called by
@@ -24,7 +24,7 @@ def _ffn(i: int) -> Mlp:
 
 
 class T5(Transformer):
-    model_types = ("t5", "mt5", "umt5")
+    model_types = ("t5",)
     searched = "hidden (pending T5LayerNorm), self-attention heads (per stack), FFN, blocks (encoder and decoder)"
     hidden_keys = ("d_model",)
     stacks = (Stack("encoder.block", "num_layers", attention=(_attn("layer.0.SelfAttention"),), mlp=(_ffn(1),), lists=()),
