@@ -7,9 +7,21 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription.
+
+    A test module that imports this fixture uses it for all its tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:

@@ -9,19 +9,12 @@ import torch
 
 import dmscale
 import hf_models as H
+from hf_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from dmscale.families import (Family, config_describes_model, family_for, register_family, registered_families,
                               unregister_family)
 from dmscale.families.common import llama_like
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _dms(model, args, kwargs=None, target=0.6, **kw):

@@ -1,7 +1,7 @@
 """BLOOM: a fused ``query_key_value`` viewed as (heads, 3, head_dim). ALiBi slopes are computed from the
 model's head count, so heads stay fixed (tied to the bias); hidden, FFN and layers are searched."""
 
-from .base import register_family, set_attrs
+from .base import register_family
 from .common import Attn, Mlp, Stack, Transformer
 
 
@@ -16,9 +16,7 @@ class Bloom(Transformer):
                                     config={"n_head": "heads"}),),
                     mlp=(Mlp("mlp", down="mlp.dense_4h_to_h", attrs={}, config={}),),
                     layer_attrs={"num_heads": "heads"}),)
-
-    def extra(self, ctx, hidden):
-        set_attrs(getattr(ctx.exported, "transformer", None), {"embed_dim": hidden})
+    model_attrs = {"transformer": {"embed_dim": "hidden", "num_heads": "heads"}}
 
     def update_layer(self, ctx, st, layer, name, orig, hidden):
         row = super().update_layer(ctx, st, layer, name, orig, hidden)

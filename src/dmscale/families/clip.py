@@ -1,7 +1,7 @@
 """CLIP's vision tower (``clip_vision_model``): ``self_attn.{q,k,v,out}_proj``, ``mlp.fc1``/``fc2``; the
 class embedding, patch and position embeddings carry the model width."""
 
-from .base import register_family, set_attrs
+from .base import register_family
 from .common import Attn, Mlp, Stack, Transformer
 
 
@@ -14,11 +14,7 @@ class ClipVision(Transformer):
                                     config={"num_attention_heads": "heads"}),),
                     mlp=(Mlp("mlp", down="mlp.fc2", attrs={}, config={"intermediate_size": "inter"}),),
                     layer_attrs={"embed_dim": "hidden"}),)
-
-    def extra(self, ctx, hidden):
-        for name, mod in ctx.exported.named_modules():
-            if name.endswith("embeddings") and hasattr(mod, "class_embedding"):
-                set_attrs(mod, {"embed_dim": hidden})
+    model_attrs = {"embeddings": {"embed_dim": "hidden"}}
 
 
 CLIP_VISION = register_family(ClipVision())

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch.nn as nn
 
 from ..export import ExportError
-from .base import ExportContext, Family, set_attrs
+from .base import ExportContext, Family, iter_module_names, set_attrs
 from .generic import filter_layer_lists, in_features, out_features, renumber_layers
 
 __all__ = ["Attn", "Mlp", "Stack", "Transformer", "LLAMA_ATTN", "LLAMA_MLP", "decoder", "llama_like", "bert_like",
@@ -139,6 +139,8 @@ class Transformer(Family):
     stacks: tuple[Stack, ...] = ()
     hidden_keys: tuple[str, ...] = ("hidden_size",)
     create_keys: tuple[str, ...] = ()  # per-layer keys written even when the config lacks them (read by getattr)
+    # model-level modules' attributes: {module path (suffix): {attribute: meaning}}; 'heads' when all layers agree
+    model_attrs: Mapping[str, Mapping[str, str]] = {}
     searched: str = "hidden, heads, FFN, layers"
 
     def describe(self) -> str:
@@ -235,6 +237,12 @@ class Transformer(Family):
                 _write(ctx, key, j, vals[0], per_layer=True, create=key in self.create_keys)
             elif vals:
                 ctx.nonuniform.append(key if j is None else f"{key}[{j}]")
+        heads = {v for (key, _), vals in per_key.items() for v in vals
+                 if any(a.config.get(key) == "heads" for st in self.stacks for a in st.attention[:1])}
+        values = {"hidden": hidden, "heads": heads.pop() if len(heads) == 1 else None}
+        for path, attrs in self.model_attrs.items():
+            for name in iter_module_names(ctx.exported, (path,)):
+                set_attrs(ctx.exported.get_submodule(name), {a: values.get(m) for a, m in attrs.items()})
         self.extra(ctx, hidden)
 
     def update_layer(self, ctx: ExportContext, st: Stack, layer: nn.Module, name: str, orig: nn.Module,

@@ -7,7 +7,7 @@ keeps the supernet's ``hidden_size`` then (the export computes the same function
 marked inexact when the hidden size was pruned).
 """
 
-from .base import register_family, set_attrs
+from .base import register_family
 from .common import Attn, Mlp, Stack, Transformer
 from .generic import out_features
 
@@ -28,6 +28,7 @@ class Falcon(Transformer):
                                          config={"num_attention_heads": "heads", "num_kv_heads": "kv_heads"}),),
                     mlp=(Mlp("mlp", down="mlp.dense_4h_to_h", attrs={}, config={"ffn_hidden_size": "inter"}),),
                     layer_attrs={"num_heads": "heads"}),)
+    model_attrs = {"transformer": {"num_heads": "heads", "embed_dim": "hidden"}}
 
     def update(self, ctx):
         super().update(ctx)
@@ -38,13 +39,6 @@ class Falcon(Transformer):
             cfg.hidden_size = orig.hidden_size  # read at run time as heads x head_dim
             ctx.inexact.append("Falcon with ALiBi reads config.hidden_size // num_heads at run time; the "
                                "pruned hidden size cannot be written")
-
-    def extra(self, ctx, hidden):
-        heads = {s.get("num_attention_heads") for s in ctx.layer_sizes}
-        if len(heads) == 1:
-            set_attrs(getattr(ctx.exported, "transformer", None), {"num_heads": heads.pop()})
-        tr = getattr(ctx.exported, "transformer", None)
-        set_attrs(tr, {"embed_dim": hidden})
 
 
 FALCON = register_family(Falcon())

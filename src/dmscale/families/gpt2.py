@@ -14,11 +14,7 @@ class GPT2(Transformer):
                                            "embed_dim": "hidden"},
                                     config={"n_head": "heads"}),),
                     mlp=(Mlp("mlp", down="mlp.c_proj", attrs={}, config={"n_inner": "inter"}),)),)
-
-    def extra(self, ctx, hidden):
-        tr = getattr(ctx.exported, "transformer", None)
-        if tr is not None and hidden is not None and type(getattr(tr, "embed_dim", None)) is int:
-            tr.embed_dim = hidden
+    model_attrs = {"transformer": {"embed_dim": "hidden"}}
 
 
 GPT2_FAMILY = register_family(GPT2())

@@ -14,11 +14,7 @@ class GPTJ(Transformer):
                                            "embed_dim": "hidden"},
                                     config={"n_head": "heads"}),),
                     mlp=(Mlp("mlp", down="mlp.fc_out", attrs={}, config={"n_inner": "inter"}),)),)
-
-    def extra(self, ctx, hidden):
-        tr = getattr(ctx.exported, "transformer", None)
-        if tr is not None and hidden is not None and type(getattr(tr, "embed_dim", None)) is int:
-            tr.embed_dim = hidden
+    model_attrs = {"transformer": {"embed_dim": "hidden"}}
 
 
 GPTJ_FAMILY = register_family(GPTJ())

@@ -1,7 +1,7 @@
 """MPT: a fused ``Wqkv`` reshaped with an explicit ``n_heads``; ALiBi (slopes from the head count) keeps
 heads fixed. The config gives the FFN as ``expansion_ratio`` x d_model."""
 
-from .base import register_family, set_attrs
+from .base import register_family
 from .common import Attn, Mlp, Stack, Transformer
 
 
@@ -15,15 +15,13 @@ class Mpt(Transformer):
                                     config={"n_heads": "heads"}),),
                     mlp=(Mlp("ffn", down="ffn.down_proj", attrs={}, config={}),),
                     layer_attrs={"num_heads": "heads"}),)
+    model_attrs = {"transformer": {"hidden_size": "hidden", "num_heads": "heads"}}
 
     def update_layer(self, ctx, st, layer, name, orig, hidden):
         row = super().update_layer(ctx, st, layer, name, orig, hidden)
         if layer.ffn.down_proj.in_features != ctx.orig_config.expansion_ratio * hidden:
             ctx.inexact.append("MPT's config gives the FFN width as expansion_ratio x d_model")
         return row
-
-    def extra(self, ctx, hidden):
-        set_attrs(getattr(ctx.exported, "transformer", None), {"hidden_size": hidden})
 
 
 MPT = register_family(Mpt())
