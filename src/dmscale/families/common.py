@@ -132,8 +132,11 @@ class Transformer(Family):
     """A family described by its layer stacks (see the module docstring).
 
     ``hidden_keys``: config keys holding the model width (written whenever it changed);
-    ``hidden_attrs``: attributes holding it on the layers, attentions and MLPs (set with their
-    other attributes). Override :meth:`extra` for what the pattern does not cover.
+    ``create_keys``: per-layer keys written even where the config lacks them (models that read
+    ``getattr(config, "head_dim", ...)``); ``model_attrs``: attributes of model-level modules
+    (``{"transformer": {"embed_dim": "hidden"}}``). Override :meth:`update_layer`,
+    :meth:`attention_extra`, :meth:`extra` or :meth:`~Family.before_drop` for what the pattern does
+    not cover.
     """
 
     stacks: tuple[Stack, ...] = ()

@@ -10,7 +10,6 @@ check (:mod:`dmscale.families.base`) marks a config that does not describe the e
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch.nn as nn
 
@@ -179,7 +178,3 @@ def update_generic(ctx: ExportContext) -> None:
     if isinstance(hd, int) and derived != hd:  # Llama-style attentions read getattr(config, "head_dim", ...)
         ctx.set_config("head_dim", hd, per_layer=True, create=True)
 
-
-def describe_sizes(sizes: list[dict[str, Any]]) -> str:
-    """A compact text of per-layer sizes (for messages)."""
-    return "; ".join(", ".join(f"{k}={v}" for k, v in s.items() if v is not None) for s in sizes)
