@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from .errors import ExportError
 from .layers.spec import spec_for
 from .trace.tracer import Space
 
@@ -16,10 +17,6 @@ if TYPE_CHECKING:
     from .search import DMS
 
 __all__ = ["export_model", "ExportError", "SkipBlock"]
-
-
-class ExportError(RuntimeError):
-    """The exported model does not compute what the hard-masked supernet computes."""
 
 
 def _along(v: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -128,7 +125,7 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             spec.update(mod)
     #    and the attributes that hold sizes of searched dims: by meaning for a model with a family
     #    (dmscale.families), else the ints a module used in a view / reshape of a pruned dim, by value
-    from .families.base import check_export_config, start_export, update_export
+    from .families.base import check_export_config, post_export_fixups, start_export, update_export
 
     ctx = start_export(dms, new, keep_of, depth_keep)
     if ctx.family is None:
@@ -154,9 +151,7 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
 
     # 5. the family's (or generic) updates after blocks were dropped: layer indices, config sizes
     update_export(ctx)
-    from .adapters import post_export_fixups
-
-    post_export_fixups(dms, new)
+    post_export_fixups(dms, new)  # fix-ups registered with the deprecated dmscale.adapters
     new.train(dms.model.training)
     if check:
         verify_export(dms, new, atol=atol, rtol=rtol)

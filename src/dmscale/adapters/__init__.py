@@ -8,26 +8,19 @@ This module goes away in 0.3.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch.nn as nn
 
-__all__ = ["register_post_export", "post_export_fixups"]
+from ..families import base as _base
+from ..families.base import _FIXUPS, post_export_fixups  # noqa: F401  (the registry lives in families now)
 
-_FIXUPS: list[tuple[Callable[[nn.Module], bool], Callable[[Any, nn.Module], None]]] = []
+__all__ = ["register_post_export", "post_export_fixups"]
 
 
 def register_post_export(applies: Callable[[nn.Module], bool], fixup: Callable[[Any, nn.Module], None]) -> None:
-    """Register a fix-up run on exported models for which ``applies(original_model)`` is true."""
-    import warnings
-
+    """Deprecated: register a fix-up run on exports of models for which ``applies(original_model)`` is true."""
     warnings.warn("dmscale.adapters.register_post_export is deprecated: write a family "
                   "(dmscale.families.register_family) instead", DeprecationWarning, stacklevel=2)
-    _FIXUPS.append((applies, fixup))
-
-
-def post_export_fixups(dms: Any, exported: nn.Module) -> None:
-    """Run the registered fix-ups that apply to this model."""
-    for applies, fixup in _FIXUPS:
-        if applies(dms.model):
-            fixup(dms, exported)
+    _base.register_post_export(applies, fixup)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from ..export import ExportError
+from ..errors import ExportError
 from ..trace.spaces import Space
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Family", "ExportContext", "register_family", "unregister_family", "family_for", "registered_families",
            "start_export", "update_export", "check_export_config", "config_describes_model", "hf_config",
-           "config_mismatches", "INEXACT_KEYS"]
+           "config_mismatches", "INEXACT_KEYS", "register_post_export", "post_export_fixups"]
 
 INEXACT_KEYS = ("dmscale_layer_sizes", "dmscale_inexact")
 
@@ -192,6 +192,22 @@ class ExportContext:
         setattr(self.config, key, value)
         if per_layer:
             self.layer_keys.add(key)
+
+
+_FIXUPS: list[tuple[Callable[[nn.Module], bool], Callable[[Any, nn.Module], None]]] = []
+
+
+def register_post_export(applies: Callable[[nn.Module], bool], fixup: Callable[[Any, nn.Module], None]) -> None:
+    """The pre-families hook (``dmscale.adapters.register_post_export``, deprecated): ``fixup(dms, exported)``
+    runs on exports of models for which ``applies(original_model)`` is true, after the family's updates."""
+    _FIXUPS.append((applies, fixup))
+
+
+def post_export_fixups(dms: Any, exported: nn.Module) -> None:
+    """Run the fix-ups registered with :func:`register_post_export` that apply to this model."""
+    for applies, fixup in _FIXUPS:
+        if applies(dms.model):
+            fixup(dms, exported)
 
 
 def set_attrs(module: nn.Module | None, values: dict[str, Any]) -> None:

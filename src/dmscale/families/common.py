@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
-from ..export import ExportError
+from ..errors import ExportError
 from .base import ExportContext, Family, iter_module_names, set_attrs
 from .generic import filter_layer_lists, in_features, out_features, renumber_layers
 
