@@ -28,6 +28,8 @@ from torch import nn
 
 from dmscale.mup.optim import mup_optimizer
 from dmscale.mup.upscale import upscale
+from dmscale.recipes.loop import NonFiniteError, train_loop
+from dmscale.recipes.tasks import LossFunction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -143,23 +145,25 @@ def evaluate(model: nn.Module, data: Any, bs: int, n_batches: int) -> float:
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, data: Any, steps: int, bs: int, eval_every: int,
           n_eval: int, seed: int, start: int = 0) -> dict[str, list]:
-    """Train with a cosine-free constant LR; returns val-loss curve [(step, loss)] and train losses."""
+    """Train with a constant LR (the recipes' loop); returns val-loss curve [(step, loss)] and train losses.
+
+    A diverging LR ends the run at its first non-finite loss or weight, recorded as a nan point."""
     g = torch.Generator().manual_seed(seed)
     curve = [(start, evaluate(model, data, bs, n_eval))]
-    tr = []
-    model.train()
-    for s in range(1, steps + 1):
-        x, y = data.batch("train", bs, g)
-        loss = loss_of(model, x, y)
-        if not torch.isfinite(loss):
-            curve.append((start + s, float("nan")))
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        tr.append(loss.item())
+    tr: list[float] = []
+
+    def on_step(rec: dict) -> None:
+        tr.append(rec["loss"])
+        s = rec["step"]
         if s % eval_every == 0 or s == steps:
             curve.append((start + s, evaluate(model, data, bs, n_eval)))
+
+    model.train()
+    try:
+        train_loop(model, lambda step: data.batch("train", bs, g), LossFunction(lambda m, b: loss_of(m, *b)), steps,
+                   weight_optimizer=opt, on_step=on_step, desc="hp_transfer")
+    except NonFiniteError:
+        curve.append((start + len(tr) + 1, float("nan")))
     return {"val": curve, "train": tr}
 
 

@@ -202,12 +202,13 @@ def test_t5_self_attention_heads_are_shared_by_the_stack_and_follow_the_bias():
     dms = _dms(model, args, kw)
     heads = [g for g in dms.groups if g.kind == "heads"]
     assert sorted(g.name for g in heads) == ["decoder.block.0.layer.0.SelfAttention.q[heads]",
+                                             "decoder.block.0.layer.1.EncDecAttention.q[heads]",
                                              "encoder.block.0.layer.0.SelfAttention.q[heads]"]
     _force(dms, {"heads": 0.5})
     ex = dms.export()
     bias = ex.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
     assert bias.weight.shape[1] == 2 and ex.encoder.block[1].layer[0].SelfAttention.n_heads == 2
-    assert ex.decoder.block[0].layer[1].EncDecAttention.n_heads == 4  # a zero bias made from n_heads: fixed
+    assert ex.decoder.block[1].layer[1].EncDecAttention.n_heads == 2  # its zero bias is made from n_heads
 
 
 def test_moe_expert_width_is_searched_and_the_expert_count_is_named():

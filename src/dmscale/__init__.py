@@ -24,11 +24,11 @@ from .layers import LayerSpec, register_layer
 from . import families  # noqa: F401  (Hugging Face model families and the layer specs they register)
 from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, upscale,
                   upscale_optimizer_state, width_info)
-from .serialization import load, save
+from .serialization import LoadError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["DMS", "Target", "Schedule", "GroupBounds", "count", "save", "load", "differentiable_topk",
+__all__ = ["DMS", "Target", "Schedule", "GroupBounds", "count", "save", "load", "LoadError", "differentiable_topk",
            "ExportError", "TraceError", "__version__", "upscale", "width_info", "upscale_optimizer_state",
            "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info", "register_layer",
            "LayerSpec"]

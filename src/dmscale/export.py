@@ -68,15 +68,12 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         if rec.tied:
             continue  # shared weight: the hard-masked supernet uses 0/1 masks here
         spec = rec.spec if rec.spec is not None else spec_for(mod)
-        out_dims = spec.out_dims if spec is not None else {}
+        if spec is None:
+            continue
         for _, s in rec.out_dims.items():
             m = mask_of(s)
-            if m is None:
-                continue
-            for pname, d in out_dims.items():
-                p = getattr(mod, pname, None)
-                if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
-                    p.mul_(_along(m.to(p.dtype), d, p.dim()))
+            if m is not None:
+                spec.fold(mod, m)
     for rec in tr.params.values():
         if not rec.raw or rec.is_buffer:
             continue
@@ -118,14 +115,24 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
                 if t is not None and id(t) in sliced and sliced[id(t)][0] is t:
                     store[attr] = sliced[id(t)][1]
 
-    # 3. fix the size attributes of every known layer (tied ones too: they have no layer record)
-    for mod in new.modules():
-        spec = spec_for(mod)
-        if spec is not None and spec.maskable and isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
+    # 3. fix the size attributes of every known layer (tied ones too: they have no layer record): attributes
+    #    the trace tied to a space (a grouped conv's groups) first, then what the spec derives from the weights
+    for rec in getattr(tr, "size_attrs", ()):
+        k = keep_of(rec.space)
+        mod = modules.get(rec.module)
+        if k is not None and mod is not None:
+            setattr(mod, rec.attr, int(k.sum()))
+    for mname, mod in new.named_modules():
+        lrec = tr.layers.get(mname)
+        spec = lrec.spec if lrec is not None and lrec.spec is not None else spec_for(mod)
+        if spec is None or spec.size_attrs is None and spec.update_attrs is None and spec.refresh is None:
+            continue
+        if not spec.maskable or isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
             spec.update(mod)
     #    and the attributes that hold sizes of searched dims: by meaning for a model with a family
     #    (dmscale.families), else the ints a module used in a view / reshape of a pruned dim, by value
-    from .families.base import check_export_config, post_export_fixups, start_export, update_export
+    from .families.base import check_export_config, post_export_fixups, start_export
+    from .families.generic import update_export
 
     ctx = start_export(dms, new, keep_of, depth_keep)
     if ctx.family is None:

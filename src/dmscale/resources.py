@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .masking import Masker
 from .space import Group
+from .trace.flops import FLOP_FORMULAS
 from .trace.tracer import Space, TraceResult
 
 __all__ = ["Resources", "count"]
@@ -28,7 +29,7 @@ def count(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as fc:  # + fused RNN/MHA
             model(*example_inputs, **example_kwargs)
     finally:
         model.train(was)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .importance import ImportanceTracker
-from .masking import Masker
+from .masking import Masker, install_checked
 from .resources import Resources
 from .schedule import Schedule, Target
 from .space import GroupBounds, SearchSpace, build_search_space
@@ -95,7 +95,7 @@ class DMS:
         self.masker.on_mask = self.importance.attach
         self.masker.fold = bool(fold_masks)
         self.resources = Resources(self.trace, self.masker, self.groups, model)  # before masks rename params
-        self.masker.install()
+        install_checked(self.masker, self.example_inputs, self.example_kwargs)  # full masks == the model
         self.step_count = 0
         self.nonfinite_steps = 0
         self._skipped_seen = 0
@@ -107,9 +107,9 @@ class DMS:
         if target.fraction < lo - 1e-9:
             raise ValueError(f"target {target.kind}={target.fraction} is below what the minimum widths allow "
                              f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
-        if warn and self.trace.unsupported:
-            warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left "
-                          "unpruned:" + self._unsupported_text(), stacklevel=2)
+        if warn and self.trace.lost:
+            warnings.warn("dmscale: these dimensions could be searched but are fixed (an op with no channel rule, "
+                          "or what the model does with them):" + self.trace.lost_text(), stacklevel=2)
         self.importance.refresh_l1()
         self.distributed = False
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -293,6 +293,8 @@ class DMS:
                      f"({float(r['params_frac']):.3f} of supernet)")
         lines.append(f"target {self.target.kind} {self.target.fraction:.3f}; step {self.step_count}/"
                      f"{self.schedule.total_steps}")
+        if self.trace.lost:
+            lines.append("not searched (fixed):" + self.trace.lost_text())
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state

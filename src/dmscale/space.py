@@ -13,7 +13,7 @@ import torch.nn as nn
 from .topk import hard_keep, mask_from_ranks
 from .trace.tracer import BlockRecord, Space, TraceResult
 
-__all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space"]
+__all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space", "leaf_index"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Group:
     """A searchable dimension: N elements (channels, heads or blocks) sharing one kept ratio."""
 
     name: str
-    kind: str  # 'width' | 'heads' | 'head_dim' | 'depth'
+    kind: str  # 'width' | 'heads' | 'head_dim' | 'groups' | 'depth'
     size: int
     lam: float
     bounds: GroupBounds
@@ -169,7 +169,11 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
         if leaf.fixed or leaf.size < min_width or "act" not in leaf.tags:
             continue
         if "split" in leaf.tags:
-            if "heads" in leaf.tags and "head_dim" not in leaf.tags:
+            if "conv_groups" in leaf.tags:  # whole groups of a grouped convolution
+                kind = "groups"
+            elif "group_channels" in leaf.tags:  # channels per group of a grouped convolution
+                kind = "width"
+            elif "heads" in leaf.tags and "head_dim" not in leaf.tags:
                 kind = "heads"
             elif "head_dim" in leaf.tags and "heads" not in leaf.tags:
                 kind = "head_dim"
@@ -177,7 +181,7 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
                 continue  # a split factor that is not an attention dim: unprunable
         else:
             kind = "width"
-        if (kind == "width" and not prune_width) or (kind == "heads" and not prune_heads) or \
+        if (kind in ("width", "groups") and not prune_width) or (kind == "heads" and not prune_heads) or \
                 (kind == "head_dim" and not prune_head_dim):
             continue
         base = members[0].split(":")[0].rsplit(".", 1)[0] if "." in members[0] else members[0].split(":")[0]
@@ -201,3 +205,32 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
             groups.append(Group(name, "depth", len(blks), 4.0 * len(blks), b, blocks=blks,
                                 members=[bk.name for bk in blks]))
     return groups
+
+
+def leaf_index(space: Space, leaf: Space) -> torch.Tensor:
+    """For each flat position of ``space``, the element of ``leaf`` it belongs to, or -1 (a LongTensor).
+
+    ``space`` may be composite: a concatenation lays its parts end to end, a product is row-major,
+    exactly as the masker composes masks (``Masker._compose``). Both are resolved to their union-find
+    roots first, so any member of the leaf's class may be passed. In a product, a position belongs
+    to the element of the first (outermost) factor that holds the leaf: position ``(i, j)`` of
+    ``leaf x other`` is element ``i``; of ``other x leaf`` element ``j``. Only a product of the leaf
+    with itself has two candidates; the first factor is taken, so that every element owns the same
+    number of positions (taking the larger index, as an older copy did, gave element ``k`` of an
+    ``n x n`` product ``2k + 1`` positions and biased L1 importance towards high indices).
+    """
+    target = leaf.find()
+    root = space.find()
+    if root is target:
+        return torch.arange(root.size)
+    if root.kind == "atomic":
+        return torch.full((root.size,), -1, dtype=torch.long)
+    parts = [leaf_index(c, target) for c in root.children]
+    if root.kind == "concat":
+        return torch.cat(parts)
+    out = parts[0]
+    for p in parts[1:]:
+        a = out[:, None].expand(-1, p.numel())
+        b = p[None, :].expand(out.numel(), -1)
+        out = torch.where(a >= 0, a, b).reshape(-1)
+    return out

@@ -46,12 +46,15 @@ def registered():
     unregister_layer(EinsumDense)
 
 
-def test_unregistered_layer_is_not_searched():
+def test_unregistered_layer_is_searched_through_einsum_but_its_sizes_are_unknown_to_export():
     res = trace(_model(), (torch.randn(4, 12),))
-    assert "einsum" in res.unsupported
-    assert res.params["0.kernel"].dims[1].find().fixed
-    with pytest.raises(ValueError, match="no prunable group"):
-        dmscale.DMS(_model(), (torch.randn(4, 12),), dmscale.Target(flops=0.5), total_steps=10)
+    assert not res.unsupported and not res.params["0.kernel"].dims[1].find().fixed
+    dms = dmscale.DMS(_model(), (torch.randn(4, 12),), dmscale.Target(flops=0.5), total_steps=10)
+    with torch.no_grad():
+        for g in dms.groups:
+            dms.space.ratio(g).fill_(0.5)
+    with pytest.raises(dmscale.ExportError, match="failed to run"):  # n_in / n_out stay stale
+        dms.export()
 
 
 def test_registered_layer_is_searched_and_exported(registered):

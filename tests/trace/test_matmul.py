@@ -57,3 +57,16 @@ def test_addmm_unites_bias_with_output_columns():
 def test_baddbmm():
     tr, (c, a, b), out = run_op(torch.baddbmm, torch.randn(2, 3, 5), torch.randn(2, 3, 4), torch.randn(2, 4, 5))
     assert same(tr.get(c)[2], tr.get(b)[2]) and same(tr.get(c)[0], tr.get(a)[0])
+
+
+def test_baddbmm_with_beta_and_alpha():
+    tr, (c, a, b), out = run_op(lambda c, a, b: torch.baddbmm(c, a, b, beta=0.5, alpha=2.0), torch.randn(2, 3, 5),
+                                torch.randn(2, 3, 4), torch.randn(2, 4, 5))
+    assert same(tr.get(a)[2], tr.get(b)[1]) and same(tr.get(c)[0], tr.get(a)[0]) and same(tr.get(c)[2], tr.get(b)[2])
+    assert tr.ops[0].flops > 0 and not tr.unsupported
+
+
+def test_addbmm_contracts_the_batch_dim():
+    tr, (c, a, b), out = run_op(torch.addbmm, torch.randn(3, 5), torch.randn(2, 3, 4), torch.randn(2, 4, 5))
+    assert out.shape == (3, 5) and same(tr.get(a)[0], tr.get(b)[0]) and same(tr.get(a)[2], tr.get(b)[1])
+    assert same(tr.get(out)[0], tr.get(a)[1]) and same(tr.get(c)[1], tr.get(b)[2]) and not tr.unsupported

@@ -1,6 +1,7 @@
 """Norm ops pass every dim through. ``batch_norm`` couples its statistics and affine parameters with the
-channel dim; ``layer_norm`` / ``rms_norm`` couple weight / bias with the normalised dims and fix them when
-there are several; ``group_norm`` couples weight / bias with dim 1 and fixes it unless groups == channels."""
+channel dim; a bare ``layer_norm`` / ``rms_norm`` call couples weight / bias with the normalised dims and
+fixes them (statistics over them; norm *layers* are traced as units, see tests/layers/test_norms.py);
+``group_norm`` couples weight / bias with dim 1 and fixes it unless groups == channels."""
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,13 @@ def test_batch_norm_on_2d_input_uses_dim_1():
     assert same(tr.get(rm)[0], tr.get(x)[1]) and not same(tr.get(rm)[0], tr.get(x)[0])
 
 
-def test_layer_norm_over_last_dim():
+def test_bare_layer_norm_over_last_dim_fixes_it():
     tr, (x, w, b), out = run_op(lambda x, w, b: F.layer_norm(x, (6,), w, b), torch.randn(2, 3, 6), torch.randn(6),
                                 torch.randn(6))
     xd = tr.get(x)
     assert same(tr.get(w)[0], xd[-1]) and same(tr.get(b)[0], xd[-1])
-    assert same(tr.get(out)[-1], xd[-1]) and free(xd[-1])
+    assert same(tr.get(out)[-1], xd[-1]) and fixed(xd[-1]) and free(xd[0])
+    assert any("layer_norm over 1 dim outside a recognised norm layer" in r for r in xd[-1].find().fix_reasons)
 
 
 def test_layer_norm_over_two_dims_fixes_both():
@@ -40,9 +42,9 @@ def test_layer_norm_over_two_dims_fixes_both():
     assert fixed(xd[1]) and fixed(xd[2]) and free(xd[0])
 
 
-def test_rms_norm_couples_weight_only():
+def test_bare_rms_norm_couples_weight_and_fixes():
     tr, (x, w), out = run_op(lambda x, w: F.rms_norm(x, (6,), w, 1e-6), torch.randn(2, 6), torch.randn(6))
-    assert same(tr.get(w)[0], tr.get(x)[-1]) and free(tr.get(x)[-1])
+    assert same(tr.get(w)[0], tr.get(x)[-1]) and fixed(tr.get(x)[-1]) and free(tr.get(x)[0])
 
 
 def test_group_norm_one_group_per_channel_is_free():

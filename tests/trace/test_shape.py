@@ -112,9 +112,7 @@ def test_index_list_of_consecutive_ints_is_a_slice():
     tr, (x,), (q, k, v) = run_op(lambda x: (x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]), torch.randn(2, 6, 4))
     c = tr.get(x)[1].find()
     assert [p.find().size for p in c.leaves()] == [4, 1, 1] and same(tr.get(q)[1], c.leaves()[0])
-    assert "__getitem__(tensor index)" not in tr.unsupported
-    tr, (x,), out = run_op(lambda x: x[:, [0, 2]], torch.randn(2, 3))
-    assert "__getitem__(tensor index)" in tr.unsupported
+    assert not tr.unsupported and all(free(s) for s in tr.get(x))
 
 
 def test_equal_chunks_are_one_space_repeated():
@@ -126,12 +124,6 @@ def test_equal_chunks_are_one_space_repeated():
     tr, (x,), outs = run_op(lambda x: x.split(3, dim=-1), torch.randn(2, 8))  # unequal: separate parts
     assert [p.find().size for p in tr.get(x)[1].find().children] == [3, 3, 2]
     assert not same(tr.get(outs[0])[1], tr.get(outs[1])[1])
-
-
-def test_getitem_with_tensor_index_is_unsupported():
-    idx = torch.tensor([0, 2])
-    tr, (x,), out = run_op(lambda x: x[:, idx], torch.randn(2, 3))
-    assert "__getitem__(tensor index)" in tr.unsupported and all(fixed(s) for s in tr.get(x))
 
 
 def test_narrow_and_select():

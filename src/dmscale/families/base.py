@@ -4,7 +4,7 @@ A :class:`Family` is what dmscale knows about one Hugging Face ``config.model_ty
 cannot infer: which module attributes hold sizes and what they mean ("num_heads of this
 attention = its kept heads"), which config keys describe those sizes, and the bookkeeping Hugging
 Face keeps outside the weights (KV-cache ``layer_idx``, per-layer ``layer_types``). After export
-sliced the weights, :func:`finish_export` runs the model's family (or the generic fallback) and
+sliced the weights, export runs the model's family (or the generic fallback) and
 then checks the edited config:
 
 1. the config must load (``type(config).from_dict(config.to_dict())``, what :func:`dmscale.load`
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..search import DMS
 
 __all__ = ["Family", "ExportContext", "register_family", "unregister_family", "family_for", "registered_families",
-           "start_export", "update_export", "check_export_config", "config_describes_model", "hf_config",
+           "start_export", "check_export_config", "config_describes_model", "hf_config",
            "config_mismatches", "INEXACT_KEYS", "register_post_export", "post_export_fixups"]
 
 INEXACT_KEYS = ("dmscale_layer_sizes", "dmscale_inexact")
@@ -227,20 +227,10 @@ def start_export(dms: "DMS", exported: nn.Module, keep_of: Callable[[Space], tor
     ``ctx.family`` is the model's family (None: the caller updates reshape ints by value).
     """
     ctx = ExportContext(dms, exported, keep_of, depth_keep)
-    ctx.family = family_for(dms.model)
+    ctx.family = family_for(dms.model)  # None: dmscale.families.generic.update_export runs the fallback
     if ctx.family is not None:
         ctx.family.before_drop(ctx)
     return ctx
-
-
-def update_export(ctx: ExportContext) -> None:
-    """After blocks were dropped: the family's update, or for an HF model without one the generic fallback."""
-    from .generic import update_generic
-
-    if ctx.family is not None:
-        ctx.family.update(ctx)
-    elif ctx.config is not None and hf_config(ctx.exported) is not None:
-        update_generic(ctx)
 
 
 def check_export_config(ctx: ExportContext) -> None:

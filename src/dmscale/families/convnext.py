@@ -9,7 +9,7 @@ from .generic import out_features
 
 class ConvNext(Transformer):
     model_types = ("convnext", "convnextv2")
-    searched = "blocks per stage, FFN (V1; V2 pending GRN), stage widths (pending channels-first LayerNorm)"
+    searched = "stage widths, blocks per stage, FFN (V1; V2 pending a GRN rule)"
     hidden_keys = ()
     stacks = (Stack("layers", "depths[]", lists=()),)
 

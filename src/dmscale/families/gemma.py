@@ -2,7 +2,7 @@
 
 The export keeps the supernet's scale (it computes the same function); a config with a pruned
 ``hidden_size`` would rebuild a different scale, so such an export's config is marked inexact
-by the config check (store it with ``dmscale.save``). Gemma normalises with ``(1 + w)``.
+by the config check (store it with ``dmscale.save``).
 """
 
 from .base import register_family

@@ -16,6 +16,7 @@ import torch.nn as nn
 from .base import ExportContext, hf_config, set_attrs
 
 __all__ = ["is_hf_causal_lm", "decoder_layers", "layer_sizes", "uniform_sizes", "LAYER_SIZE_KEYS", "update_generic",
+           "update_export",
            "out_features", "in_features", "renumber_layers", "filter_layer_lists"]
 
 LAYER_SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -178,3 +179,11 @@ def update_generic(ctx: ExportContext) -> None:
     if isinstance(hd, int) and derived != hd:  # Llama-style attentions read getattr(config, "head_dim", ...)
         ctx.set_config("head_dim", hd, per_layer=True, create=True)
 
+
+
+def update_export(ctx: ExportContext) -> None:
+    """After blocks were dropped: the family's update, or for an HF model without one the generic fallback."""
+    if ctx.family is not None:
+        ctx.family.update(ctx)
+    elif ctx.config is not None and hf_config(ctx.exported) is not None:
+        update_generic(ctx)

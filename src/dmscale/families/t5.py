@@ -5,7 +5,8 @@ Depth removes whole ``T5Block``s (the tracer never removes a sub-layer that is c
 position). The relative position bias lives in the first block of each stack and is shared by
 all its blocks (so their self-attention heads are one searched dimension, tied to the bias's head
 dim); when the first block is removed, the first kept block takes the bias over. The
-cross-attention adds a zero bias made from its head count, so its heads stay fixed.
+cross-attention adds a zero bias made from ``n_heads`` and shared by the stack: its heads are one
+searched dimension of the decoder too.
 ``model_dim`` (the LM-head input scale of tied embeddings) keeps the supernet's value.
 """
 
@@ -25,7 +26,7 @@ def _ffn(i: int) -> Mlp:
 
 class T5(Transformer):
     model_types = ("t5",)
-    searched = "hidden (pending T5LayerNorm), self-attention heads (per stack), FFN, blocks (encoder and decoder)"
+    searched = "hidden, self- and cross-attention heads (one group each per stack), FFN, blocks (encoder and decoder)"
     hidden_keys = ("d_model",)
     stacks = (Stack("encoder.block", "num_layers", attention=(_attn("layer.0.SelfAttention"),), mlp=(_ffn(1),), lists=()),
               Stack("decoder.block", "num_decoder_layers",

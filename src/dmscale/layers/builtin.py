@@ -1,5 +1,6 @@
 """Built-in LayerSpecs: torch's Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm,
-Embedding, MultiheadAttention, Hugging Face's GPT-2 ``Conv1D``, and any class named ``*RMSNorm``.
+Embedding, Hugging Face's GPT-2 ``Conv1D`` (MultiheadAttention: :mod:`.mha`, RNNs: :mod:`.rnn`). Norm layers of any class are
+recognised by what they compute (:mod:`dmscale.layers.norms`), not by these specs.
 
 Also the reusable pieces a user's spec can take: :func:`linear_unit` (trace a layer that computes
 ``x @ W (+ b)`` as one unit, whatever ops it uses inside) and :func:`opaque_unit` (trace it as one
@@ -18,8 +19,8 @@ from ..trace.spaces import fix, union
 from .predicates import is_hf_conv1d, is_rmsnorm
 from .spec import LayerSpec, _register_builtin, register_matcher
 
-__all__ = ["linear_unit", "opaque_unit", "is_rmsnorm", "is_hf_conv1d", "LINEAR", "CONV", "BATCHNORM", "LAYERNORM",
-           "GROUPNORM", "RMSNORM", "EMBEDDING", "HF_CONV1D", "MULTIHEAD_ATTENTION"]
+__all__ = ["linear_unit", "opaque_unit", "is_rmsnorm", "is_hf_conv1d", "LINEAR", "CONV", "CONV_TRANSPOSE", "BATCHNORM", "LAYERNORM",
+           "GROUPNORM", "RMSNORM", "EMBEDDING", "HF_CONV1D"]
 
 
 # --------------------------------------------------------------------------- trace units
@@ -59,50 +60,6 @@ def opaque_unit(tr, mod: nn.Module, name: str, x: torch.Tensor | None, output: A
     tr.record_op(type(mod).__name__, flops, [])
 
 
-def _rmsnorm_unit(tr, mod: nn.Module, name: str, x: torch.Tensor | None, output: Any, flops: float) -> None:
-    """RMSNorm as a unit: weight[0] coupled with x[-1]; an output of x's shape has x's spaces."""
-    y = first_tensor(output)
-    w = getattr(mod, "weight", None)
-    xd = list(tr.get(x))
-    if isinstance(w, torch.Tensor) and w.dim() == 1:
-        union(tr.get(w)[0], xd[-1])
-    if y is not None and tuple(y.shape) == tuple(x.shape):
-        tr.set(y, xd)
-
-
-# --------------------------------------------------------------------------- masked norms
-def _masked_layernorm(mod: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """LayerNorm whose statistics use only the kept channels (as the exported layer will)."""
-    h = keep.to(torch.float32)
-    n = h.sum().clamp_min(1.0)
-    xf = x.to(torch.float32)
-    mean = (xf * h).sum(-1, keepdim=True) / n
-    var = (((xf - mean) ** 2) * h).sum(-1, keepdim=True) / n
-    y = (xf - mean) * torch.rsqrt(var + mod.eps)
-    y = y.to(x.dtype)
-    if mod.weight is not None:
-        y = y * mod.weight
-    if getattr(mod, "bias", None) is not None:
-        y = y + mod.bias
-    return y
-
-
-def _masked_rmsnorm(mod: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """RMSNorm (torch's and Hugging Face style, ``y * w``) with statistics over the kept channels only."""
-    h = keep.to(torch.float32)
-    n = h.sum().clamp_min(1.0)
-    xf = x.to(torch.float32)
-    eps = getattr(mod, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(mod, "eps", None)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    var = ((xf * xf) * h).sum(-1, keepdim=True) / n
-    y = (xf * torch.rsqrt(var + eps)).to(x.dtype)
-    w = getattr(mod, "weight", None)
-    return y * w if w is not None else y
-
-
 # --------------------------------------------------------------------------- size attributes
 def _weight(mod: nn.Module) -> torch.Tensor | None:
     w = getattr(mod, "weight", None)
@@ -127,6 +84,11 @@ def _conv_update(mod: nn.Module) -> None:
     else:
         mod.in_channels = in_per_group * mod.groups
     mod.out_channels = out_c
+
+
+def _conv_transpose_sizes(mod: nn.Module) -> dict[str, Any]:
+    w = mod.weight  # (in, out / groups, *kernel)
+    return {"in_channels": w.shape[0], "out_channels": w.shape[1] * mod.groups}
 
 
 def _batchnorm_sizes(mod: nn.Module) -> dict[str, Any]:
@@ -174,36 +136,32 @@ def _hf_conv1d_sizes(mod: nn.Module) -> dict[str, Any]:
     return {"nf": w.shape[1], "nx": w.shape[0]}
 
 
-def _mha_sizes(mod: nn.Module) -> dict[str, Any]:
-    w = mod.in_proj_weight if mod.in_proj_weight is not None else mod.q_proj_weight
-    return {"embed_dim": w.shape[1] if mod.in_proj_weight is not None else w.shape[0]}
-
-
 # --------------------------------------------------------------------------- the specs
 LINEAR = LayerSpec("linear", out_dims={"weight": 0, "bias": 0}, size_attrs=_linear_sizes)
 CONV = LayerSpec("conv", out_dims={"weight": 0, "bias": 0}, fold_into_weights=True, size_attrs=_conv_sizes,
                  update_attrs=_conv_update)
+CONV_TRANSPOSE = LayerSpec("conv_transpose", out_dims={"weight": 1, "bias": 0}, fold_into_weights=True,
+                          size_attrs=_conv_transpose_sizes)
 BATCHNORM = LayerSpec("batchnorm", out_dims={"weight": 0, "bias": 0},
                       params=("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
                       fold_into_weights=True, size_attrs=_batchnorm_sizes)
-LAYERNORM = LayerSpec("layernorm", out_dims={"weight": 0, "bias": 0}, masked_norm=_masked_layernorm,
-                      standard_forward=nn.LayerNorm.forward, size_attrs=_layernorm_sizes)
+# norms: recognised by what they compute when traced (layers/norms.py builds the spec that masks them);
+# these give the size attributes of torch's own classes
+LAYERNORM = LayerSpec("layernorm", out_dims={"weight": 0, "bias": 0}, size_attrs=_layernorm_sizes)
 GROUPNORM = LayerSpec("groupnorm", out_dims={"weight": 0, "bias": 0}, size_attrs=_groupnorm_sizes,
                       update_attrs=_groupnorm_update)
-RMSNORM = LayerSpec("rmsnorm", out_dims={"weight": 0}, trace_unit=_rmsnorm_unit, masked_norm=_masked_rmsnorm,
-                    size_attrs=_rmsnorm_sizes)
+RMSNORM = LayerSpec("rmsnorm", out_dims={"weight": 0}, size_attrs=_rmsnorm_sizes)
 EMBEDDING = LayerSpec("embedding", out_dims={"weight": 1}, size_attrs=_embedding_sizes)
 HF_CONV1D = LayerSpec("hf_conv1d", out_dims={"weight": 1, "bias": 0},
                       trace_unit=linear_unit(in_dim=0, out_dim=1, op="hf_conv1d"), size_attrs=_hf_conv1d_sizes)
-# traced as one unit and left unpruned for now (its fast path bypasses the functional ops)
-MULTIHEAD_ATTENTION = LayerSpec("mha", trace_unit=opaque_unit, size_attrs=_mha_sizes)
 
-register_matcher(is_rmsnorm, RMSNORM)
 register_matcher(is_hf_conv1d, HF_CONV1D)
 _register_builtin((nn.Linear,), LINEAR)
 _register_builtin((nn.Conv1d, nn.Conv2d, nn.Conv3d), CONV)
+_register_builtin((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), CONV_TRANSPOSE)
 _register_builtin((nn.modules.batchnorm._BatchNorm,), BATCHNORM)
 _register_builtin((nn.LayerNorm,), LAYERNORM)
+if hasattr(nn, "RMSNorm"):
+    _register_builtin((nn.RMSNorm,), RMSNORM)
 _register_builtin((nn.GroupNorm,), GROUPNORM)
 _register_builtin((nn.Embedding,), EMBEDDING)
-_register_builtin((nn.MultiheadAttention,), MULTIHEAD_ATTENTION)

@@ -18,7 +18,11 @@ One spec says, for a layer class:
   ``{"in_features": 8, "out_features": 4}``), which export sets after slicing
   (``update_attrs`` overrides that where attributes are not a plain function of the weights)
   and which loading can check;
-- how ``upscale`` **widens** it (``widen``, optional; see :class:`Widening`).
+- how ``upscale`` **widens** it (``widen``, optional; see :class:`Widening`);
+- for a layer whose output cannot take a mask by multiplying its parameters (a norm with a
+  ``(1 + w)`` scale): how export folds mask values into them (``fold_mask``);
+- for a layer that keeps references to its parameters (the RNNs' flat weight list): how to
+  refresh them after masks are put in or taken out and after export slicing (``refresh``).
 
 Lookup (:func:`spec_for`) order: classes registered with :func:`register_layer` (the most
 derived class in the module's MRO first), then duck-typed matchers (:func:`register_matcher`,
@@ -100,6 +104,11 @@ class LayerSpec:
         update_attrs: ``fn(module)`` setting the size attributes after export sliced the
             weights; None: set every attribute ``size_attrs`` returns.
         widen: ``fn(module, in_map, out_map, k) -> Widening`` for ``upscale`` (optional).
+        fold_mask: ``fn(module, m)`` folding the output-mask values ``m`` (one per output channel)
+            into the module's parameters, in place, so that it computes ``m * output``; None:
+            multiply every ``out_dims`` parameter by ``m`` along its dim.
+        refresh: ``fn(module)`` for layers that cache references to their parameters: called
+            before every masked forward, after masks are removed and after export slicing.
     """
 
     kind: str
@@ -112,6 +121,8 @@ class LayerSpec:
     size_attrs: Callable[[nn.Module], dict[str, Any]] | None = None
     update_attrs: Callable[[nn.Module], None] | None = None
     widen: WidenFn | None = None
+    fold_mask: Callable[[nn.Module, torch.Tensor], None] | None = None
+    refresh: Callable[[nn.Module], None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not self.kind:
@@ -126,7 +137,8 @@ class LayerSpec:
             raise ValueError(f"LayerSpec({self.kind!r}).params must be a tuple of parameter names, got {self.params!r}")
         object.__setattr__(self, "out_dims", dict(self.out_dims))
         object.__setattr__(self, "params", tuple(self.params))
-        for name in ("trace_unit", "masked_norm", "standard_forward", "size_attrs", "update_attrs", "widen"):
+        for name in ("trace_unit", "masked_norm", "standard_forward", "size_attrs", "update_attrs", "widen", "fold_mask",
+                     "refresh"):
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"LayerSpec({self.kind!r}).{name} must be callable or None, got {fn!r}")
@@ -154,9 +166,23 @@ class LayerSpec:
         """Make the module's size attributes agree with its (sliced) weights."""
         if self.update_attrs is not None:
             self.update_attrs(module)
+        else:
+            for attr, value in self.sizes(module).items():
+                setattr(module, attr, value)
+        if self.refresh is not None:
+            self.refresh(module)
+
+    def fold(self, module: nn.Module, m: torch.Tensor) -> None:
+        """Fold output-mask values ``m`` into the module's parameters (see ``fold_mask``)."""
+        if self.fold_mask is not None:
+            self.fold_mask(module, m)
             return
-        for attr, value in self.sizes(module).items():
-            setattr(module, attr, value)
+        for pname, d in self.out_dims.items():
+            p = getattr(module, pname, None)
+            if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
+                shape = [1] * p.dim()
+                shape[d] = m.numel()
+                p.mul_(m.to(p.dtype).view(shape))
 
 
 _USER: dict[type, LayerSpec] = {}

@@ -732,6 +732,8 @@ def upscale_cli(args_list: Sequence[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, default=1e-3, help="perturbation scale sigma-bar")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
+                    help="also load model classes from this package (dmscale.load(..., trust=[...])); repeatable")
     a = ap.parse_args(args_list)
     if os.path.isdir(a.model) and os.path.exists(os.path.join(a.model, "config.json")):
         import transformers
@@ -743,7 +745,7 @@ def upscale_cli(args_list: Sequence[str] | None = None) -> int:
         big = upscale(model, a.width, a.noise, seed=a.seed)
         big.save_pretrained(a.out)
     else:
-        model = dms_load(a.model)  # safetensors + JSON: never unpickles
+        model = dms_load(a.model, trust=a.trust)  # safetensors + JSON, allowlisted classes: never runs file code
         big = upscale(model, a.width, a.noise, seed=a.seed)
         dms_save(big, a.out)
     n0 = sum(p.numel() for p in model.parameters())

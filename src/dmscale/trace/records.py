@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .spaces import Space
@@ -10,7 +10,8 @@ from .spaces import Space
 if TYPE_CHECKING:
     from ..layers.spec import LayerSpec
 
-__all__ = ["OpRecord", "ParamRecord", "LayerRecord", "BlockRecord", "ReshapeRecord", "TraceResult"]
+__all__ = ["OpRecord", "ParamRecord", "LayerRecord", "BlockRecord", "ReshapeRecord", "SizeAttrRecord", "LostDim",
+           "TraceResult"]
 
 
 @dataclass
@@ -71,6 +72,35 @@ class ReshapeRecord:
 
 
 @dataclass
+class SizeAttrRecord:
+    """An attribute of a module that holds the kept size of a space (a grouped conv's ``groups``)."""
+
+    module: str
+    attr: str
+    space: Space
+
+
+@dataclass
+class LostDim:
+    """A dimension that could have been searched but is fixed: what fixed it and what that costs.
+
+    ``size`` is the number of elements of the dimension (channels, heads); ``params`` the number
+    of parameter elements in the tensors that have it (what pruning it would have shrunk);
+    ``reasons`` name the op and the module that fixed it; ``members`` the parameter dims in it.
+    """
+
+    name: str
+    size: int
+    params: int
+    reasons: list[str]
+    members: list[str]
+
+    def __str__(self) -> str:
+        why = "; ".join(self.reasons) or "fixed"
+        return f"{self.name} ({self.size} elements, {self.params:,} parameters): {why}"
+
+
+@dataclass
 class TraceResult:
     """Everything the search and export need to know about the model's dimensions."""
 
@@ -81,3 +111,9 @@ class TraceResult:
     reshapes: list[ReshapeRecord]
     unsupported: dict[str, list[str]]  # op name -> modules where seen
     total_flops: float
+    size_attrs: list[SizeAttrRecord] = field(default_factory=list)
+    lost: list[LostDim] = field(default_factory=list)  # searchable-looking dims that are fixed, and why
+
+    def lost_text(self) -> str:
+        """The lost dimensions, one per line (empty when none)."""
+        return "".join(f"\n  {d}" for d in self.lost)

@@ -19,7 +19,11 @@ The rule API of the tracer (the ``tr`` argument), for rule writers:
 - ``tr.unknown(name, args, kwargs, out, reason=None)``: treat the op as unsupported;
 - ``tr.record_op(name, flops, spaces)``: an op whose FLOPs scale with the sizes of ``spaces``;
 - ``tr.record_reshape(value, space)``: an explicit int of the current module that sized ``space``;
-- ``tr.mark_raw(t)``, ``tr.is_param(t)``, ``tr.current_module()``;
+- ``tr.record_size_attr(attr, space)``: the current module's attribute ``attr`` holds the kept size of
+  ``space`` (export sets it);
+- ``tr.watch(t, fn)``: call ``fn(op_name)`` if ``t`` is read by a later op or returned by the model;
+- ``tr.mark_raw(t)``, ``tr.is_param(t)``, ``tr.current_module()``; in a layer's ``trace_unit``,
+  ``tr.unit_call`` holds the ``(args, kwargs)`` the layer was called with;
 - and from :mod:`dmscale.trace.spaces`: ``union``, ``fix``, ``split``, ``composite``, ``tag``.
 
 A rule that raises is caught: the op is then treated as unsupported (``rule error`` in the

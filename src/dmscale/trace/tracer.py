@@ -21,14 +21,18 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
+from .flops import flop_formula
 from .spaces import Space, TraceError, fix, union
-from .records import BlockRecord, LayerRecord, OpRecord, ParamRecord, ReshapeRecord, TraceResult
+from .records import (BlockRecord, LayerRecord, OpRecord, ParamRecord, ReshapeRecord, SizeAttrRecord,
+                      TraceResult)
 from .registry import OpCall, first_tensor, rule_for, tensors
+from .lost import lost_dimensions
 from . import rules as _rules  # noqa: F401  (registers the built-in op rules)
+from .rules.metadata import METADATA as _METADATA
 from ..layers.spec import LayerSpec, layer_kind, spec_for
 from ..layers.predicates import is_rmsnorm
+from ..layers.norms import identify_norm, norm_candidate, norm_spec
 
 __all__ = ["Space", "TraceResult", "trace", "TraceError", "is_rmsnorm", "layer_kind", "Tracer", "BlockRecord",
            "LayerRecord", "OpRecord", "ParamRecord", "ReshapeRecord"]
@@ -47,7 +51,7 @@ class _FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        fn = flop_registry.get(func._overloadpacket)
+        fn = flop_formula(func._overloadpacket)
         if fn is not None:
             self.total += float(fn(*args, **kwargs, out_val=out))
         return out
@@ -101,6 +105,9 @@ class Tracer(TorchFunctionMode):
         self.leaf_flop_start: list[float] = []
         self.layer_outputs: dict[str, list[Space]] = {}
         self.unsupported_spaces: dict[str, list[Space]] = {}
+        self.size_attrs: list[SizeAttrRecord] = []
+        self.watches: dict[int, list[tuple[torch.Tensor, Callable[[str], None]]]] = {}
+        self.unit_call: tuple[tuple, dict] = ((), {})  # (args, kwargs) of the unit whose trace_unit runs
 
     # -- labels
     def get(self, t: torch.Tensor) -> list[Space]:
@@ -146,8 +153,35 @@ class Tracer(TorchFunctionMode):
         return self.module_stack[-1] if self.module_stack else ""
 
     def fresh(self, t: torch.Tensor, origin: str = "", fixed: bool = False) -> list[Space]:
-        """New spaces for a new tensor's dims (fixed when export could not slice it)."""
-        return [Space(n, origin or f"t:{self.current_module()}", fixed=fixed and n > 1) for n in t.shape]
+        """New spaces for a new tensor's dims (fixed when export could not slice it; ``origin`` names the op)."""
+        dims = [Space(n, origin or f"t:{self.current_module()}", fixed=fixed and n > 1) for n in t.shape]
+        for s in dims:
+            if s.fixed:
+                s.fix_reasons.append(f"{origin or 'a tensor made'} in {self.current_module() or 'model'}")
+        return dims
+
+    def watch(self, t: torch.Tensor, fn: Callable[[str], None]) -> None:
+        """Call ``fn(op_name)`` once if ``t`` is used by a later op or returned by the model.
+
+        For outputs that are only safe to prune while nothing reads them (e.g. attention weights
+        averaged over heads): ``fn`` fixes what pruning would change.
+        """
+        self.watches.setdefault(id(t), []).append((t, fn))
+
+    def _fire_watches(self, name: str, ts: list[torch.Tensor]) -> None:
+        if name in _METADATA or name in ("get:shape", "get:dtype", "get:device", "get:ndim", "get:is_cuda"):
+            return
+        for t in ts:
+            entries = self.watches.get(id(t))
+            if entries:
+                for held, fn in [e for e in entries if e[0] is t]:
+                    fn(name)
+                self.watches[id(t)] = [e for e in entries if e[0] is not t]
+
+    def record_size_attr(self, attr: str, space: Space, module: str | None = None) -> None:
+        """Attribute ``attr`` of a module (default: the current one) holds the kept size of ``space``
+        (e.g. a grouped convolution's ``groups``); export sets it from the kept count."""
+        self.size_attrs.append(SizeAttrRecord(self.current_module() if module is None else module, attr, space))
 
     def is_param(self, t: torch.Tensor) -> bool:
         """True for a parameter or buffer of the model."""
@@ -165,15 +199,21 @@ class Tracer(TorchFunctionMode):
         if self.leaf_depth > 0:
             return func(*args, **kwargs)
         name = _func_name(func)
+        if self.watches:
+            self._fire_watches(name, tensors((args, kwargs)))
         before = self.counter.total
         out = func(*args, **kwargs)
         flops = self.counter.total - before
+        n_ops = len(self.ops)
         try:
             self.rule(name, func, args, kwargs, out, flops)
         except TraceError:
             raise
         except Exception as exc:  # a rule that fails must not break the user's model: fix and report
             self.unknown(name, args, kwargs, out, f"{name} (rule error: {exc})")
+        if flops > 0 and len(self.ops) == n_ops:
+            # FLOPs of an op no rule accounted for: counted at full width, removed with their block
+            self.record_op(name, flops, [])
         return out
 
     def unknown(self, name: str, args: tuple, kwargs: dict, out: Any, reason: str | None = None) -> None:
@@ -188,6 +228,9 @@ class Tracer(TorchFunctionMode):
                 fix(s, f"{reason} in {self.current_module() or 'model'}")
                 if len(touched) < 256:
                     touched.append(s)
+        for t in outs:  # activations: a parameter dim they meet later is reported as lost
+            for s in self.get(t):
+                s.find().tags.add("act")
         for t in ins:
             self.mark_raw(t)
         self.unsupported.setdefault(name, [])
@@ -217,7 +260,7 @@ class Tracer(TorchFunctionMode):
         if name.startswith("get:"):
             if not isinstance(out, torch.Tensor):
                 return
-        elif not tensors(out):
+        elif not tensors(out) and name != "__setitem__":  # x[i] = v returns nothing but writes into x
             return
         fn = rule_for(name)
         if fn is None:
@@ -269,6 +312,13 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     names = {id(m): n for n, m in model.named_modules()}
     specs = {id(m): spec_for(m) for m in model.modules()}
     units = {k for k, sp in specs.items() if sp is not None and sp.trace_unit is not None}
+    # norms are recognised by what they compute (layers/norms.py): modules without a spec of their
+    # own (or with a built-in norm spec) whose parameters look like a norm's are probed on first call
+    from ..layers.builtin import LAYERNORM, RMSNORM  # torch's norm classes are probed like any norm-shaped module
+
+    norm_probe = {id(m) for m in model.modules()
+                  if (specs[id(m)] is None or specs[id(m)] in (LAYERNORM, RMSNORM)) and norm_candidate(m)}
+    norm_forms: dict[int, Any] = {}
     handles = []
     containers = {}
     for cname, c in model.named_modules():
@@ -287,8 +337,27 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
             containers[id(mods_by_name[bname])] = (f"declared{k}", i, bname)
             declared.add(bname)
 
+    def probe_norm(mod, args, kwargs) -> None:
+        flops = tr.counter.total
+        tr.leaf_depth += 1  # the probe's ops are not part of the trace
+        try:
+            form = identify_norm(mod, args, kwargs)
+        finally:
+            tr.leaf_depth -= 1
+            tr.counter.total = flops
+        norm_forms[id(mod)] = form
+        base = specs[id(mod)]
+        if form is not None:
+            specs[id(mod)] = norm_spec(form, base)
+            units.add(id(mod))
+        elif base is not None and base.masked_norm is None:
+            # a built-in norm spec whose module computes something else: traced through its ops
+            specs[id(mod)] = None
+
     def pre(mod, args, kwargs):
         name = names.get(id(mod), "?")
+        if id(mod) in norm_probe and id(mod) not in norm_forms and tr.leaf_depth == 0:
+            probe_norm(mod, args, kwargs)
         tr.module_stack.append(name)
         info = containers.get(id(mod))
         if info is not None and tr.leaf_depth == 0:
@@ -322,6 +391,7 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
             if tr.leaf_depth == 0:
                 flops = tr.counter.total - tr.leaf_flop_start.pop()
                 x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+                tr.unit_call = (args, kwargs)
                 spec.trace_unit(tr, mod, name, x, output, flops)
         if spec is not None and spec.maskable and tr.leaf_depth == 0:
             y = first_tensor(output)
@@ -349,7 +419,9 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
                 for s in tr.get(t):
                     fix(s, "model input")
             out = model(*inputs, **example_kwargs)
-        for t in tensors(_model_outputs(out)):
+        outs = tensors(_model_outputs(out))
+        tr._fire_watches("model output", outs)
+        for t in outs:
             for s in tr.get(t):
                 fix(s, "model output")
     finally:
@@ -385,12 +457,11 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
               and (b.container not in positional or n in declared)]
     # a container of removable blocks is not itself removable: keep the innermost
     blocks = [b for b in blocks if not any(o.name.startswith(b.name + ".") for o in blocks)]
-    # a parameter is raw (masked by its own parametrization) unless a layer spec accounts for it
-    mods = dict(model.named_modules())
+    # a parameter is raw (masked by its own parametrization) unless the layer record of its module
+    # accounts for it (a layer that never ran, e.g. a projection whose weight an op reads, has none)
     for rec in tr.params.values():
-        mod = mods.get(rec.module)
-        spec = specs.get(id(mod)) if mod is not None else None
-        rec.raw = spec is None or not spec.maskable or rec.attr not in spec.params
+        lrec = tr.layers.get(rec.module)
+        rec.raw = lrec is None or lrec.spec is None or rec.attr not in lrec.spec.params
         # a space whose elements must be masked in every parameter that holds them (multi-query heads:
         # a pruned query head still outputs the shared value head, so the output projection is masked too)
         if not rec.raw and any("mask_params" in leaf.tags for s in rec.dims for leaf in s.leaves()):
@@ -400,7 +471,8 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     # report only ops that cost pruning freedom: they touched a dimension some parameter lives in
     unsupported = {op: mods for op, mods in tr.unsupported.items()
                    if any(leaf.owned and leaf.size > 1 for s in tr.unsupported_spaces.get(op, []) for leaf in s.leaves())}
-    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total)
+    return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total,
+                       size_attrs=tr.size_attrs, lost=lost_dimensions(tr.params))
 
 
 class _ListAccess:
@@ -454,12 +526,13 @@ def _layer_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> La
         return None
     out_space = prec.dims[spec.out_dims[pname]]
     labels = tr.layer_outputs.get(mname)
+    if labels is None:  # never called: its parameters were read by ops (they are masked as raw parameters)
+        return None
     dims: dict[int, Space] = {}
-    if labels is not None:
-        n = len(labels)
-        for i, s in enumerate(labels):
-            if s.find() is out_space.find():
-                dims[i - n] = out_space
+    n = len(labels)
+    for i, s in enumerate(labels):
+        if s.find() is out_space.find():
+            dims[i - n] = out_space
     if not dims:
         fix(out_space, f"output channels of {type(mod).__name__} '{mname}' not found in its output")
         return None
@@ -467,7 +540,7 @@ def _layer_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> La
     if spec.masked_norm is not None:
         std = spec.standard_forward
         custom = std is not None and type(mod).forward is not std
-        if w.dim() != 1 or custom or list(dims) != [-1]:
+        if w.dim() != 1 or custom or len(dims) != 1:
             fix(out_space, f"{type(mod).__name__} '{mname}' normalises in a way dmscale does not model")
             return None
         norm_space = prec.dims[0]

@@ -4,5 +4,5 @@ Each rule's docstring states what it couples and what it fixes; ``tests/trace/te
 checks it.
 """
 
-from . import (attention, conv, creation, elementwise, embedding, linear, matmul, metadata, norm,  # noqa: F401
-               pool, reduce, shape)
+from . import (attention, conv, creation, einsum, elementwise, embedding, index, linear, matmul, metadata,  # noqa: F401
+               mha, norm, pool, reduce, rnn, shape)

@@ -60,10 +60,29 @@ def matmul(tr, c) -> None:
     matmul_dims(tr, a, b, c.out, c.flops, c.name)
 
 
-@op_rule("addmm", "baddbmm", "addbmm")
+@op_rule("addmm", "baddbmm")
 def addmm(tr, c) -> None:
-    """``input + a @ b``: the product as :func:`matmul_dims`, then ``input`` broadcast-united with it."""
-    bias = c.args[0] if c.args else c.kwargs.get("input")
-    matmul_dims(tr, c.args[1], c.args[2], c.out, c.flops, c.name)
+    """``beta * input + alpha * a @ b``: the product as :func:`matmul_dims`, then ``input`` broadcast-united
+    with it (``baddbmm``: batch dims too)."""
+    bias = c.arg(0, "input", None)
+    a, b = c.arg(1, "batch1" if c.name == "baddbmm" else "mat1"), c.arg(2, "batch2" if c.name == "baddbmm" else "mat2")
+    matmul_dims(tr, a, b, c.out, c.flops, c.name)
+    if isinstance(bias, torch.Tensor):
+        tr.broadcast_union([bias, c.out], c.out)
+
+
+@op_rule("addbmm")
+def addbmm(tr, c) -> None:
+    """``input + sum_i a[i] @ b[i]``: the batch dim is contracted like the inner dim (both coupled);
+    out is [a[-2], b[-1]], broadcast-united with ``input``."""
+    bias, a, b = c.arg(0, "input", None), c.arg(1, "batch1"), c.arg(2, "batch2")
+    ad, bd = list(tr.get(a)), list(tr.get(b))
+    for t in (a, b):
+        if tr.is_param(t):
+            tr.mark_raw(t)
+    union(ad[0], bd[0])
+    union(ad[2], bd[1])
+    tr.set(c.out, [ad[1], bd[2]])
+    tr.record_op(c.name, c.flops, [ad[0], ad[1], ad[2], bd[2]])
     if isinstance(bias, torch.Tensor):
         tr.broadcast_union([bias, c.out], c.out)

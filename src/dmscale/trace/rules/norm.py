@@ -1,4 +1,10 @@
-"""Normalisation ops: affine parameters are tied to the normalised / channel dim, which passes through."""
+"""Normalisation ops: affine parameters are tied to the normalised / channel dim, which passes through.
+
+``layer_norm`` / ``rms_norm`` compute statistics over their normalised dims, so pruning those would
+change every output: the dims are fixed. A norm *layer* (``nn.LayerNorm``, any RMSNorm or
+channels-first LayerNorm) is recognised by what it computes (:mod:`dmscale.layers.norms`) and
+traced as one unit, with statistics over the kept channels; these rules only see bare calls.
+"""
 
 from __future__ import annotations
 
@@ -33,15 +39,15 @@ def _layer_norm(tr, c, weight_index: int, bias_index: int | None) -> None:
         if isinstance(t, torch.Tensor):
             for a, b in zip(tr.get(t), xd[-k:]):
                 union(a, b)
-    if k > 1:  # stats over several dims: keep them all
-        for s in xd[-k:]:
-            fix(s, f"layer_norm over {k} dims in {tr.current_module()}")
+    for s in xd[-k:]:  # statistics over these dims: pruning one changes every output
+        fix(s, f"{c.name} over {k} dim{'s' if k > 1 else ''} outside a recognised norm layer in "
+               f"{tr.current_module() or 'model'}")
     tr.set(c.out, xd)
 
 
 @op_rule("layer_norm")
 def layer_norm(tr, c) -> None:
-    """Couples weight / bias with the normalised dims; fixes them when there are several."""
+    """Couples weight / bias with the normalised dims and fixes them (statistics over them)."""
     _layer_norm(tr, c, 2, 3)
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..registry import op_rule, tensors
-from ..spaces import Space, fix
+from ..spaces import fix
+from .conv import spatial
 
 # op name -> number of trailing spatial dims (-1: every dim after batch and channel)
 SPATIAL_DIMS = {
@@ -27,7 +28,7 @@ def pool(tr, c) -> None:
     sd = list(tr.get(src))
     for o in tensors(c.out):
         if o.dim() == src.dim():
-            tr.set(o, sd[: o.dim() - k] + [Space(n, "pool") for n in o.shape[o.dim() - k:]])
+            tr.set(o, sd[: o.dim() - k] + [spatial(n) for n in o.shape[o.dim() - k:]])
         else:
             tr.set(o, tr.fresh(o))
     if c.name == "pixel_shuffle":

@@ -15,6 +15,7 @@ import torch
 
 from ..registry import norm_dim, op_rule, tensors
 from ..spaces import Space, TraceError, composite, fix, split, union
+from .index import advanced_getitem
 
 
 @op_rule("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "squeeze_",
@@ -143,6 +144,7 @@ def expand(tr, c) -> None:
             od.append(sd[j])
         else:  # broadcast copies (e.g. repeat_kv): not a dimension export could slice
             od.append(Space(n, "expand", fixed=n > 1))
+            od[-1].tags.add("bcast_copy")  # equal values along it (an index built this way may follow any slice)
     tr.set(out, od)
 
 
@@ -286,7 +288,7 @@ def _as_slice(i: Any, n: int) -> Any:
 def getitem(tr, c) -> None:
     """Full slices and ``None`` / ``...`` keep spaces; a contiguous slice (or an index list of
     consecutive ints) is a part of its dim (:func:`slice_part`); an int index or a strided slice
-    fixes the indexed dim; tensor indexing makes the op unsupported."""
+    fixes the indexed dim (tensor and mask indices: :func:`.index.advanced_getitem`)."""
     src, idx, out = c.args[0], c.args[1], c.out
     sd = list(tr.get(src))
     where = tr.current_module() or "model"
@@ -295,11 +297,11 @@ def getitem(tr, c) -> None:
     idx = _lists_as_slices(idx, src)
     if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in idx) or \
             any(isinstance(i, (list,)) for i in idx):
-        return tr.unknown("__getitem__(tensor index)", (src,), {}, out)
+        return advanced_getitem(tr, c)  # indexing by tensors / lists: rules/index.py
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis and not (isinstance(i, torch.Tensor)))
     bool_dims = sum(i.dim() for i in idx if isinstance(i, torch.Tensor))
     if bool_dims:
-        return tr.unknown("__getitem__(mask index)", (src,), {}, out)
+        return advanced_getitem(tr, c)
     full: list[Any] = []
     for i in idx:
         if i is Ellipsis:
