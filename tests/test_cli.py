@@ -130,7 +130,7 @@ def test_second_command_on_a_locked_run_fails_at_once_naming_the_holder(searched
     import subprocess
     import sys
 
-    code = ("import sys; from dmscale.app.runs import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys; from dmscale.serialization.dirs import lock_dir; lock = lock_dir(sys.argv[1]); "
             "print('locked', flush=True); sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code, str(searched)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -141,7 +141,7 @@ def test_second_command_on_a_locked_run_fails_at_once_naming_the_holder(searched
                      ["demo", "--quick", "--out", str(searched), "--fresh", "-q"], ["report", str(searched)]):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
-            assert f"pid {holder.pid}" in err and "in use" in err, err
+            assert f"PID {holder.pid}" in err and "in use" in err, err
         assert (searched / "state.json").read_text() == before and (searched / "model" / "structure.json").exists()
     finally:
         holder.stdin.close()
@@ -155,7 +155,7 @@ def test_fresh_replaces_only_a_directory_dmscale_created(tmp_path: Path, capsys:
     (foreign / "config.yaml").write_text("my: own\n")
     (foreign / "thesis.tex").write_text("years of work")
     assert main(["demo", "--quick", "--out", str(foreign), "--fresh", "-q"] + sets("search.steps=2")) == 2
-    assert "did not create it" in capsys.readouterr().err
+    assert "not created by dmscale" in capsys.readouterr().err
     assert (foreign / "thesis.tex").read_text() == "years of work"
     # a non-empty directory without config.yaml: refused as well (not a run to continue)
     other = tmp_path / "other"

@@ -573,7 +573,7 @@ def test_cli_second_command_on_a_locked_run_fails_naming_the_pid(run_dir, capsys
 def test_cli_failed_run_exits_1_interrupt_130_debug_shows_traceback(tmp_path, capsys, monkeypatch):
     from dmscale.app import pipelines
 
-    def boom(cfg, resume=False, callback=None):
+    def boom(cfg, resume=False, callback=None, allow_over_budget=False):
         raise RuntimeError("the optimizer exploded at step 3")
 
     monkeypatch.setattr(pipelines, "run", boom)
@@ -586,7 +586,7 @@ def test_cli_failed_run_exits_1_interrupt_130_debug_shows_traceback(tmp_path, ca
     code, err = _cli(capsys, *args, "--debug")  # accepted anywhere on the command line
     assert code == 1 and "Traceback" in err
 
-    def interrupt(cfg, resume=False, callback=None):
+    def interrupt(cfg, resume=False, callback=None, allow_over_budget=False):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipelines, "run", interrupt)

@@ -211,21 +211,44 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def test_run_directory_is_marked_and_locked_while_a_command_runs(tmp_path: Path) -> None:
-    from dmscale.app.runs import RUN_MARKER, RunLock, RunLockedError, is_run_dir
+    from dmscale.app.runs import is_run_dir, lock_run_dir
+    from dmscale.serialization.dirs import MARKER_FILE, dir_kind, lock_dir
+    from dmscale.serialization.errors import DirLockedError
 
     out = tmp_path / "run"
     seen = []
 
     def probe(phase: str, step: int) -> None:
         if not seen:  # inside the command: the directory is marked and its lock is taken
-            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
-                RunLock(out).acquire()
+            for take in (lock_run_dir, lock_dir):  # another command, or any other holder, in this process too
+                with pytest.raises(DirLockedError, match=f"in use .*PID {os.getpid()}"):
+                    take(out)
             seen.append(phase)
     pipelines.run(tiny(out, "pretrain"), callback=probe)
-    assert seen and (out / RUN_MARKER).is_file() and is_run_dir(out)
-    with RunLock(out):  # released when the command ended
-        with pytest.raises(RunLockedError):
+    assert seen and (out / MARKER_FILE).is_file() and dir_kind(out) == "run" and is_run_dir(out)
+    with lock_run_dir(out):  # released when the command ended
+        with pytest.raises(DirLockedError):
             pipelines.run(pipelines.load_run_config(out), resume=True)
+
+
+def test_run_of_the_previous_layout_resumes_and_is_marked(crashed: dict[str, Path], tmp_path: Path) -> None:
+    """A run directory of dmscale < 0.2 (config.yaml + state.json, no marker) resumes, and is marked then."""
+    from dmscale.app.runs import check_output_path, is_run_dir
+    from dmscale.serialization.dirs import MARKER_FILE, dir_kind
+
+    d = _copy(crashed["a"], tmp_path / "legacy")
+    (d / MARKER_FILE).unlink()
+    assert dir_kind(d) is None and is_run_dir(d)
+    with pytest.raises(ConfigError, match="inside the run directory"):
+        check_output_path(d / "model")  # unmarked, it is still a run: its outputs are its own
+    s = pipelines.run(pipelines.load_run_config(d), resume=True)
+    assert "found, retrained" in [r["name"] for r in s["rows"]] and dir_kind(d) == "run"
+    # a directory that only looks like one (a marker of another kind) is not a run
+    other = _copy(crashed["a"], tmp_path / "model-marked")
+    (other / MARKER_FILE).write_text('{"dmscale": "model"}\n')
+    assert not is_run_dir(other)
+    with pytest.raises(FileExistsError, match="not a dmscale run directory"):
+        pipelines.run(pipelines.load_run_config(other), resume=True)
 
 
 def test_tampered_or_foreign_checkpoints_are_refused_by_name(crashed: dict[str, Path], tmp_path: Path) -> None:
@@ -265,44 +288,44 @@ def test_tampered_or_foreign_checkpoints_are_refused_by_name(crashed: dict[str, 
 
 def test_corrupt_run_files_are_named(crashed: dict[str, Path], tmp_path: Path) -> None:
     from dmscale.app.cli import main
-    from dmscale.app.runs import RunDirError
-
     d = _copy(crashed["a"], tmp_path / "state")
     (d / "state.json").write_text("{not json")
-    with pytest.raises(RunDirError, match="state.json is corrupt"):
+    with pytest.raises(ConfigError, match="state.json' is corrupted"):
         pipelines.run(pipelines.load_run_config(d), resume=True)
     (d / "state.json").write_text("[]")
-    with pytest.raises(RunDirError, match="state.json is not a dmscale run state"):
+    with pytest.raises(ConfigError, match="state.json' is corrupted: expected a JSON dict"):
         pipelines.run(pipelines.load_run_config(d), resume=True)
     d = _copy(crashed["a"], tmp_path / "cfg")
     (d / "config.yaml").write_text("search: [unclosed\n")
-    with pytest.raises(ConfigError, match="config.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match="config.yaml' does not parse"):
         pipelines.load_run_config(d)
     (d / "config.yaml").write_text("- a list\n")
     assert main(["search", "--resume", str(d), "-q"]) == 2
 
 
 def test_clean_run_dir_refuses_what_dmscale_did_not_create(tmp_path: Path) -> None:
-    from dmscale.app.runs import RunDirError, RunLock, clean_run_dir, mark_run_dir
+    from dmscale.app.runs import clean_run_dir, lock_run_dir
+    from dmscale.serialization.dirs import claim_dir
+    from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError
 
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "config.yaml").write_text("run: {}\n")
-    with pytest.raises(RunDirError, match="did not create it"):
+    with pytest.raises(ForeignDirectoryError, match="not created by dmscale"):
         clean_run_dir(legacy)
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(RunDirError, match="not a run directory"):
+    with pytest.raises(ForeignDirectoryError, match="is not a directory"):
         clean_run_dir(f)
     link = tmp_path / "link"
     mine = tmp_path / "mine"
     mine.mkdir()
-    mark_run_dir(mine)
+    claim_dir(mine, "run")
     link.symlink_to(mine)
-    with pytest.raises(RunDirError, match="link"):
+    with pytest.raises(ForeignDirectoryError, match="symbolic link"):
         clean_run_dir(link)
-    with RunLock(mine):
-        with pytest.raises(RunDirError, match="in use"):
+    with lock_run_dir(mine):
+        with pytest.raises(DirLockedError, match="in use"):
             clean_run_dir(mine)
     clean_run_dir(mine)
     assert not mine.exists() and legacy.exists() and f.exists()

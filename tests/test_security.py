@@ -546,6 +546,22 @@ def test_lock_refuses_a_second_holder_naming_its_pid(tmp_path: Path) -> None:
     assert not lock.held
 
 
+def test_lock_taken_non_reentrant_refuses_a_second_holder_in_this_process(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    with dirs.lock_dir(d, what="run directory", reentrant=False):
+        for kw in ({}, {"reentrant": False}):
+            with pytest.raises(DirLockedError, match=rf"run directory .* in use .*\(PID {os.getpid()}\)") as ei:
+                dirs.lock_dir(d, what="run directory", **kw)
+            assert ei.value.pid == os.getpid()
+        with pytest.raises(DirLockedError):
+            dirs.remove_dmscale_dir(dirs.claim_dir(d, "run"), "run")
+    with dirs.lock_dir(d):  # a shared hold refuses an exclusive one, too
+        with pytest.raises(DirLockedError):
+            dirs.lock_dir(d, reentrant=False)
+    with dirs.lock_dir(d, reentrant=False) as lock:  # all released: free again
+        assert lock.held
+
+
 def test_markers(tmp_path: Path) -> None:
     d = tmp_path / "a"
     assert dirs.dir_kind(d) is None and not dirs.is_dmscale_dir(d)

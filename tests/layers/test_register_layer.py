@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dmscale
 from dmscale.layers import LayerSpec, linear_unit, spec_for, unregister_layer
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 
 class EinsumDense(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dmscale.layers import spec_for
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 from prunetools import prune_and_export
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from dmscale.layers import LayerSpec, layer_kind, spec_for
-from dmscale.trace import is_rmsnorm, trace
+from dmscale.layers import is_rmsnorm
+from dmscale.trace.tracer import trace
 
 
 class LlamaLikeRMSNorm(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dmscale.trace import Space, Tracer
+from dmscale.trace.tracer import Space, Tracer
 
 
 class _Holder(nn.Module):

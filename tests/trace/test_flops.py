@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dmscale
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 
 def _fastpath(enabled: bool) -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 from ruletools import free, run_op, same
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import dmscale
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 
 class Flipper(nn.Module):

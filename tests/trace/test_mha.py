@@ -6,7 +6,7 @@ output projection's rows. Attention weights read later, or a 3-D attn_mask, fix 
 import torch
 import torch.nn as nn
 
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 from ruletools import fixed, free, same
 

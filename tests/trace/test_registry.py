@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dmscale.trace import op_rule, registered_ops, rule_for, trace, unregister_op_rule
+from dmscale.trace import op_rule, registered_ops, rule_for, unregister_op_rule
+from dmscale.trace.tracer import trace
 from dmscale.trace.spaces import fix
 
 

@@ -193,11 +193,12 @@ def cmd_report(a: argparse.Namespace) -> int:
     """Rebuild summary.json, report.md and plots of a run directory and print the tables."""
     from dmscale.app.pipelines import summarize
     from dmscale.app.report import render, write_report
-    from dmscale.app.runs import RunLock, is_run_dir
+    from dmscale.app.runs import is_run_dir, lock_run_dir
 
     if not is_run_dir(a.run_dir):
-        raise FileNotFoundError(f"{a.run_dir!r} is not a run directory (no config.yaml and state.json)")
-    with RunLock(a.run_dir):  # it rewrites summary.json / report.md: not while a command runs there
+        raise FileNotFoundError(f"{a.run_dir!r} is not a run directory (no .dmscale run marker, no config.yaml and "
+                                "state.json)")
+    with lock_run_dir(a.run_dir):  # it rewrites summary.json / report.md: not while a command runs there
         s = summarize(a.run_dir)
         write_report(a.run_dir, s)
     print(render(s))
@@ -395,14 +396,13 @@ _PASSTHROUGH = {
 
 def _error_exit(exc: BaseException) -> tuple[int, str]:
     """(exit code, message) of an error: 2 for bad input (config, files, paths, locks), 1 for a failed run."""
-    from dmscale.app.runs import RunDirError
     from dmscale.recipes.loop import TrainingError
     from dmscale.recipes.pipelines import OverBudgetError
     from dmscale.serialization.checkpoint import CheckpointError
     from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError, LoadError
 
     msg = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError, RunDirError)):
+    if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError)):
         return 2, msg
     if isinstance(exc, (TrainingError, OverBudgetError)):  # the run failed: non-finite training, over budget
         return 1, msg

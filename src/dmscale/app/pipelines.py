@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from dmscale.app import zoo
 from dmscale.app.config import ConfigError, RunConfig, TrainConfig
-from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run,
+from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
 from dmscale.recipes.loop import (NonFiniteError, cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all,
@@ -410,7 +410,7 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json."""
     run_dir = Path(run_dir)
-    state = json.loads((run_dir / "state.json").read_text("utf-8"))
+    state = read_state(run_dir / "state.json")
     cfg = load_run_config(run_dir)
     ph = state["phases"]
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),

@@ -2,8 +2,9 @@
 
 Layout (see docs/cli.md)::
 
-    .dmscale-run         marker: dmscale created this directory (only such a directory is ever replaced)
-    .dmscale-lock        fcntl lock held for the life of a command (a second command fails at once)
+    .dmscale             marker ``{"dmscale": "run"}``: dmscale created this directory (only such a directory is
+                         ever replaced or deleted; ``dmscale.serialization.dirs``)
+    .dmscale.lock        fcntl lock held for the life of a command (a second command fails at once, naming its PID)
     config.yaml          the full config used (reload with --config or --resume)
     log.jsonl            one JSON record per step of every phase (+ eval records)
     state.json           finished phases and their results (what a resume skips)
@@ -11,22 +12,22 @@ Layout (see docs/cli.md)::
     pretrained/ searched/ model/ baselines/<m>/   models saved with dmscale.save
     summary.json report.md *.png
 
+Runs of dmscale < 0.2 have no marker; a directory with ``config.yaml`` and ``state.json`` is one of
+them (:func:`is_run_dir`): it resumes, and gets its marker then.
+
 Data order is a pure function of (seed, phase, step), so a resumed phase fast-forwards exactly;
 a checkpoint is only restored after it is checked against the run (phase, seed, step, data
 position, architecture, optimizer and search state).
 
-Directory safety API (small and separate, to be reconciled with ``serialization/dirs.py``):
-:data:`RUN_MARKER`, :func:`mark_run_dir`, :func:`is_run_dir`, :class:`RunLock`,
-:func:`check_output_path`, :func:`clean_run_dir`, errors :class:`RunDirError` / :class:`RunLockedError`.
+Directory safety is ``dmscale.serialization.dirs`` (marker kind ``"run"``, :func:`lock_dir`,
+:func:`remove_dmscale_dir`); this module adds what is particular to runs: :func:`is_run_dir` (with
+the marker-less layout), :func:`check_output_path`, :func:`clean_run_dir`, :func:`read_state`.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -35,55 +36,50 @@ import torch
 import torch.nn as nn
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, dump_yaml, from_dict, validate
+from dmscale.app.config import ConfigError, RunConfig, dump_yaml, from_file, validate
 from dmscale.recipes.loop import CheckpointError
 from dmscale.resources import count
+from dmscale.serialization.atomic import read_json_file
 from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint
+from dmscale.serialization.dirs import (LOCK_FILE, MARKER_FILE, DirLock, claim_dir, is_dmscale_dir, lock_dir,
+                                        remove_dmscale_dir)
+from dmscale.serialization.errors import ForeignDirectoryError
 from dmscale.serialization.format import atomic_write_text
 
 if TYPE_CHECKING:
     from dmscale.app.datasets import ImageData
 
-__all__ = ["Run", "open_run", "load_run_config", "clean_run_dir", "resolve_model_dir", "Batches", "evaluate",
-           "PHASE_SALT", "RUN_MARKER", "LOCK_FILE", "RunDirError", "RunLockedError", "RunLock", "mark_run_dir",
-           "is_run_dir", "check_output_path"]
+__all__ = ["Run", "open_run", "load_run_config", "read_state", "clean_run_dir", "resolve_model_dir", "Batches",
+           "evaluate", "PHASE_SALT", "RUN_KIND", "is_run_dir", "enclosing_run_dir", "lock_run_dir",
+           "check_output_path"]
 
 Callback = Callable[[str, int], None]
 PHASE_SALT = {"pretrain": 1, "search": 2, "retrain": 3, "baseline-uniform": 4, "baseline-l1": 5,
               "baseline-taylor": 6, "reset": 7, "recalibrate": 8, "model": 0}
-RUN_MARKER = ".dmscale-run"
-LOCK_FILE = ".dmscale-lock"
+RUN_KIND = "run"  # the kind in a run directory's marker file
 
 
 # ----------------------------------------------------------------------------------------- directory safety
-class RunDirError(RuntimeError):
-    """A run directory cannot be used as asked (foreign directory, in use, output inside another run)."""
-
-
-class RunLockedError(RunDirError):
-    """Another command holds the run directory's lock."""
-
-
-def mark_run_dir(path: str | os.PathLike[str]) -> Path:
-    """Write the marker that says dmscale created ``path`` (the only directories ``--fresh`` replaces)."""
-    p = Path(path) / RUN_MARKER
-    from dmscale import __version__
-
-    atomic_write_text(p, json.dumps({"created_by": "dmscale", "version": __version__,
-                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    return p
-
-
 def is_run_dir(path: str | os.PathLike[str]) -> bool:
-    """A directory dmscale made for a run: the marker, or (runs of dmscale < 0.2) config.yaml with state.json."""
+    """A directory dmscale made for a run: the ``run`` marker, or (runs of dmscale < 0.2: no marker at all)
+    ``config.yaml`` with ``state.json``. Never follows a symlink."""
     p = Path(path)
-    return p.is_dir() and ((p / RUN_MARKER).is_file() or ((p / "config.yaml").is_file()
-                                                          and (p / "state.json").is_file()))
+    if is_dmscale_dir(p, RUN_KIND):
+        return True
+    return (not p.is_symlink() and p.is_dir() and not os.path.lexists(p / MARKER_FILE)
+            and (p / "config.yaml").is_file() and (p / "state.json").is_file())
+
+
+def enclosing_run_dir(path: str | os.PathLike[str]) -> Path | None:
+    """``path`` itself or its nearest ancestor that is a run directory (:func:`is_run_dir`), else None."""
+    p = Path(path).expanduser().absolute()
+    return next((d for d in (p, *p.parents) if is_run_dir(d)), None)
 
 
 def check_output_path(path: str | os.PathLike[str], own_run: str | os.PathLike[str] | None = None,
                       what: str = "--out") -> None:
-    """Refuse an output path that is, or lies inside, a run directory other than ``own_run``.
+    """Refuse (:class:`ConfigError` naming ``what``) an output path that is, or lies inside, a run directory
+    other than ``own_run``.
 
     A run's directories (``model/``, ``searched/``, ...) are written by that run's own pipeline only:
     ``dmscale upscale R --out R/model`` would overwrite the run's result and leave it inconsistent.
@@ -95,67 +91,28 @@ def check_output_path(path: str | os.PathLike[str], own_run: str | os.PathLike[s
             return
         if is_run_dir(d):
             if d == p:
-                raise RunDirError(f"{what} {path}: that is the run directory {d}; write the output somewhere else")
-            raise RunDirError(f"{what} {path}: that is inside the run directory {d}, which only its own pipeline "
+                raise ConfigError(f"{what} {path}: that is the run directory {d}; write the output somewhere else")
+            raise ConfigError(f"{what} {path}: that is inside the run directory {d}, which only its own pipeline "
                               "writes; choose a path outside it")
 
 
-class RunLock:
-    """Exclusive ``fcntl.flock`` on ``<dir>/.dmscale-lock`` for the life of a command; the holder's PID is in the file.
-
-    A second :meth:`acquire` (another process, or another open in this one) fails at once with
-    :class:`RunLockedError` naming the holder. The kernel drops the lock when the holder exits.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.dir = Path(directory)
-        self.path = self.dir / LOCK_FILE
-        self._fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            who = f"pid {holder}" if holder.isdigit() else "another process"
-            raise RunLockedError(f"run directory {self.dir} is in use by another dmscale command ({who}); wait for "
-                                 "it to finish (two commands on one run would mix its state and log)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+def lock_run_dir(path: str | os.PathLike[str]) -> DirLock:
+    """The run directory's lock for one command: another command, in another process or this one, fails at once
+    (:class:`~dmscale.serialization.errors.DirLockedError` naming the holder's PID)."""
+    return lock_dir(path, what="run directory", reentrant=False)
 
 
 def clean_run_dir(path: str | os.PathLike[str]) -> None:
-    """Delete a run directory for ``--fresh``: only one dmscale created (marker) and no command is using (lock)."""
-    p = Path(path)
-    if not os.path.lexists(p):
-        return
-    if p.is_symlink() or not p.is_dir():
-        raise RunDirError(f"{p} is not a run directory (a file or a link); refusing to delete it")
-    if not (p / RUN_MARKER).is_file():
-        raise RunDirError(f"refusing to replace {p}: dmscale did not create it (no {RUN_MARKER} marker file); "
-                          "delete it yourself or choose another --out")
-    with RunLock(p):
-        shutil.rmtree(p)
+    """Delete a run directory for ``--fresh``: only one dmscale created (its marker) and no command is using."""
+    remove_dmscale_dir(path, RUN_KIND)
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's ``state.json`` (a regular JSON file with a ``phases`` table); :class:`ConfigError` naming it otherwise."""
+    state = read_json_file(path, what="run state", exc=ConfigError)
+    if not isinstance(state.get("phases"), dict):
+        raise ConfigError(f"run state {str(path)!r} is corrupted: no 'phases' table")
+    return state
 
 
 # ----------------------------------------------------------------------------------------- data and models
@@ -246,25 +203,22 @@ class Run:
         self.resume = resume
         self.attach = attach
         self.allow_over_budget = bool(allow_over_budget)
-        self._lock = RunLock(run_dir)
-        if os.path.lexists(run_dir) and not run_dir.is_dir():
-            raise RunDirError(f"run.out={str(run_dir)!r} exists and is not a directory")
-        outer = next((d for d in Path(run_dir).absolute().parents if is_run_dir(d)), None)
+        if os.path.lexists(run_dir) and (run_dir.is_symlink() or not run_dir.is_dir()):
+            raise ForeignDirectoryError(f"run.out={str(run_dir)!r} exists and is not a directory")
+        outer = enclosing_run_dir(Path(run_dir).absolute().parent)
         if outer is not None:
-            raise RunDirError(f"run.out={str(run_dir)!r} is inside the run directory {outer}, which only its own "
+            raise ConfigError(f"run.out={str(run_dir)!r} is inside the run directory {outer}, which only its own "
                               "pipeline writes; choose a directory outside it")
-        existing = run_dir.is_dir() and any(p.name not in (LOCK_FILE, RUN_MARKER) for p in run_dir.iterdir())
+        existing = run_dir.is_dir() and any(p.name not in (LOCK_FILE, MARKER_FILE) for p in run_dir.iterdir())
         if existing and not (resume or attach):
             raise FileExistsError(f"run directory {str(run_dir)!r} is not empty; use --resume {run_dir} to continue "
                                   "it or choose another run.out / --out")
         if existing and not is_run_dir(run_dir):
-            raise RunDirError(f"{run_dir} is not a dmscale run directory (no {RUN_MARKER} marker, no config.yaml + "
-                              "state.json); refusing to write into it; choose another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not existing:
-            mark_run_dir(run_dir)
-        self._lock.acquire()
+            raise ForeignDirectoryError(f"{run_dir} is not a dmscale run directory (no {MARKER_FILE} run marker, no "
+                                        "config.yaml + state.json); refusing to write into it; choose another --out")
+        self._lock = lock_run_dir(run_dir)  # held for the life of the command; creates the directory
         try:
+            claim_dir(run_dir, RUN_KIND)  # a new run, or one of dmscale < 0.2 (no marker yet)
             self._open()
         except BaseException:
             self._lock.release()
@@ -304,16 +258,7 @@ class Run:
     # ---------------------------------------------------------------- state & log
     def _read_state(self) -> dict[str, Any]:
         p = self.dir / "state.json"
-        if not p.exists():
-            return {"phases": {}}
-        try:
-            state = json.loads(p.read_text("utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RunDirError(f"{p} is corrupt ({exc}); the run cannot be continued") from exc
-        if not isinstance(state, dict) or not isinstance(state.get("phases", {}), dict):
-            raise RunDirError(f"{p} is not a dmscale run state (expected an object with 'phases')")
-        state.setdefault("phases", {})
-        return state
+        return read_state(p) if os.path.lexists(p) else {"phases": {}}
 
     def write_state(self) -> None:
         """Write state.json atomically."""
@@ -383,9 +328,9 @@ class Run:
         if not p.exists():
             return None
         try:
-            ck = load_checkpoint(p)
-        except (ValueError, OSError) as exc:
-            raise CheckpointError(f"--resume: {exc}") from exc
+            ck = load_checkpoint(p)  # names the file: corrupt, empty, not a dict, not a regular file
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint {str(p)!r} cannot be read: {exc.strerror or exc}") from exc
         where = f"checkpoint {p}"
         if ck.get("phase") != phase:
             raise CheckpointError(f"{where} belongs to phase {ck.get('phase')!r}, not {phase!r}")
@@ -459,18 +404,10 @@ def open_run(cfg: RunConfig, resume: bool = False, callback: Callback | None = N
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config a run directory was started with (``config.yaml``); errors name the file."""
-    import yaml
-
+    """The config a run directory was started with (``config.yaml``); errors name the file and the key."""
     p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text("utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of config sections, got {type(data).__name__}")
-    cfg = from_dict(data)
+    cfg = from_file(p)
     cfg.run.out = str(run_dir)
     return cfg

@@ -322,15 +322,35 @@ def _dropped_layers(dms: DMS) -> set[str]:
     return out
 
 
+def _set_uniform_count(dms: DMS, groups: list, k: int, n: int) -> None:
+    for g in groups:
+        for r in ((k + 0.45) / n, k / n, (k + 0.25) / n, (k - 0.25) / n):
+            dms.space.ratio(g).fill_(r)
+            if g.hard_count(dms.space.soft_mask(g)) == k:
+                break
+        else:
+            raise RuntimeError(f"uniform export: cannot make {g.name} keep exactly {k} of {n}")
+
+
 @contextlib.contextmanager
 def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
     """Temporarily give every layer the same kept count per role (mean over kept layers, each layer's
-    most important elements) so the export is expressible by a Hugging Face config; yields the counts."""
+    most important elements) so the export is expressible by a Hugging Face config; yields the counts.
+
+    The mean is rounded to the nearest count; a role whose rounding up would take the model over the
+    budget the ratios met keeps the mean rounded down instead (kept counts only shrink, so the
+    resource does too)."""
     saved = {g.key: dms.space.ratio(g).detach().clone() for g in dms.groups}
     dropped = _dropped_layers(dms)
     counts: dict[str, int] = {}
     try:
         with torch.no_grad():
+            kind, goal = dms.target.kind, dms.target.fraction
+
+            def frac() -> float:
+                return float(dms.resource(soft=False)[f"{kind}_frac"])
+            within = frac() <= goal * (1 + 1e-9)
+            plan: dict[str, tuple[list, int, int]] = {}
             for cls, groups in _layer_classes(dms).items():
                 sizes = {g.size for g in groups}
                 if len(sizes) != 1:
@@ -338,16 +358,18 @@ def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
                 n = sizes.pop()
                 live = [g for g in groups if f"{_first_layer_prefix(g.name)[0]}.{_first_layer_prefix(g.name)[1]}"
                         not in dropped] or groups
-                k = int(round(sum(int(dms.space.keep(g).sum()) for g in live) / len(live)))
-                k = max(k, max(g.min_count() for g in groups))
-                for g in groups:
-                    for r in ((k + 0.45) / n, k / n, (k + 0.25) / n, (k - 0.25) / n):
-                        dms.space.ratio(g).fill_(r)
-                        if g.hard_count(dms.space.soft_mask(g)) == k:
-                            break
-                    else:
-                        raise RuntimeError(f"uniform export: cannot make {g.name} keep exactly {k} of {n}")
+                total = sum(int(dms.space.keep(g).sum()) for g in live)
+                least = max(g.min_count() for g in groups)
+                k = max(int(round(total / len(live))), least)
+                plan[cls] = (groups, n, max(total // len(live), least))
+                _set_uniform_count(dms, groups, k, n)
                 counts[cls] = k
+            for cls, (groups, n, floor) in plan.items():
+                if not within or frac() <= goal * (1 + 1e-9):
+                    break
+                if floor < counts[cls]:
+                    _set_uniform_count(dms, groups, floor, n)
+                    counts[cls] = floor
         yield counts
     finally:
         with torch.no_grad():

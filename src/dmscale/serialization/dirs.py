@@ -9,7 +9,8 @@ directories and ``"run"`` for run directories). Anything else is refused with
   write and recognise the marker.
 * :func:`lock_dir`: an exclusive ``fcntl.flock`` on ``DIR/.dmscale.lock`` held for the life of a
   command. A second process fails at once with :class:`DirLockedError` naming the holder's PID.
-  Within one process the lock is re-entrant (a count), so one command may open a run twice.
+  Within one process the lock is re-entrant (a count), unless it was taken ``reentrant=False``
+  (a run directory held by a command: a second holder in the same process fails too).
 * :func:`atomic_directory`: build a directory in a temp dir next to the target and swap it in, so
   a crash leaves the complete old or the complete new directory. Temp dirs that killed writers
   left behind (marked, unlocked) are removed by the next write to the same target.
@@ -128,7 +129,7 @@ def enclosing_dmscale_dir(path: str | os.PathLike[str], kind: str) -> Path | Non
 
 # ------------------------------------------------------------------------------------------ locks
 _locks_guard = threading.Lock()
-_held: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) -> [fd, count, path]
+_held: dict[tuple[int, int], list] = {}  # (st_dev, st_ino) -> [fd, count, path, exclusive in this process]
 
 
 def _read_pid(fd: int) -> int | None:
@@ -181,10 +182,12 @@ class DirLock:
         return f"DirLock({str(self.path)!r}, held={self.held})"
 
 
-def lock_dir(path: str | os.PathLike[str], *, what: str = "directory") -> DirLock:
+def lock_dir(path: str | os.PathLike[str], *, what: str = "directory", reentrant: bool = True) -> DirLock:
     """Take the exclusive lock of directory ``path`` (created if missing) for this process.
 
     Fails at once with :class:`DirLockedError` naming the holder's PID if another process holds it.
+    Within this process a second ``lock_dir`` shares the held lock (a count), unless either of the
+    two is taken with ``reentrant=False``: then it fails as well, naming this process's PID.
     The lock is an ``fcntl.flock`` on ``path/.dmscale.lock``; it is released by :meth:`DirLock.release`,
     at the end of a ``with`` block, or when the process ends (also on SIGKILL).
     """
@@ -195,6 +198,10 @@ def lock_dir(path: str | os.PathLike[str], *, what: str = "directory") -> DirLoc
     with _locks_guard:
         ent = _held.get(key)
         if ent is not None:
+            if not reentrant or ent[3]:
+                raise DirLockedError(
+                    f"{what} {str(p)!r} is in use by another dmscale command in this process (PID {os.getpid()}); "
+                    "wait for it to finish, then run the command again", os.getpid())
             ent[1] += 1
             return DirLock(p, key)
         lock_path = p / LOCK_FILE
@@ -221,7 +228,7 @@ def lock_dir(path: str | os.PathLike[str], *, what: str = "directory") -> DirLoc
         except BaseException:
             os.close(fd)
             raise
-        _held[key] = [fd, 1, p]
+        _held[key] = [fd, 1, p, not reentrant]
     return DirLock(p, key)
 
 
@@ -381,7 +388,9 @@ def remove_dmscale_dir(path: str | os.PathLike[str], kind: str, *, keep_if: Call
     p = Path(path)
     if not os.path.lexists(p):
         return
-    if p.is_symlink() or not p.is_dir():
+    if p.is_symlink():
+        raise ForeignDirectoryError(f"{str(p)!r} is a symbolic link, not a {kind} directory; dmscale will not delete it")
+    if not p.is_dir():
         raise ForeignDirectoryError(f"{str(p)!r} is not a directory; dmscale will not delete it")
     if dir_kind(p) != kind:
         raise ForeignDirectoryError(
