@@ -7,7 +7,7 @@ module that owns that list (the whole block)."""
 import torch
 import torch.nn as nn
 
-from dmscale.trace import trace
+from dmscale.trace.tracer import trace
 
 
 class _Sub(nn.Module):
