@@ -198,8 +198,9 @@ def test_structure_only_search_reaches_flops_target():
     """DMS_fast-style: frozen trained weights, only ratios learn, target reached within 2%."""
     frac, small, x, y = _structure_only_search(adaptive_weight=1.0)
     assert abs(frac - 0.4) <= 0.02 * 0.4, frac
-    assert dmscale.count(small, (x[:2],))["flops"] / dmscale.count(MLP(64, 64, 10), (x[:2],))["flops"] == \
-        pytest.approx(frac, rel=1e-6)
+    # export() projects onto the budget: within 1% below it, measured on the export itself
+    got = dmscale.count(small, (x[:2],))["flops"] / dmscale.count(MLP(64, 64, 10), (x[:2],))["flops"]
+    assert 0.4 * 0.99 <= got <= 0.4, got
     acc = (small(x).argmax(1) == y).float().mean()
     assert acc > 0.6, float(acc)  # frozen weights, no fine-tuning: far above chance (0.1)
     # with a fixed weight of 1 the task loss of a trained, frozen model holds the resource above target
