@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .trace.tracer import Space, layer_kind
 
@@ -315,14 +316,20 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def _raw_param(mod: nn.Module, attr: str) -> Any:
+    """The stored tensor behind ``mod.attr`` (the original under a mask parametrization)."""
+    if parametrize.is_parametrized(mod, attr):
+        return mod.parametrizations[attr].original
+    return getattr(mod, attr, None)
+
+
 def _param_records(dms: "DMS") -> dict[int, Any]:
+    """id(stored weight tensor) -> its trace record (tied weights: one record for every owner)."""
     mods = dict(dms.model.named_modules())
     out: dict[int, Any] = {}
     for rec in dms.trace.params.values():
-        if rec.is_buffer:
-            continue
         mod = mods.get(rec.module)
-        t = getattr(mod, rec.attr, None) if mod is not None else None
+        t = _raw_param(mod, rec.attr) if mod is not None and not rec.is_buffer else None
         if isinstance(t, torch.Tensor):
             out[id(t)] = rec
     return out
@@ -366,7 +373,7 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
     inputs: dict[str, torch.Tensor] = {}
     handles = []
     named = [(n, m, layer_kind(m)) for n, m in model.named_modules()]
-    named = [(n, m, k) for n, m, k in named if k is not None and isinstance(getattr(m, "weight", None), torch.Tensor)]
+    named = [(n, m, k) for n, m, k in named if k is not None and isinstance(_raw_param(m, "weight"), torch.Tensor)]
     for n, m, _ in named:
         def hook(mod: nn.Module, a: tuple, n: str = n) -> None:
             if a and isinstance(a[0], torch.Tensor) and n not in inputs:
@@ -386,7 +393,7 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
     layers: list[LayerLatency] = []
     layer_keys: list[str] = []
     for n, m, kind in named:
-        rec = records.get(id(m.weight))
+        rec = records.get(id(_raw_param(m, "weight")))
         if rec is None or n not in inputs:
             continue
         out_s, in_s = _layer_spaces(kind, m, rec)
