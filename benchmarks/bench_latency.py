@@ -128,6 +128,8 @@ def main() -> None:
         rows.append([key, args.device, batch, frac, r["supernet_latency_s"] * 1e3, r["target_latency_s"] * 1e3,
                      r["predicted_export_latency_s"] * 1e3, r["measured_export_latency_s"] * 1e3,
                      r["measured_over_target"], r["flops_frac"], "yes" if r["within_10pct"] else "NO"])
+        common.save_result(args.name, {"name": args.name, "quick": args.quick, "threads": args.threads,
+                                       "device": args.device, "results": res, "partial": True})
         print(f"{key} b={batch} target {frac:.2f}x: supernet {r['supernet_latency_s'] * 1e3:.2f} ms, target "
               f"{r['target_latency_s'] * 1e3:.2f} ms, export {r['measured_export_latency_s'] * 1e3:.2f} ms "
               f"(predicted {r['predicted_export_latency_s'] * 1e3:.2f}) -> {r['measured_over_target']:.3f} x target",

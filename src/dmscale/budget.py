@@ -373,7 +373,7 @@ def _apply(dms: "DMS", st: _State, res: _Result) -> None:
 @torch.no_grad()
 def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, *,
             groups: Iterable["Group"] | None = None, tolerance: float = 0.01, iters: int = 50,
-            warn: bool = True, fallback: bool = True, max_evals: int = 20000) -> Projection:
+            warn: bool = True, fallback: bool = True, max_evals: int = 5000) -> Projection:
     """Move the kept ratios so the exported resource lands in ``[fraction * (1 - tolerance), fraction]``.
 
     ``fraction`` defaults to the search target (``dms.target_fraction``), ``kind`` to the target's
