@@ -476,3 +476,13 @@ def test_empty_batch_and_bad_task_loss():
     with pytest.raises(ValueError, match=r"scalar, got shape \(2, 5\)"):
         dms.loss(model(x))
     assert dms.loss(model(x).mean()).dim() == 0
+
+
+def test_failed_construction_leaves_the_model_unmasked():
+    model = MLP()
+    x = torch.randn(2, 16)
+    ref = model(x)
+    with pytest.raises(ValueError, match="minimum widths"):
+        dmscale.DMS(model, (x,), dmscale.Target(flops=0.01), total_steps=10, min_ratio=0.5)
+    assert type(model) is MLP and not model._forward_pre_hooks
+    torch.testing.assert_close(model(x), ref)

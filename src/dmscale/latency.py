@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_map
 
 from .trace.tracer import Space, layer_kind
 
@@ -307,13 +308,7 @@ def _batched(obj: Any, b0: int, batch: int) -> Any:
 
 
 def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
 def _raw_param(mod: nn.Module, attr: str) -> Any:

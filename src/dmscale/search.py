@@ -19,6 +19,7 @@ from . import budget
 from .budget import Projection
 from .export import export_model
 from .importance import METHODS, ImportanceTracker
+from .latency import build_latency_model
 from .masking import Masker
 from .resources import Resources
 from .schedule import Schedule, Target, check_float, check_int
@@ -264,37 +265,39 @@ class DMS:
         self.masker.fold = cfg.fold_masks
         self.resources = Resources(self.trace, self.masker, self.groups, model)  # before masks rename params
         self.masker.install()
-        self.step_count = 0
-        self.nonfinite_steps = 0
-        self._skipped_seen = 0
-        self._scaler: Any = None
-        self._last_scale: float | None = None
-        self.last: dict[str, float] = {}
-        self._refine_started = False
-        self.projections: list[tuple[str, Projection]] = []  # (when, what) for every projection made
-        self.recoveries = 0  # times the search fell recover_below under its current target and was lifted
-        self.last_recovery: Projection | None = None
-        self.latency_model: Any = None
-        if self.target.kind == "latency":
-            from .latency import build_latency_model
-
-            self.latency_model = build_latency_model(self)
-            self.resources.attach_latency(self.latency_model)
-        kind = self.target.kind
-        if self.resources.full[kind] <= 0:
-            raise ValueError(f"the model has no {kind} on example_inputs (0 counted): use another Target kind")
-        lo = self.resources.minimum(kind) / self.resources.full[kind]
-        if self.target_fraction < lo - 1e-9:
-            raise ValueError(f"target {self._target_text()} is below what the minimum widths allow "
-                             f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
-        if cfg.warn and self.trace.unsupported:
-            warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left "
-                          "unpruned:" + self._unsupported_text(), stacklevel=2)
-        self.importance.refresh_l1()
-        self.distributed = False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._setup_distributed()
-        self._snapshot()
+        try:
+            self.step_count = 0
+            self.nonfinite_steps = 0
+            self._skipped_seen = 0
+            self._scaler: Any = None
+            self._last_scale: float | None = None
+            self.last: dict[str, float] = {}
+            self._refine_started = False
+            self.projections: list[tuple[str, Projection]] = []  # (when, what) for every projection made
+            self.recoveries = 0  # times the search fell recover_below under its current target and was lifted
+            self.last_recovery: Projection | None = None
+            self.latency_model: Any = None
+            if self.target.kind == "latency":
+                self.latency_model = build_latency_model(self)
+                self.resources.attach_latency(self.latency_model)
+            kind = self.target.kind
+            if self.resources.full[kind] <= 0:
+                raise ValueError(f"the model has no {kind} on example_inputs (0 counted): use another Target")
+            lo = self.resources.minimum(kind) / self.resources.full[kind]
+            if self.target_fraction < lo - 1e-9:
+                raise ValueError(f"target {self._target_text()} is below what the minimum widths allow "
+                                 f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
+            if cfg.warn and self.trace.unsupported:
+                warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left "
+                              "unpruned:" + self._unsupported_text(), stacklevel=2)
+            self.importance.refresh_l1()
+            self.distributed = False
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self._setup_distributed()
+            self._snapshot()
+        except BaseException:
+            self.masker.remove()  # the user's model is left as it was
+            raise
 
     @property
     def target_fraction(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 __all__ = ["recalibrate_bn", "batchnorms"]
 
@@ -44,13 +45,7 @@ def _batches(batches: Iterable[Any] | Callable[[int], Any], num_batches: int | N
 def _to(obj: Any, device: torch.device | None) -> Any:
     if device is None:
         return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
 def _run(model: nn.Module, batch: Any, device: torch.device | None, index: int) -> None:
