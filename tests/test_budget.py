@@ -350,3 +350,22 @@ def test_params_target_on_llm_one_shot():
     p = project(dms)
     got = dmscale.count(dms.export(project=False, atol=1e-3), (ids,))["params"] / full
     assert p.ok and 0.7 * 0.99 <= got <= 0.7
+
+
+def test_refining_vit_gets_blocks_back_when_widths_are_maxed():
+    """Regression: in the refine phase (heads and depth frozen) with many width groups, the fine steps of
+    a tier that cannot reach the target must not use up the work budget before depth is tried."""
+    torch.manual_seed(0)
+    model = TinyViT(depth=4)
+    x = torch.randn(2, 3, 16, 16)
+    dms = dmscale.DMS(model, (x,), dmscale.Target(flops=0.9), total_steps=2, decay_fraction=0.5, warn=False)
+    dms.step()
+    assert dms.refining
+    _random_state(dms, lo=1.0, hi=1.0)
+    with torch.no_grad():
+        for g in dms.groups:
+            if g.kind == "depth":
+                dms.space.ratio(g).fill_(0.25)  # one block of four
+    assert float(dms.resource(soft=False)["flops_frac"]) < 0.5
+    p = project(dms)
+    assert p.ok and p.tier == "depth", str(p)

@@ -192,3 +192,35 @@ def test_latency_target_validation():
     x = torch.randn(4, 16)
     with pytest.raises(ValueError, match="above the supernet"):
         _dms(model, x, latency_frac=2.0)
+
+
+def test_fit_calibration_recovers_offset_scale_and_block_cost():
+    from dmscale.latency import fit_calibration
+
+    rows = [(p, b, 0.002 + 1.5 * p + 0.0003 * b) for p, b in ((1.0, 4), (0.6, 4), (0.3, 4), (1.0, 0), (0.5, 0))]
+    assert fit_calibration(rows) == pytest.approx((0.002, 1.5, 0.0003), rel=1e-6, abs=1e-12)
+    # no removable blocks (constant count): offset and scale only
+    assert fit_calibration([(1.0, 2, 3.0), (0.5, 2, 2.0)]) == pytest.approx((1.0, 2.0, 0.0))
+
+
+def test_block_overhead_is_calibrated_with_depth_removed():
+    """A cost per residual block that no single layer shows (activations, additions, calls) is learnt
+    from the exports with blocks removed, so configurations with fewer blocks are predicted right."""
+    from dmscale.app.zoo import BasicBlock
+
+    def timer(module, args, kwargs):
+        n_blocks = sum(isinstance(m, BasicBlock) for m in module.modules())
+        return fake_seconds(module, args, kwargs) + 2e-5 * n_blocks
+
+    torch.manual_seed(0)
+    model, x = ResNetCNN(widths=(8, 16), depths=(3, 3), n_classes=5), torch.randn(2, 3, 16, 16)
+    dms, _, _ = _dms(model, x, timer=timer)
+    assert dms.latency_model.gamma == pytest.approx(2e-5, rel=1e-3)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for grp in dms.groups:
+            dms.space.importance(grp).copy_(torch.rand(grp.size, generator=g))
+            dms.space.ratio(grp).fill_(0.5 if grp.kind == "depth" else 0.7)
+    pred = float(dms.resource(soft=False)["latency"])
+    small = dms.export(project=False)
+    assert pred == pytest.approx(timer(small, (x,), {}), rel=1e-4)

@@ -408,7 +408,6 @@ def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, 
 
     if goal * (1.0 - tolerance) <= before <= goal * (1.0 + _EXACT):
         return projection(None)
-    budget = st.evals + max_evals
     tiers = [("width", first)]
     if fallback:
         every = [g for g in dms.groups if g.kind != "depth"]
@@ -417,21 +416,22 @@ def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, 
         if any(g.kind == "depth" for g in dms.groups):
             tiers.append(("depth", every))
     best: _Result | None = None
-    for tier, movable in tiers:
+    hi_goal, low = goal * (1.0 + _EXACT), goal * (1.0 - tolerance)
+    for n, (tier, movable) in enumerate(tiers):
         start = dict(st.count)
         if tier == "depth":
             start = _adjust_depth(st, movable, start, goal, tolerance)
-        res = _search(st, movable, start, goal, tolerance, iters, budget, tier)
-        feasible = res.value <= goal * (1.0 + _EXACT)
-        if feasible and (best is None or res.value > best.value + 1e-12 or best.value > goal * (1.0 + _EXACT)):
+        elif n + 1 < len(tiers) and (st.value(_extreme(st, movable, start, top=True)) < low or
+                                     st.value(_extreme(st, movable, start, top=False)) > hi_goal):
+            continue  # these groups cannot reach the band at all: the next tier moves more
+        res = _search(st, movable, start, goal, tolerance, iters, st.evals + max_evals, tier)
+        feasible = res.value <= hi_goal
+        if best is None or (feasible and (res.value > best.value + 1e-12 or best.value > hi_goal)):
             best = res
-        elif best is None:
-            best = res
-        if feasible and res.value >= goal * (1.0 - tolerance):
+        if feasible and res.value >= low:
             break
-        if st.evals >= budget:
-            break
-    assert best is not None
+    if best is None:  # every tier skipped: cannot happen (the last one always runs); keep the ratios
+        return projection(None)
     _apply(dms, st, best)
     out = projection(best)
     masks = hard_fraction(dms, kind)  # float32 through the masks; out.after is the exact float64 count

@@ -9,7 +9,9 @@
    coefficients (so the model never predicts a faster network for more channels).
 3. The sum of the layer models misses what is not a layer (activations, additions, attention
    matmuls, Python overhead). The whole exported model is timed at a few uniform widths and
-   ``latency = alpha + beta * sum(layer models)`` is fitted to those timings.
+   ``latency = alpha + beta * sum(layer models) + gamma * kept blocks`` is fitted to those
+   timings (and to two with every removable block removed, for what a block costs beyond its
+   layers).
 
 The model is evaluated on the kept fractions the resources use, so the forward value is the
 latency of the hard widths (what the export runs) and the gradient is that of the soft masks
@@ -40,8 +42,8 @@ from .trace.tracer import Space, layer_kind
 if TYPE_CHECKING:
     from .search import DMS
 
-__all__ = ["measure_latency", "fit_quadratic", "LayerLatency", "LatencyModel", "build_latency_model",
-           "CACHE_FILE"]
+__all__ = ["measure_latency", "fit_quadratic", "fit_calibration", "LayerLatency", "LatencyModel",
+           "build_latency_model", "CACHE_FILE"]
 
 CACHE_FILE = "dmscale-latency.json"
 _CACHE_FORMAT = "dmscale-latency-cache"
@@ -153,14 +155,19 @@ class LayerLatency:
 
 @dataclass
 class LatencyModel:
-    """``alpha + beta * sum(gate * layer quadratic)``: predicted seconds per forward at ``batch_size``."""
+    """``alpha + beta * sum(gate * layer quadratic) + gamma * kept blocks``: seconds per forward at ``batch_size``.
+
+    ``gamma`` is what a removable block costs beyond its measured layers (activations, additions,
+    module calls); ``calibration`` holds ``(width multiplier, shallow, measured, layer sum, kept blocks)``.
+    """
 
     device: str
     batch_size: int
     layers: list[LayerLatency]
     alpha: float = 0.0
     beta: float = 1.0
-    calibration: list[tuple[float, float, float]] = field(default_factory=list)  # (multiplier, measured, layers)
+    gamma: float = 0.0
+    calibration: list[tuple[float, bool, float, float, float]] = field(default_factory=list)
 
     def layer_sum(self, frac: Callable[[Space], Any], gates: dict[str, Any]) -> Any:
         total: Any = 0.0
@@ -175,7 +182,10 @@ class LatencyModel:
 
     def value(self, frac: Callable[[Space], Any], gates: dict[str, Any]) -> Any:
         """Predicted latency for the kept fractions given by ``frac(space)`` and the block gates."""
-        return self.alpha + self.beta * self.layer_sum(frac, gates)
+        out = self.alpha + self.beta * self.layer_sum(frac, gates)
+        if self.gamma:
+            out = out + self.gamma * sum(gates.values(), 0.0)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -423,39 +433,67 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
         layer_keys.append(key.split("|", 1)[1])
     lat = LatencyModel(str(device), batch, layers)
 
-    # 3. calibration on the whole exported model at uniform widths
+    # 3. calibration on whole exported models: uniform widths, all removable blocks kept or removed
     sig = hashlib.sha256(json.dumps([type(model).__name__, [(g.name, g.size) for g in dms.groups], layer_keys,
                                      batch]).encode()).hexdigest()[:24]
     mkey = f"{desc}|{sig}"
     cal = cache.get("models", mkey)
     saved = {g.key: dms.space.ratio(g).detach().clone() for g in dms.groups}
+    has_depth = any(g.kind == "depth" for g in dms.groups)
+    configs = [(m, False) for m in CALIBRATION] + ([(1.0, True), (0.5, True)] if has_depth else [])
 
-    def uniform(mult: float) -> None:
+    def uniform(mult: float, shallow: bool) -> None:
         for g in dms.groups:
-            dms.space.ratio(g).fill_(1.0 if g.kind == "depth" else min(max(mult, g.min_ratio()), g.bounds.max_ratio))
+            if g.kind == "depth":
+                r = g.min_ratio() if shallow else 1.0
+            else:
+                r = min(max(mult, g.min_ratio()), g.bounds.max_ratio)
+            dms.space.ratio(g).fill_(r)
 
     rows = []
-    dms.resources.latency = lat  # alpha 0, beta 1: the sum of the layer models
+    dms.resources.latency = lat  # alpha 0, beta 1, gamma 0: the sum of the layer models
     try:
         if cal is None:
             cal = []
-            for mult in CALIBRATION:
-                uniform(mult)
+            for mult, shallow in configs:
+                uniform(mult, shallow)
                 small = dms.export(check=False, project=False).to(device).eval()
-                cal.append((mult, float(timer(small, _to(args, device), _to(kwargs, device)))))
+                cal.append((mult, shallow, float(timer(small, _to(args, device), _to(kwargs, device)))))
                 del small
             cache.put("models", mkey, cal)
-        for mult, measured in cal:
-            uniform(mult)
-            rows.append((float(mult), float(measured), float(dms.resources.evaluate(soft=False)["latency"])))
+        for mult, shallow, measured in cal:
+            uniform(mult, shallow)
+            _, gates = dms.resources.kept_fractions(soft=False)
+            blocks = float(sum(float(v) for v in gates.values()))
+            rows.append((float(mult), bool(shallow), float(measured),
+                         float(dms.resources.evaluate(soft=False)["latency"]), blocks))
     finally:
         dms.resources.latency = None
         for g in dms.groups:
             dms.space.ratio(g).copy_(saved[g.key])
     cache.save()
     lat.calibration = rows
-    lat.alpha, lat.beta = _fit_affine([(p, t) for _, t, p in rows])
+    lat.alpha, lat.beta, lat.gamma = fit_calibration([(r[3], r[4], r[2]) for r in rows])
     return lat
+
+
+def fit_calibration(rows: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """``measured ~ alpha + beta * layers + gamma * blocks`` for rows ``(layers, blocks, measured)``.
+
+    Least squares with ``beta > 0`` and ``gamma >= 0``; gamma is dropped when the block count does
+    not vary (no removable blocks) or comes out negative.
+    """
+    if not rows:
+        return 0.0, 1.0, 0.0
+    blocks = [b for _, b, _ in rows]
+    if max(blocks) - min(blocks) > 1e-9 and len(rows) >= 3:
+        a = torch.tensor([[1.0, p, b] for p, b, _ in rows], dtype=torch.float64)
+        y = torch.tensor([[t] for _, _, t in rows], dtype=torch.float64)
+        alpha, beta, gamma = (float(v) for v in torch.linalg.lstsq(a, y, driver="gelsd").solution[:, 0])
+        if beta > 0 and gamma >= 0:
+            return alpha, beta, gamma
+    alpha, beta = _fit_affine([(p, t) for p, _, t in rows])
+    return alpha, beta, 0.0
 
 
 def _fit_affine(pairs: list[tuple[float, float]]) -> tuple[float, float]:
