@@ -60,7 +60,8 @@ def latency(model: torch.nn.Module, x: torch.Tensor, runs: int) -> float:
         return statistics.median(measure_latency(model, (x,), repeats=20) for _ in range(runs))
 
 
-def run_one(key: str, batch: int, frac: float, device: str, steps: int, runs: int, cache: str) -> dict:
+def run_one(key: str, batch: int, frac: float, device: str, steps: int, runs: int, cache: str,
+            divisor: int = 1) -> dict:
     dev = torch.device(device)
     sup = make(key)
     x_dev = torch.randn(batch, 3, 32, 32, device=dev)
@@ -69,7 +70,7 @@ def run_one(key: str, batch: int, frac: float, device: str, steps: int, runs: in
     target = frac * full
     t0 = time.perf_counter()
     dms = dmscale.DMS(sup, (torch.randn(2, 3, 32, 32),), dmscale.Target(latency=target, device=device, batch_size=batch),
-                      total_steps=steps, latency_cache=cache, warn=False)
+                      total_steps=steps, latency_cache=cache, warn=False, divisor=divisor)
     t_model = time.perf_counter() - t0
     for p in sup.parameters():
         p.requires_grad_(False)
@@ -99,7 +100,8 @@ def run_one(key: str, batch: int, frac: float, device: str, steps: int, runs: in
     lm = dms.latency_model
     c_full = dmscale.count(make(key), (torch.randn(1, 3, 32, 32),))
     c = dmscale.count(small.cpu(), (torch.randn(1, 3, 32, 32),))
-    return {"model": key, "device": device, "batch": batch, "target_frac": frac, "supernet_latency_s": full,
+    return {"model": key, "device": device, "batch": batch, "divisor": divisor, "target_frac": frac,
+            "supernet_latency_s": full,
             "target_latency_s": target, "predicted_export_latency_s": predicted, "measured_export_latency_s": measured,
             "measured_over_target": measured / target, "predicted_over_target": predicted / target,
             "within_10pct": abs(measured / target - 1) <= 0.10,
@@ -119,6 +121,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="cnn,vit")
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--divisor", type=int, default=1, help="exported widths are multiples of this")
     ap.add_argument("--runs", type=int, default=7, help="latency: median of this many medians of 20 calls")
     ap.add_argument("--cache", default=None, help="latency table directory (default: a fresh temporary one)")
     ap.add_argument("--name", default=NAME, help="result file name (benchmarks/results/<name>.json)")
@@ -135,7 +138,7 @@ def main() -> None:
         plan = [(k, int(b), float(f)) for k, b, f in (item.split(":") for item in args.settings.split(","))]
     res, rows = [], []
     for key, batch, frac in plan:
-        r = run_one(key, batch, frac, args.device, args.steps, args.runs, cache)
+        r = run_one(key, batch, frac, args.device, args.steps, args.runs, cache, args.divisor)
         res.append(r)
         rows.append([key, args.device, batch, frac, r["supernet_latency_s"] * 1e3, r["target_latency_s"] * 1e3,
                      r["predicted_export_latency_s"] * 1e3, r["measured_export_latency_s"] * 1e3,

@@ -4,7 +4,8 @@
 
 1. Each searchable layer (Linear / HF Conv1D, Conv, BatchNorm, LayerNorm, RMSNorm, Embedding) is
    rebuilt alone at several kept widths (fractions of its input and output channels) and timed on
-   the device with its real input shape at ``batch_size`` (median of repeated runs).
+   the device with its real input shape at ``batch_size`` (the widths alternate over 5 rounds, so
+   a change of machine load hits them alike; median per width).
 2. Per layer, a quadratic in the kept fractions ``(x_out, x_in)`` is fitted with non-negative
    coefficients (so the model never predicts a faster network for more channels).
 3. The sum of the layer models misses what is not a layer (activations, additions, attention
@@ -49,6 +50,7 @@ CACHE_FILE = "dmscale-latency.json"
 _CACHE_FORMAT = "dmscale-latency-cache"
 GRID = (0.25, 0.5, 0.75, 1.0)
 CALIBRATION = (1.0, 0.75, 0.5, 0.3)
+ROUNDS = 5  # measurements of one layer's grid (or the calibration exports) alternate over this many rounds
 Timer = Callable[[nn.Module, tuple, dict], float]
 
 
@@ -367,7 +369,9 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
     batch = int(tgt.batch_size or b0)
     args = _batched(dms.example_inputs, b0, batch)
     kwargs = _batched(dms.example_kwargs, b0, batch)
-    timer: Timer = cfg.latency_timer or (lambda m, a, k: measure_latency(m, a, k, repeats=cfg.latency_repeats))
+    rounds = ROUNDS
+    each = max(3, math.ceil(cfg.latency_repeats / rounds))
+    timer: Timer = cfg.latency_timer or (lambda m, a, k: measure_latency(m, a, k, repeats=each))
     desc = _device_desc(device, cfg.latency_timer)
     cache = _Cache(cfg.latency_cache)
     records = _param_records(dms)
@@ -409,18 +413,12 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
         key = f"{desc}|{_signature(m, kind, inputs[n])}|{xs}|{ys}"
         pts = cache.get("layers", key)
         if pts is None:
-            pts = []
-            for x in xs:
-                for y in ys:
-                    rep = _replica(m, kind, inputs[n], x, y, device)
-                    if rep is None:
-                        break
-                    pts.append((x, y, float(timer(rep[0], (rep[1],), {}))))
-                else:
-                    continue
-                break
-            if len(pts) != len(xs) * len(ys):
+            grid = [(x, y) for x in xs for y in ys]
+            reps = [_replica(m, kind, inputs[n], x, y, device) for x, y in grid]
+            if any(r is None for r in reps):
                 continue  # a layer we cannot rebuild alone: left to the calibration
+            times = _interleaved(timer, [(r[0], (r[1],), {}) for r in reps], rounds)
+            pts = [(x, y, t) for (x, y), t in zip(grid, times)]
             cache.put("layers", key, pts)
         pts = [tuple(p) for p in pts]
         if out_s is None and in_s is not None:  # one variable: put it first
@@ -454,12 +452,14 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
     dms.resources.latency = lat  # alpha 0, beta 1, gamma 0: the sum of the layer models
     try:
         if cal is None:
-            cal = []
+            exports = []
             for mult, shallow in configs:
                 uniform(mult, shallow)
-                small = dms.export(check=False, project=False).to(device).eval()
-                cal.append((mult, shallow, float(timer(small, _to(args, device), _to(kwargs, device)))))
-                del small
+                exports.append(dms.export(check=False, project=False).to(device).eval())
+            a_dev, k_dev = _to(args, device), _to(kwargs, device)
+            times = _interleaved(timer, [(e, a_dev, k_dev) for e in exports], rounds)
+            cal = [(mult, shallow, t) for (mult, shallow), t in zip(configs, times)]
+            del exports
             cache.put("models", mkey, cal)
         for mult, shallow, measured in cal:
             uniform(mult, shallow)
@@ -494,6 +494,16 @@ def fit_calibration(rows: list[tuple[float, float, float]]) -> tuple[float, floa
             return alpha, beta, gamma
     alpha, beta = _fit_affine([(p, t) for p, _, t in rows])
     return alpha, beta, 0.0
+
+
+def _interleaved(timer: Timer, items: list[tuple[nn.Module, tuple, dict]], rounds: int) -> list[float]:
+    """Median over ``rounds`` alternating rounds of each item's time: load changes hit every item alike."""
+    times: list[list[float]] = [[] for _ in items]
+    with torch.no_grad():
+        for _ in range(rounds):
+            for i, (mod, a, k) in enumerate(items):
+                times[i].append(float(timer(mod, a, k)))
+    return [float(statistics.median(t)) for t in times]
 
 
 def _fit_affine(pairs: list[tuple[float, float]]) -> tuple[float, float]:
