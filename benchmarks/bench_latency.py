@@ -109,6 +109,7 @@ def run_one(key: str, batch: int, frac: float, device: str, steps: int, runs: in
             "interleaved_within_10pct": abs(ratio / frac - 1) <= 0.10,
             "loadavg_after": os.getloadavg(), "flops_frac": c["flops"] / c_full["flops"],
             "params_frac": c["params"] / c_full["params"], "calibration_alpha_s": lm.alpha, "calibration_beta": lm.beta,
+            "calibration_gamma_s": lm.gamma,
             "calibration": lm.calibration, "layers_measured": len(lm.layers), "latency_model_seconds": t_model,
             "search_seconds": t_search, "steps": steps, "kept": dms.kept(),
             "projections": [(w, str(p)) for w, p in dms.projections]}
