@@ -208,7 +208,7 @@ def _full_model(dms: "DMS", keep: bool, device: torch.device | str | None) -> nn
 # ------------------------------------------------------------------ export of a sharded search
 @torch.no_grad()
 def export(dms: "DMS", rank: int | None = None, check: bool = True, atol: float = 1e-4, rtol: float = 1e-4,
-           device: torch.device | str | None = None) -> nn.Module | None:
+           device: torch.device | str | None = None, project: bool | None = None) -> nn.Module | None:
     """Export a (possibly FSDP-sharded) search: the same smaller model on every rank, or on ``rank`` only.
 
     On a sharded model this is collective (every rank must call it): the ranks check that they hold
@@ -216,14 +216,20 @@ def export(dms: "DMS", rank: int | None = None, check: bool = True, atol: float 
     reference), all-gather the weights into an unsharded copy of the model, and export that.
     With ``rank=r`` only rank ``r`` keeps the gathered weights and returns the model; the others
     return None. ``device`` places the gathered weights (default: where the shards live).
-    On an unsharded model (no FSDP) this is ``dms.export()`` on the chosen rank(s) (not collective).
+    ``project`` as in ``dms.export``: first land on the budget (the same on every rank: the
+    projection reads only the search state). On an unsharded model (no FSDP) this is
+    ``dms.export()`` on the chosen rank(s) (not collective).
     """
     me = dist.get_rank() if _initialized() else 0
     keep = rank is None or rank == me
     if not is_sharded(dms.model):
-        return dms.export(check=check, atol=atol, rtol=rtol) if keep else None
+        return dms.export(check=check, atol=atol, rtol=rtol, project=project) if keep else None
     from .export import export_model, reference_outputs, verify_export
 
+    if project is None:
+        project = dms.config.project_export and dms._ratios_as_left()
+    if project:
+        dms.project(when="export")
     if not search_state_in_sync(dms):
         raise RuntimeError("the ranks hold different search states (ratios / importance): every rank must run the "
                            "same steps; dmscale.distributed.broadcast_search_state(dms) copies rank 0's state")
