@@ -113,6 +113,10 @@ def work(tmp_path_factory: pytest.TempPathFactory):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     transformers.LlamaForCausalLM(cfg).save_pretrained(root / "llama")
     paths["llama"] = root / "llama"
+    rcfg = transformers.ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                     layer_type="basic", num_labels=3, downsample_in_first_stage=False)
+    transformers.ResNetForImageClassification(rcfg).save_pretrained(root / "hf-resnet")
+    paths["hf-resnet"] = root / "hf-resnet"
     yield paths
     sys.path.remove(str(root / "src"))
     for m in [m for m in sys.modules if m == PKG or m.startswith(PKG + ".")]:
@@ -203,6 +207,45 @@ def test_hf_causal_lm_on_a_text_file(work, tmp_path: Path) -> None:
     ids = torch.randint(0, 256, (1, 16))
     assert model.eval()(ids).logits.shape == (1, 16, 256)
     assert "test ppl" in (out / "report.md").read_text()
+
+
+def test_hf_image_classifier_on_an_image_folder(work, tmp_path: Path) -> None:
+    """hf: an image classifier (AutoModelForImageClassification, outputs with .logits) pruned on an image folder."""
+    out = tmp_path / "hf-img"
+    assert main(["prune", "--model", f"hf:{work['hf-resnet']}", "--data", str(work["imgs"]), "--out", str(out)]
+                + sets()) == 0
+    s = _summary(out)
+    pre, found = _row(s, "pretrained base"), _row(s, "found, retrained")
+    assert s["metric"]["key"] == "acc" and found["flops"] <= 0.5 * pre["flops"] * 1.01
+    model = dmscale.load(out / "model")
+    assert type(model).__name__ == "ResNetForImageClassification"
+    assert model.eval()(torch.randn(2, 1, 8, 8)).logits.shape == (2, 3)
+
+
+def test_text_is_tokenized_with_the_checkpoints_tokenizer(work, tmp_path: Path) -> None:
+    """A checkpoint with its own tokenizer: the run's text is encoded with it (bytes only when it has none)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    d = tmp_path / "bpe-llama"
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train([str(work["text"])], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    cfg = transformers.LlamaConfig(vocab_size=len(hf), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    hf.save_pretrained(d)
+    c = load_config(None, TEXT + [f"model.spec=hf:{d}", f"data.name={work['text']}", f"run.out={tmp_path / 'r'}",
+                                  "run.threads=1"], pipeline="dms_fast")
+    with pipelines.open_run(c) as run:
+        assert run.state["dataset"]["tokenizer"] != "ByteTokenizer"  # the checkpoint's (a transformers class)
+        ids = run.train_x
+        assert ids.shape[1] == 32 and int(ids.max()) >= 256 and int(ids.max()) < len(hf)  # merged BPE tokens
+        expect = torch.tensor(hf.encode(work["text"].read_text("utf-8")[:200], add_special_tokens=False))
+        assert torch.equal(ids.reshape(-1)[:20], expect[:20])
+        assert run.eval(run.base_model()) > 1
 
 
 def test_hf_search_widens_the_checkpoint_as_its_supernet(work, tmp_path: Path) -> None:

@@ -1,4 +1,8 @@
-"""The ``dmscale`` command line: search / prune / fast / pretrain / baseline / demo / info / report / upscale."""
+"""The ``dmscale`` command line: search / prune / fast / pretrain / baseline / demo / info / report / upscale.
+
+The training commands run on the built-in ResNet family and image sets, or on the user's ``--model``
+(``module:factory``, a ``dmscale.save`` directory, ``hf:``) and ``--data`` (image folder, ``.npz``, text),
+with the loss by the data, ``--loss module:function`` and ``--distill`` (see :mod:`dmscale.app.workload`)."""
 
 from __future__ import annotations
 

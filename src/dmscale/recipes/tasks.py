@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dmscale.eval.perplexity import output_logits
+
 __all__ = ["Task", "ImageClassification", "CausalLM", "LossFunction", "as_task", "lm_loss", "distill_loss",
            "sample_windows", "window_batches", "device_of", "output_logits"]
 
@@ -52,18 +54,6 @@ class Task:
 
     def __call__(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         return self.loss(model, batch)
-
-
-def output_logits(out: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor, a Hugging Face output's ``.logits``, or a tuple's first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        logits = out[0]
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"model output {type(out).__name__} is not a tensor and has no logits")
-    return logits
 
 
 @dataclass
