@@ -87,7 +87,8 @@ def test_trainer_callback_equals_plain_loop(tmp_path):
     ids = row.repeat(8, 1)  # every batch is the same: no dependence on the Trainer's shuffling
 
     m1 = _llama()
-    d1 = _dms(m1, steps)
+    hidden = {"model.embed_tokens": {"divisor": 4}}  # a Llama config needs hidden_size % num_attention_heads == 0
+    d1 = _dms(m1, steps, bounds=hidden)
     cb = DMSCallback(d1, lr_structure=lr_s, save_dir=False, project=False)
     tr = transformers.Trainer(model=m1, args=_args(tmp_path, max_steps=steps, optim="sgd", learning_rate=lr,
                                                    lr_scheduler_type="constant", max_grad_norm=0.0,
@@ -100,7 +101,7 @@ def test_trainer_callback_equals_plain_loop(tmp_path):
     assert d1.step_count == steps
 
     m2 = _llama()
-    d2 = _dms(m2, steps)
+    d2 = _dms(m2, steps, bounds=hidden)
     _plain_loop(d2, lambda: m2(ids[:4], labels=ids[:4], use_cache=False).loss, steps, lr, lr_s)
     for a, b in zip(d1.structure_parameters(), d2.structure_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

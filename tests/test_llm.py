@@ -9,7 +9,7 @@ import torch
 
 import dmscale
 import dmscale.recipes.llm as L
-from dmscale.adapters.hf_llm import decoder_layers, uniform_sizes
+from dmscale.families import decoder_layers, uniform_sizes
 
 transformers = pytest.importorskip("transformers")
 

@@ -21,6 +21,7 @@ from .space import GroupBounds
 from .topk import differentiable_topk
 from .trace import TraceError
 from .layers import LayerSpec, register_layer
+from . import families  # noqa: F401  (Hugging Face model families and the layer specs they register)
 from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, upscale,
                   upscale_optimizer_state, width_info)
 from .serialization import LoadError, load, save

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from .errors import ExportError
 from .layers.spec import spec_for
 from .trace.tracer import Space
 
@@ -16,10 +17,6 @@ if TYPE_CHECKING:
     from .search import DMS
 
 __all__ = ["export_model", "ExportError", "SkipBlock"]
-
-
-class ExportError(RuntimeError):
-    """The exported model does not compute what the hard-masked supernet computes."""
 
 
 def _along(v: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -132,7 +129,14 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             continue
         if not spec.maskable or isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
             spec.update(mod)
-    _update_reshape_attrs(dms, modules, keep_of)
+    #    and the attributes that hold sizes of searched dims: by meaning for a model with a family
+    #    (dmscale.families), else the ints a module used in a view / reshape of a pruned dim, by value
+    from .families.base import check_export_config, post_export_fixups, start_export
+    from .families.generic import update_export
+
+    ctx = start_export(dms, new, keep_of, depth_keep)
+    if ctx.family is None:
+        _update_reshape_attrs(dms, modules, keep_of)
 
     # 4. drop removed blocks
     for g in dms.groups:
@@ -152,12 +156,13 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             if drop:
                 _drop_children(new, cname, drop)
 
-    from .adapters import post_export_fixups
-
-    post_export_fixups(dms, new)
+    # 5. the family's (or generic) updates after blocks were dropped: layer indices, config sizes
+    update_export(ctx)
+    post_export_fixups(dms, new)  # fix-ups registered with the deprecated dmscale.adapters
     new.train(dms.model.training)
     if check:
         verify_export(dms, new, atol=atol, rtol=rtol)
+    check_export_config(ctx)  # the edited config loads, and says whether it rebuilds the export
     return new
 
 
@@ -189,7 +194,12 @@ _ATTR_HINTS = {
 
 
 def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> None:
-    """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim."""
+    """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim.
+
+    The fallback for models without a family (:mod:`dmscale.families`): attributes are found by
+    their value, so an unrelated attribute with the same value may be changed too; the export
+    check catches a wrong guess.
+    """
     done: set[tuple[str, int]] = set()  # (module, space) already handled (q, k and v reshape alike)
     updated: set[tuple[str, str]] = set()  # (module, attribute) already given its new value
     for rec in dms.trace.reshapes:

@@ -62,3 +62,9 @@ def test_triu_and_data_keep_spaces():
     tr, (x,), out = run_op(lambda x: torch.triu(x).data, torch.randn(3, 3))
     assert all(same(a, b) for a, b in zip(tr.get(out), tr.get(x)))
     assert not tr.unsupported
+
+
+def test_pow_of_a_scalar_base_broadcasts_like_a_binary_op():
+    """ALiBi slopes ``torch.pow(base, powers)`` with a 0-d base: the output has the exponents' dims."""
+    tr, (base, p), out = run_op(lambda b, p: torch.pow(b, p), torch.tensor(0.5), torch.arange(1.0, 5.0))
+    assert same(tr.get(out)[0], tr.get(p)[0]) and "pow" not in tr.unsupported

@@ -42,3 +42,12 @@ def test_softmax_fixes_its_dim_only():
     assert fixed(xd[2]) and free(xd[1]) and all(same(a, b) for a, b in zip(tr.get(out), xd))
     tr, (x,), out = run_op(lambda x: torch.cumsum(x, dim=0), torch.randn(2, 3))
     assert fixed(tr.get(x)[0]) and free(tr.get(x)[1])
+
+
+def test_topk_and_sort_fix_the_selected_dim_only():
+    """A MoE router's ``topk`` over experts: the expert dim is fixed, the token dims pass through."""
+    tr, (x,), (vals, idx) = run_op(lambda x: torch.topk(x, 2, dim=-1), torch.randn(5, 4))
+    assert fixed(tr.get(x)[1]) and free(tr.get(x)[0])
+    assert same(tr.get(vals)[0], tr.get(x)[0]) and same(tr.get(idx)[0], tr.get(x)[0]) and fixed(tr.get(vals)[1])
+    tr, (x,), out = run_op(lambda x: x.sort(dim=0).values, torch.randn(5, 4))
+    assert fixed(tr.get(x)[0]) and same(tr.get(out)[1], tr.get(x)[1]) and free(tr.get(x)[1])

@@ -1,8 +1,10 @@
 """Shape ops. Reshapes: one dim to one keeps its space, several to one build a product, one to several
 split a space into a product (explicit ints recorded for export). Permutes reorder spaces. ``cat`` builds
 a concatenation and couples the other dims; ``split`` / ``chunk`` refine a dim into a concatenation.
-``stack`` couples its inputs. Fixed: the dim of an int index, a partial slice, ``select``, a shorter
-``narrow``, ``unbind``, a padded dim, a repeated dim, and dims broadcast by ``expand`` (new, fixed)."""
+``stack`` couples its inputs. A contiguous slice (``x[..., a:b]``, ``narrow``, an index list of
+consecutive ints) refines its dim into a concatenation; equal ``chunk`` / ``split`` pieces are one space
+repeated. Fixed: the dim of an int index, a strided slice, ``select``, ``unbind``, a padded dim, a
+repeated dim, and dims broadcast by ``expand`` (new, fixed)."""
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +92,43 @@ def test_getitem():
     assert all(free(s) for s in xd)
     tr, (x,), out = run_op(lambda x: x[:, 0], torch.randn(2, 3, 4))
     assert fixed(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[2]) and free(tr.get(x)[2])
-    tr, (x,), out = run_op(lambda x: x[:, :2], torch.randn(2, 3))
+    tr, (x,), out = run_op(lambda x: x[:, ::2], torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and fixed(tr.get(out)[1])
 
 
+def test_contiguous_slices_cut_a_fused_dim_into_parts():
+    """Phi-3's qkv_proj: q, k, v cut by positions are the three parts of one concatenation."""
+    tr, (x,), (q, k, v) = run_op(lambda x: (x[..., :8], x[..., 8:12], x[..., 12:]), torch.randn(2, 16))
+    c = tr.get(x)[1].find()
+    assert c.kind == "concat" and [p.find().size for p in c.leaves()] == [8, 4, 4]
+    assert [same(p, tr.get(t)[1]) for p, t in zip(c.leaves(), (q, k, v))] == [True] * 3
+    assert all(free(tr.get(t)[1]) and "split" in tr.get(t)[1].find().tags for t in (q, k, v))
+    tr, (x,), out = run_op(lambda x: x[:, :2], torch.randn(2, 3))
+    assert free(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[1].find().children[0])
+
+
+def test_index_list_of_consecutive_ints_is_a_slice():
+    """Falcon's multi-query split ``qkv[..., [-2], :]`` keeps the dim, like ``[-2:-1]``."""
+    tr, (x,), (q, k, v) = run_op(lambda x: (x[..., :-2, :], x[..., [-2], :], x[..., [-1], :]), torch.randn(2, 6, 4))
+    c = tr.get(x)[1].find()
+    assert [p.find().size for p in c.leaves()] == [4, 1, 1] and same(tr.get(q)[1], c.leaves()[0])
+    assert not tr.unsupported and all(free(s) for s in tr.get(x))
+
+
+def test_equal_chunks_are_one_space_repeated():
+    """``gate, up = h.chunk(2)`` (Phi-3's gate_up_proj): element i of both pieces is pruned together."""
+    tr, (x,), (a, b) = run_op(lambda x: x.chunk(2, dim=-1), torch.randn(2, 8))
+    c = tr.get(x)[1].find()
+    assert c.kind == "concat" and len(c.children) == 2 and same(c.children[0], c.children[1])
+    assert same(tr.get(a)[1], tr.get(b)[1]) and free(tr.get(a)[1]) and "split" not in tr.get(a)[1].find().tags
+    tr, (x,), outs = run_op(lambda x: x.split(3, dim=-1), torch.randn(2, 8))  # unequal: separate parts
+    assert [p.find().size for p in tr.get(x)[1].find().children] == [3, 3, 2]
+    assert not same(tr.get(outs[0])[1], tr.get(outs[1])[1])
+
+
 def test_narrow_and_select():
-    tr, (x,), out = run_op(lambda x: x.narrow(1, 0, 2), torch.randn(2, 3))
-    assert fixed(tr.get(x)[1]) and free(tr.get(x)[0])
+    tr, (x,), out = run_op(lambda x: x.narrow(1, 1, 2), torch.randn(2, 3))
+    assert free(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[1].find().children[1])
     tr, (x,), out = run_op(lambda x: x.narrow(1, 0, 3), torch.randn(2, 3))
     assert free(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[1])
     tr, (x,), out = run_op(lambda x: x.select(0, 1), torch.randn(2, 3))
@@ -111,3 +143,9 @@ def test_pad_fixes_padded_dims_only():
 def test_repeat_fixes_repeated_dim():
     tr, (x,), out = run_op(lambda x: x.repeat(1, 2), torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and free(tr.get(x)[0]) and fixed(tr.get(out)[1])
+
+
+def test_roll_fixes_the_rolled_dims_only():
+    """Swin's shifted windows roll the spatial dims; the channels pass through."""
+    tr, (x,), out = run_op(lambda x: torch.roll(x, shifts=(1, 1), dims=(1, 2)), torch.randn(2, 4, 4, 3))
+    assert fixed(tr.get(x)[1]) and fixed(tr.get(x)[2]) and free(tr.get(x)[3]) and same(tr.get(out)[3], tr.get(x)[3])

@@ -127,7 +127,7 @@ def save_uniform_checkpoint(model: nn.Module, d: Path, example: torch.Tensor) ->
     """``save_pretrained`` a uniform export and check that ``from_pretrained`` rebuilds it (equal logits)."""
     from transformers import AutoModelForCausalLM
 
-    from dmscale.adapters.hf_llm import uniform_sizes
+    from dmscale.families import uniform_sizes
     from dmscale.eval.perplexity import logits_of
     from dmscale.export import ExportError
 

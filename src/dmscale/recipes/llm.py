@@ -384,23 +384,16 @@ def export_uniform(dms: DMS, out_dir: str | Path, *, tokenizer: Any = None, chec
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` rebuilds it from the edited config; with
     ``check`` that reload is run and its logits compared with the hard-masked (uniform) supernet.
     """
-    from dmscale.adapters.hf_llm import uniform_sizes
+    from dmscale.families import config_describes_model, uniform_sizes
 
     with uniform_ratios(dms) as counts:
         exported = dms.export(check=check, atol=atol, rtol=1e-3)  # == the hard-masked (uniform) supernet
     if uniform_sizes(exported) is None:
         raise ExportError(f"uniform export: layer sizes still differ after equalising {counts}")
-    cfg = exported.config
-    for layer_attn in exported.modules():
-        hd = getattr(layer_attn, "head_dim", None)
-        if isinstance(hd, int) and isinstance(getattr(layer_attn, "layer_idx", None), int):
-            cfg_hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            if cfg_hd != hd:
-                raise ExportError(
-                    f"uniform export: {type(cfg).__name__} derives head_dim = hidden_size / num_attention_heads = "
-                    f"{cfg_hd}, the pruned model needs {hd}; search with prune_heads=False (and/or "
-                    f"prune_hidden=False) for this architecture, or save with dmscale.save")
-            break
+    if not config_describes_model(exported):
+        raise ExportError(f"uniform export: the edited {type(exported.config).__name__} cannot describe the export "
+                          f"({exported.config.dmscale_inexact}); search with prune_heads=False (and/or "
+                          "prune_hidden=False) for this architecture, or save with dmscale.save")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(str(out))

@@ -109,6 +109,8 @@ def union(a: Space, b: Space) -> Space:
     if rb.kind == "atomic":
         if fixed_b:
             fix(ra, rb.fix_reasons[0] if rb.fix_reasons else "")
+        for leaf in ra.leaves():  # the atomic dim is the whole composite: its parts share its tags
+            leaf.tags |= rb.tags
         return ra
     if rb.kind == ra.kind and [c.find().size for c in rb.children] == [c.find().size for c in ra.children]:
         for ca, cb in zip(ra.children, rb.children):

@@ -411,8 +411,9 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     was_training = model.training
     model.eval()  # never update BatchNorm statistics while tracing
+    access = _ListAccess()
     try:
-        with torch.no_grad(), tr.counter, tr:
+        with torch.no_grad(), tr.counter, tr, access:
             inputs = tuple(example_inputs)
             for t in tensors((inputs, example_kwargs)):
                 for s in tr.get(t):
@@ -448,8 +449,12 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
         if not tr.block_shapes_ok.get(n):
             raise ValueError(f"depth_blocks: block {n!r} changes the shape of its input, so it cannot be removed")
         tr.candidate_blocks[n].declared = True
+    # children of a ModuleList the model indexes by position (T5Block.layer[0], layer[-1]) are sub-layers with
+    # fixed roles, not a stack of removable blocks
+    positional = {name for name, m in mods_by_name.items() if access.positional(m)}
     blocks = [b for n, b in tr.candidate_blocks.items()
-              if (n in tr.residual_blocks or n in declared) and tr.block_shapes_ok.get(n)]
+              if (n in tr.residual_blocks or n in declared) and tr.block_shapes_ok.get(n)
+              and (b.container not in positional or n in declared)]
     # a container of removable blocks is not itself removable: keep the innermost
     blocks = [b for b in blocks if not any(o.name.startswith(b.name + ".") for o in blocks)]
     # a parameter is raw (masked by its own parametrization) unless the layer record of its module
@@ -457,6 +462,10 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     for rec in tr.params.values():
         lrec = tr.layers.get(rec.module)
         rec.raw = lrec is None or lrec.spec is None or rec.attr not in lrec.spec.params
+        # a space whose elements must be masked in every parameter that holds them (multi-query heads:
+        # a pruned query head still outputs the shared value head, so the output projection is masked too)
+        if not rec.raw and any("mask_params" in leaf.tags for s in rec.dims for leaf in s.leaves()):
+            rec.raw = True
     # blocks nested in other removable blocks of the same container family are fine; order by container/index
     blocks.sort(key=lambda b: (b.container, b.index))
     # report only ops that cost pruning freedom: they touched a dimension some parameter lives in
@@ -464,6 +473,39 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
                    if any(leaf.owned and leaf.size > 1 for s in tr.unsupported_spaces.get(op, []) for leaf in s.leaves())}
     return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total,
                        size_attrs=tr.size_attrs, lost=lost_dimensions(tr.params))
+
+
+class _ListAccess:
+    """Records, while the model runs, which ModuleLists are iterated (or sliced) and which are indexed by int."""
+
+    def __init__(self) -> None:
+        self.indexed: set[int] = set()
+        self.iterated: set[int] = set()
+
+    def positional(self, m: nn.Module) -> bool:
+        """True for a ModuleList only ever read as ``lst[i]`` (its items have fixed roles)."""
+        return isinstance(m, nn.ModuleList) and id(m) in self.indexed and id(m) not in self.iterated
+
+    def __enter__(self) -> "_ListAccess":
+        self._getitem, self._iter = nn.ModuleList.__getitem__, nn.ModuleList.__iter__
+        getitem, iterate = self._getitem, self._iter
+        indexed, iterated = self.indexed, self.iterated
+
+        def recording_getitem(lst, idx):
+            (indexed if isinstance(idx, int) else iterated).add(id(lst))
+            return getitem(lst, idx)
+
+        def recording_iter(lst):
+            iterated.add(id(lst))
+            return iterate(lst)
+
+        nn.ModuleList.__getitem__ = recording_getitem
+        nn.ModuleList.__iter__ = recording_iter
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        nn.ModuleList.__getitem__ = self._getitem
+        nn.ModuleList.__iter__ = self._iter
 
 
 def _model_outputs(out: Any) -> Any:

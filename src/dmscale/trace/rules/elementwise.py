@@ -18,7 +18,8 @@ UNARY = (
     "hardsigmoid", "sigmoid", "exp", "cos", "cosh", "log", "rsqrt", "reciprocal", "softplus", "logsigmoid",
     "nan_to_num", "round", "floor", "ceil", "trunc", "frac", "erfc", "exp2", "expm1", "log1p", "log2",
     "__invert__", "logical_not", "bitwise_not", "isnan", "isinf", "isfinite", "sigmoid_", "relu6_",
-    "__abs__", "float_power", "pin_memory", "__deepcopy__", "cumsum_",
+    "__abs__", "float_power", "pin_memory", "__deepcopy__", "cumsum_", "long", "int", "short", "bool", "byte",
+    "char",
 )
 # several tensors (or scalars) in, the broadcast shape out
 BINARY = (
@@ -28,22 +29,25 @@ BINARY = (
     "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
     "logical_and", "logical_or", "__and__", "__or__", "__xor__", "__mod__", "remainder", "fmod", "addcmul",
     "addcdiv", "lerp", "copysign", "atan2", "hypot", "xlogy", "pow_", "__rpow__", "fmax", "fmin", "__iand__",
-    "__ior__", "bitwise_and", "bitwise_or", "copy_",
+    "__ior__", "bitwise_and", "bitwise_or", "copy_", "__rdiv__",
 )
 
 
 @op_rule(*UNARY)
 def unary(tr, c) -> None:
-    """Same shape out: out has the input's spaces; a tensor operand is broadcast-united. Fixes nothing.
+    """Same shape out: out has the input's spaces; a tensor operand is broadcast-united (also when it
+    broadcasts the output to a new shape, as ``torch.pow(base, exponents)``). Fixes nothing.
 
-    An output of a different shape is unsupported.
+    Any other output of a different shape is unsupported.
     """
     src = c.args[0] if c.args and isinstance(c.args[0], torch.Tensor) else c.kwargs.get("input")
     out = c.out
+    if src is None and isinstance(out, torch.Tensor) and tensors((c.args, c.kwargs)):  # ``torch.pow(2, t)``
+        return tr.broadcast_union(tensors((c.args, c.kwargs)), out)
+    others = [t for t in tensors((c.args[1:], c.kwargs)) if t is not src]
+    if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and others:
+        return tr.broadcast_union([src] + others, out)  # ``torch.pow(base, exponents)`` broadcasts like a binary op
     if isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and out.shape == src.shape:
-        others = [t for t in tensors((c.args[1:], c.kwargs)) if t is not src]
-        if others:
-            return tr.broadcast_union([src] + others, out)
         tr.set(out, list(tr.get(src)))
         return
     tr.unknown(c.name, c.args, c.kwargs, c.out)

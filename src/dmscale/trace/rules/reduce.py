@@ -51,3 +51,24 @@ def softmax(tr, c) -> None:
     else:
         fix(dims[norm_dim(dim, src.dim())], f"{c.name} over this dim in {tr.current_module()}")
     tr.set(c.out, dims)
+
+
+@op_rule("topk", "sort", "argsort", "kthvalue")
+def select_along(tr, c) -> None:
+    """Selection along one dim (a MoE router's ``topk`` over experts): that dim is fixed (the output's is a
+    new fixed space, or gone for ``kthvalue`` without ``keepdim``); the other dims pass through."""
+    src = c.args[0] if c.args else c.kwargs["input"]
+    default = -1
+    dim = c.kwargs.get("dim", c.args[2] if c.name in ("topk", "kthvalue") and len(c.args) > 2 else
+                       (c.args[1] if c.name in ("sort", "argsort") and len(c.args) > 1 and
+                        isinstance(c.args[1], int) and not isinstance(c.args[1], bool) else default))
+    d = norm_dim(dim, src.dim())
+    sd = list(tr.get(src))
+    fix(sd[d], f"{c.name} over this dim in {tr.current_module() or 'model'}")
+    for o in tensors(c.out):
+        if o.dim() == src.dim():
+            tr.set(o, [Space(o.shape[i], c.name, fixed=o.shape[i] > 1) if i == d else s for i, s in enumerate(sd)])
+        elif o.dim() == src.dim() - 1:
+            tr.set(o, sd[:d] + sd[d + 1:])
+        else:
+            tr.set(o, tr.fresh(o, fixed=True))

@@ -1,7 +1,10 @@
 """Shape ops: reshapes split / merge spaces, permutes reorder them, ``cat`` / ``split`` concatenate them.
 
-Slicing or indexing part of a dimension, and copying data along one (``repeat``, a broadcasting
-``expand``), make that dimension unprunable: export could not slice it consistently.
+Slicing a contiguous range of a dimension (``x[..., a:b]``, ``narrow``, an index list like ``[-2]``)
+refines its space into a concatenation whose middle part is the slice (a fused ``qkv_proj`` cut into
+q | k | v by positions); the parts are not searched on their own unless an attention op tags them as
+heads. Indexing one element, a strided slice, and copying data along a dim (``repeat``, a
+broadcasting ``expand``) make that dimension unprunable: export could not slice it consistently.
 """
 
 from __future__ import annotations
@@ -182,11 +185,68 @@ def stack(tr, c) -> None:
     tr.set(out, base[:dim] + [Space(len(ts), "stack")] + base[dim:])
 
 
+def equal_parts(space: Space, n: int, origin: str) -> list[Space]:
+    """``n`` equal pieces of a space (``chunk`` / ``split`` into equal sizes) as ONE space repeated.
+
+    The pieces of an equal ``chunk`` are pruned alike (element i of every piece together), so the
+    op still cuts the smaller tensor into equal pieces after export: ``gate, up = h.chunk(2)``
+    keeps the gated FFN searchable. A space already split in another way keeps that split.
+    """
+    root = space.find()
+    size = root.size // n
+    if root.kind == "concat" and len(root.children) == n and all(c.find().size == size for c in root.children):
+        return list(root.children)
+    if root.kind != "atomic":
+        return split(root, [size] * n, "concat", origin)
+    part = Space(size, origin, fixed=root.fixed)
+    part.fix_reasons = list(root.fix_reasons)
+    part.owned = True
+    part.tags = {t for t in root.tags if t != "act"}
+    root.kind = "concat"
+    root.children = [part] * n
+    return [part] * n
+
+
+def slice_part(space: Space, start: int, stop: int, origin: str) -> Space | None:
+    """The elements ``[start, stop)`` of a space as a part of a concatenation (None: not expressible).
+
+    An atomic space is refined into (head | part | tail); a concatenation is refined inside the
+    children the bounds fall in (so ``qkv[..., :q]``, ``qkv[..., q:q+k]``, ``qkv[..., q+k:]`` give
+    the three parts q | k | v). The new parts are tagged 'split': not searched as widths on their own.
+    """
+    root = space.find()
+    n = root.size
+    if start == 0 and stop == n:
+        return root
+    if not 0 <= start < stop <= n:
+        return None
+    if root.kind == "atomic":
+        sizes = [x for x in (start, stop - start, n - stop) if x > 0]
+        parts = split(root, sizes, "concat", origin)
+        return parts[1] if start > 0 else parts[0]
+    if root.kind != "concat":
+        return None
+    covered: list[Space] = []
+    off = 0
+    for child in list(root.children):
+        cs = child.find().size
+        lo, hi = max(start, off), min(stop, off + cs)
+        if lo < hi:
+            part = child if (lo, hi) == (off, off + cs) else slice_part(child, lo - off, hi - off, origin)
+            if part is None:
+                return None
+            covered.append(part)
+        off += cs
+    return covered[0] if len(covered) == 1 else composite("concat", covered, origin)
+
+
 @op_rule("split", "chunk", "unbind", "tensor_split", "split_with_sizes")
 def split_op(tr, c) -> None:
     """The split dim is refined into a concatenation of the pieces' sizes; ``unbind`` fixes its dim.
 
-    An int ``split_size`` is recorded like an explicit reshape int (export updates it).
+    Equal pieces (``chunk(n)``, ``split(size)`` with a divisible dim) are one space repeated (see
+    :func:`equal_parts`); unequal pieces are separate parts. An int ``split_size`` is recorded like
+    an explicit reshape int (export updates it).
     """
     name, args, kwargs = c.name, c.args, c.kwargs
     src = args[0]
@@ -201,7 +261,13 @@ def split_op(tr, c) -> None:
     dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
     dim = norm_dim(dim, src.dim())
     sizes = [o.shape[dim] for o in outs]
-    parts = split(sd[dim], sizes, "concat", f"split:{tr.current_module()}") if len(outs) > 1 else [sd[dim]]
+    origin = f"split:{tr.current_module()}"
+    if len(outs) <= 1:
+        parts = [sd[dim]]
+    elif name in ("split", "chunk") and len(set(sizes)) == 1:
+        parts = equal_parts(sd[dim], len(outs), origin)
+    else:
+        parts = split(sd[dim], sizes, "concat", origin)
     for o, p in zip(outs, parts):
         tr.set(o, sd[:dim] + [p] + sd[dim + 1:])
     size_arg = args[1] if len(args) > 1 else kwargs.get("split_size_or_sections", kwargs.get("split_size"))
@@ -209,15 +275,26 @@ def split_op(tr, c) -> None:
         tr.record_reshape(size_arg, parts[0])
 
 
+def _as_slice(i: Any, n: int) -> Any:
+    """An index list of consecutive ascending ints (``x[..., [-2], :]``) as the equivalent slice."""
+    if isinstance(i, list) and i and all(isinstance(v, int) and not isinstance(v, bool) for v in i):
+        vals = [v + n if v < 0 else v for v in i]
+        if all(0 <= v < n for v in vals) and vals == list(range(vals[0], vals[0] + len(vals))):
+            return slice(vals[0], vals[-1] + 1, 1)
+    return i
+
+
 @op_rule("__getitem__")
 def getitem(tr, c) -> None:
-    """Full slices and ``None`` / ``...`` keep spaces; an int index, a partial slice, or tensor indexing
+    """Full slices and ``None`` / ``...`` keep spaces; a contiguous slice (or an index list of
+    consecutive ints) is a part of its dim (:func:`slice_part`); an int index or a strided slice
     fixes the indexed dim (tensor and mask indices: :func:`.index.advanced_getitem`)."""
     src, idx, out = c.args[0], c.args[1], c.out
     sd = list(tr.get(src))
     where = tr.current_module() or "model"
     if not isinstance(idx, tuple):
         idx = (idx,)
+    idx = _lists_as_slices(idx, src)
     if any(isinstance(i, torch.Tensor) and i.dtype != torch.bool for i in idx) or \
             any(isinstance(i, (list,)) for i in idx):
         return advanced_getitem(tr, c)  # indexing by tensors / lists: rules/index.py
@@ -245,8 +322,11 @@ def getitem(tr, c) -> None:
             continue
         if isinstance(i, slice):
             start, stop, step = i.indices(src.shape[d])
-            if (start, stop, step) == (0, src.shape[d], 1):
-                od.append(sd[d])
+            part = slice_part(sd[d], start, stop, f"slice:{where}") if step == 1 else None
+            if len(range(start, stop, step)) == 0:  # an empty slice (``q[..., d:]`` with nothing left) cuts nothing
+                od.append(Space(0, "empty"))
+            elif part is not None:
+                od.append(part)
             else:
                 fix(sd[d], f"slice in {where}")
                 od.append(Space(len(range(start, stop, step)), "slice", fixed=True))
@@ -258,9 +338,25 @@ def getitem(tr, c) -> None:
     tr.set(out, od)
 
 
+def _lists_as_slices(idx: tuple, src: torch.Tensor) -> tuple:
+    """Replace index lists that select a consecutive range by slices (their dim is kept, like a slice)."""
+    if not any(isinstance(i, list) for i in idx):
+        return idx
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out, d = [], 0
+    for i in idx:
+        if i is Ellipsis:
+            d += src.dim() - n_real
+        elif i is not None:
+            i = _as_slice(i, src.shape[d]) if d < src.dim() else i
+            d += 1
+        out.append(i)
+    return tuple(out)
+
+
 @op_rule("narrow", "select")
 def narrow_select(tr, c) -> None:
-    """``select`` fixes and drops its dim; ``narrow`` to fewer elements fixes its dim."""
+    """``select`` fixes and drops its dim; ``narrow`` is a slice (see :func:`slice_part`)."""
     src, out = c.args[0], c.out
     dim = norm_dim(c.args[1], src.dim())
     dims = list(tr.get(src))
@@ -269,8 +365,13 @@ def narrow_select(tr, c) -> None:
         tr.set(out, dims[:dim] + dims[dim + 1:])
     else:
         if out.shape[dim] != src.shape[dim]:
-            fix(dims[dim], f"narrow in {tr.current_module()}")
-            dims[dim] = Space(out.shape[dim], "narrow", fixed=True)
+            start = c.args[2] if len(c.args) > 2 else c.kwargs["start"]
+            start = int(start) + (src.shape[dim] if int(start) < 0 else 0)
+            part = slice_part(dims[dim], start, start + out.shape[dim], f"narrow:{tr.current_module()}")
+            if part is None:
+                fix(dims[dim], f"narrow in {tr.current_module()}")
+                part = Space(out.shape[dim], "narrow", fixed=True)
+            dims[dim] = part
         tr.set(out, dims)
 
 
@@ -287,6 +388,19 @@ def pad(tr, c) -> None:
             fix(sd[d], f"pad in {tr.current_module()}")
             sd[d] = Space(out.shape[d], "pad")
     tr.set(out, sd)
+
+
+@op_rule("roll")
+def roll(tr, c) -> None:
+    """Rolled dims are fixed (a cyclic shift: Swin's shifted windows); the others pass through."""
+    src = c.args[0]
+    dims = c.arg(2, "dims", None)
+    sd = list(tr.get(src))
+    rolled = range(src.dim()) if dims is None else [norm_dim(d, src.dim()) for d in
+                                                     ((dims,) if isinstance(dims, int) else dims)]
+    for d in rolled:
+        fix(sd[d], f"roll in {tr.current_module() or 'model'}")
+    tr.set(c.out, sd)
 
 
 @op_rule("repeat", "tile", "repeat_interleave")
