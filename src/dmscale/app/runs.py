@@ -275,10 +275,9 @@ class Run:
             return load_tokenizer(d.tokenizer)
         if self.model_kind in ("builtin", "factory"):
             return load_tokenizer("bytes")
-        src = Path(m.spec[3:] if m.spec.startswith("hf:") else m.spec).expanduser()
-        if not src.is_dir():  # a hub name: offline only from the local cache
-            src = Path(m.spec[3:])
-        return load_tokenizer(None, src, m.kwargs.get("gguf_file"))
+        name = m.spec[3:] if m.spec.startswith("hf:") else m.spec  # a directory, or a hub name (the local cache)
+        src = Path(name).expanduser()
+        return load_tokenizer(None, src if src.is_dir() else name, m.kwargs.get("gguf_file"))
 
     def _load_data(self) -> None:
         """Load ``data.name`` (built-in set, image folder, ``.npz``, text); errors name the key and the flag."""
