@@ -284,7 +284,8 @@ def test_dms_fast_freezes_weights_and_meets_target() -> None:
     assert not any(p.requires_grad is False for p in model.parameters())
     counted = dmscale.count(exported, (ids[None, :16],))["params"]
     full = sum(p.numel() for p in model.parameters())
-    assert counted / full == pytest.approx(log["params_frac"], abs=1e-6)
+    # export() lands on the budget (budget.project): within 1% below the target
+    assert target.fraction * 0.99 <= counted / full <= target.fraction + 1e-6
     assert exported.model.embed_tokens.weight.shape == (VOCAB, 64)  # hidden size not searched by default
     uni, ulog = L.dms_fast(model, ids, target, steps=4, seq_len=16, batch_size=2, lr_structure=0.05,
                            prune_depth=True, uniform=True, progress=False)
