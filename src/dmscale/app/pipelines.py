@@ -22,6 +22,7 @@ from dmscale.app.config import ConfigError, RunConfig, TrainConfig
 from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
+from dmscale.recipes.bn import recalibrate_bn
 from dmscale.recipes.oneshot import oneshot_prune
 from dmscale.recipes.loop import (NonFiniteError, cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all,
                                   train_loop)
@@ -207,33 +208,6 @@ def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> 
     return min(frac, 1.0)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches, n: int,
-                   forward: Callable[[nn.Module, Any], Any] = lambda m, b: m(b[0])) -> None:
-    """Re-estimate BatchNorm running statistics of the (hard-masked) network from ``n`` training batches
-    (``forward(model, batch)`` runs the model on a batch: by default on its images).
-
-    The search accumulates statistics of the soft, shrinking supernet; the found network's own statistics
-    make its accuracy right after the search meaningful (export copies them). To be replaced by
-    ``dmscale.recipes.bn.recalibrate_bn(model, batches, num_batches)`` (DMS_fast and one-shot exports too)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    was = model.training
-    moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the n batches
-    model.train()
-    try:
-        for i in range(n):
-            forward(model, batches(i))
-    finally:
-        for m, mom in zip(bns, moms):
-            m.momentum = mom
-        model.train(was)
-
-
 def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool,
                  teacher: nn.Module | None = None, enlargement: str | None = None) -> dict[str, Any]:
     """DMS search on ``model`` (weights+structure, or structure only; ``teacher``: distil from it), projection onto
@@ -269,13 +243,7 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
     # DMS_fast too: BatchNorm in train mode (batch statistics), weights frozen
     with _config_keys(**{"search.lr": s.lr, "search.structure_lr": search.sopt.param_groups[0]["lr"]}):
         search.run(run.task(s.label_smoothing, teacher), batches, start=start, train_mode=True, **hooks.kw)
-    task = run.task()
-
-    def forward(m: nn.Module, batch: Any) -> None:
-        task.loss(m, batch)
-
-    recal = ((lambda m: recalibrate_bn(m, run.batches("recalibrate"), s.bn_recalibrate, forward))
-             if s.bn_recalibrate else None)
+    recal = (lambda m: recalibrate_bn(m, run.batches("recalibrate"), s.bn_recalibrate)) if s.bn_recalibrate else None
     small, fin = finish_search(dms, recalibrate=recal)
     value = run.eval(small)
     run.log({"phase": "search", "step": s.steps, f"eval_{run.metric}": value})
