@@ -186,7 +186,21 @@ def test_nonfinite_training_fails_naming_the_phase_and_learning_rate(tmp_path: P
     assert not (out / "model").exists()  # no all-NaN model is saved
 
 
-def test_over_budget_search_fails_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_over_budget_search_fails_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search the projection could not bring onto the budget stops (exit 1, nothing saved as the result) unless
+    --allow-over-budget. The exact projection reaches every target the construction accepts, so the projection's
+    outcome is made over budget here (the projection itself is tested in tests/test_budget.py)."""
+    from dmscale.app import pipelines
+
+    real = pipelines.finish_search
+
+    def over_budget(dms, **kw):
+        small, info = real(dms, **kw)
+        kind, goal = info["target"]["kind"], info["target"]["fraction"]
+        return small, {**info, "over_budget": True, f"{kind}_frac": 1.5 * goal}
+
+    monkeypatch.setattr(pipelines, "finish_search", over_budget)
     extra = sets("search.target=0.05", "search.steps=2", "retrain.steps=0")
     assert main(["search", "--out", str(tmp_path / "r"), "-q"] + extra) == 1
     err = capsys.readouterr().err

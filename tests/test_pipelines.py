@@ -67,6 +67,43 @@ def test_config_types_yaml_and_defaults(tmp_path: Path) -> None:
         load_config(None, ["model.depths=[1,2,3,4]"])
 
 
+def test_config_user_model_keys_tables_and_json(tmp_path: Path) -> None:
+    """model.spec / kwargs / trust / supernet_kwargs and [task] from TOML tables, YAML, --set JSON; checked by key."""
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nspec = "hf:some/hub-name"\ntrust = ["mypkg"]\n[model.kwargs]\ndtype = "bfloat16"\n'
+                 '[task]\ndistill = 0.5\ntemperature = 2\n[data]\nname = "digits"\n')
+    cfg = load_config(f, pipeline="dms_p")
+    assert cfg.model.spec == "hf:some/hub-name" and cfg.model.kwargs == {"dtype": "bfloat16"}
+    assert cfg.model.trust == ["mypkg"] and cfg.task.distill == 0.5 and cfg.task.temperature == 2.0
+    again = load_config(None, ['model.kwargs={"width": 8}', "model.spec=hf:x/y"], pipeline="dms_p")
+    assert again.model.kwargs == {"width": 8}
+    from dmscale.app.config import dump_yaml, from_dict
+    import yaml
+
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))).model.kwargs == {"dtype": "bfloat16"}  # config.yaml round trip
+    for bad, key in ((["model.kwargs=[1, 2]", "model.spec=hf:x/y"], "model.kwargs"),
+                     (["model.kwargs={\"w\": 1}"], "model.kwargs"),  # the built-in family has no kwargs
+                     (["task.distill=-1"], "task.distill"), (["task.temperature=0"], "task.temperature"),
+                     (["task.loss=no colon"], "task.loss"), (["data.seq_len=1"], "data.seq_len"),
+                     (["data.heldout_fraction=0"], "data.heldout_fraction"), (["data.channels=2"], "data.channels"),
+                     (["model.supernet_width_mult=0.5"], "model.supernet_width_mult"),
+                     (["model.spec=hf:x/y", "model.supernet_kwargs={\"w\": 2}"], "model.supernet_kwargs"),
+                     (["model.spec=hf:x/y", "model.trust=[os]"], "model.trust")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, bad, pipeline="dms_p")
+    with pytest.raises(ConfigError, match=r"task\.distill.*pipeline 'dms'"):
+        load_config(None, ["task.distill=1"], pipeline="dms")
+
+
+def test_supernet_multipliers_auto() -> None:
+    from dmscale.app.config import supernet_mults
+
+    assert supernet_mults(load_config(None, [], pipeline="dms").model) == (1.5, 1.5)  # the built-in family
+    user = load_config(None, ["model.spec=hf:x/y"], pipeline="dms").model
+    assert supernet_mults(user) == (1.0, 1.0)  # a user model: no enlargement unless asked
+    assert supernet_mults(load_config(None, ["model.supernet_width_mult=2"]).model) == (2.0, 1.5)
+
+
 def test_example_configs_parse() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.toml"))

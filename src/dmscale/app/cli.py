@@ -1,4 +1,8 @@
-"""The ``dmscale`` command line: search / prune / fast / pretrain / baseline / demo / info / report / upscale."""
+"""The ``dmscale`` command line: search / prune / fast / pretrain / baseline / demo / info / report / upscale.
+
+The training commands run on the built-in ResNet family and image sets, or on the user's ``--model``
+(``module:factory``, a ``dmscale.save`` directory, ``hf:``) and ``--data`` (image folder, ``.npz``, text),
+with the loss by the data, ``--loss module:function`` and ``--distill`` (see :mod:`dmscale.app.workload`)."""
 
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ RESUME_SAFE = {"run.progress", "run.threads"}
 _CURRENT_RUN: list[str] = []  # run directory of the command in progress (for the Ctrl-C hint)
 
 
-def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None:
+def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False, user_model: bool = True) -> None:
     """Flags shared by the training subcommands (each one is a shortcut for a --set)."""
     p.add_argument("-c", "--config", help="TOML/YAML run config (see configs/ and docs/cli.md)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -46,7 +50,8 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None
     p.add_argument("--out", help="run directory (run.out)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--seed", type=int, help="run.seed")
-    p.add_argument("--data", help="data.name: auto, digits, mnist5k, fashion-mnist, cifar10")
+    p.add_argument("--data", help="data.name: a built-in set (auto, digits, mnist5k, fashion-mnist, cifar10), an "
+                   "image folder (one subfolder per class), an .npz file, or a text file for a language model")
     p.add_argument("--data-root", help="data.root: directory holding the dataset files")
     p.add_argument("--limit-train", type=int, help="data.limit_train: subsample the training set")
     p.add_argument("--target", type=float, help="search.target: budget as a fraction (0, 1]")
@@ -57,6 +62,17 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if pretrained:
         p.add_argument("--pretrained", help="model.pretrained: a dmscale.save directory or a run directory")
+    if user_model:
+        p.add_argument("--model", help="model.spec: your model instead of the built-in ResNet family: "
+                       "package.module:factory, a dmscale.save directory, or hf:NAME_OR_PATH")
+        p.add_argument("--model-kwargs", metavar="JSON", help="model.kwargs: a JSON object for the factory (or for "
+                       "from_pretrained with hf:), e.g. '{\"width\": 64}'")
+        p.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
+                       help="model.trust: a package a saved model's classes may come from (repeatable)")
+        p.add_argument("--loss", metavar="MODULE:FUNCTION", help="task.loss: fn(model, batch) -> loss or (loss, "
+                       "metrics) instead of the loss by the data (cross-entropy, next-token loss)")
+        p.add_argument("--distill", type=float, metavar="W", help="task.distill: add W * KL(unpruned || pruned) "
+                       "(prune, fast, baseline)")
     p.add_argument("--allow-over-budget", action="store_true",
                    help="keep a search that ends over budget (by default the run fails with exit code 1)")
 
@@ -65,8 +81,18 @@ def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """The shortcut flags as config overrides."""
     m = {"out": "run.out", "seed": "run.seed", "data": "data.name", "data_root": "data.root",
          "limit_train": "data.limit_train", "target": "search.target", "steps": "search.steps",
-         "retrain_steps": "retrain.steps", "threads": "run.threads", "pretrained": "model.pretrained"}
+         "retrain_steps": "retrain.steps", "threads": "run.threads", "pretrained": "model.pretrained",
+         "model": "model.spec", "loss": "task.loss", "distill": "task.distill"}
     out = {key: getattr(a, attr) for attr, key in m.items() if getattr(a, attr, None) is not None}
+    if getattr(a, "model_kwargs", None) is not None:
+        from dmscale.app.models import ModelSpecError, parse_model_kwargs
+
+        try:
+            out["model.kwargs"] = parse_model_kwargs(a.model_kwargs)
+        except ModelSpecError as exc:
+            raise ConfigError(str(exc)) from None
+    if getattr(a, "trust", None):
+        out["model.trust"] = list(a.trust)
     if getattr(a, "reset", False):
         out["retrain.reset"] = True
     if getattr(a, "quiet", False):
@@ -134,6 +160,20 @@ def _print_result(summary: dict[str, Any], started: float) -> None:
           f"wall time {time.time() - started:.0f} s")
 
 
+def _model_note(cfg: RunConfig) -> str:
+    """What a pipeline makes of the user's --model (printed before it runs)."""
+    from dmscale.app.workload import describe_enlargement
+
+    m = cfg.model
+    if cfg.run.pipeline == "dms":
+        return (f"model {m.spec}: DMS searches from random init; supernet: {describe_enlargement(cfg)}. "
+                "To start from the model's weights use dmscale prune or fast")
+    if cfg.run.pipeline == "pretrain":
+        return f"model {m.spec}: trained from its weights as built/loaded with [pretrain]"
+    src = f"the weights of --pretrained {m.pretrained}" if m.pretrained else "its weights as built/loaded"
+    return f"model {m.spec}: starts from {src}"
+
+
 def cmd_pipeline(a: argparse.Namespace) -> int:
     """search / prune / fast / pretrain / baseline: one pipeline from a config."""
     from dmscale.app import pipelines
@@ -158,6 +198,8 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         validate(cfg)
     t0 = time.time()
     print(f"dmscale {a.command}: pipeline {pipeline}, run directory {cfg.run.out}", flush=True)
+    if cfg.model.spec and not a.resume:
+        print(_model_note(cfg), flush=True)
     summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     _print_result(summary, t0)
     return 0
@@ -354,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--methods", help="comma list of uniform,l1,taylor (baseline.methods)")
         p.set_defaults(func=cmd_pipeline)
     p = sub.add_parser("demo", help="DMS end to end on the best offline dataset (a few minutes; --quick about 1)")
-    _add_run_flags(p)
+    _add_run_flags(p, user_model=False)
     p.add_argument("--quick", action="store_true", help="about one minute: less data, fewer steps")
     p.add_argument("--baselines", action="store_true", help="also train the baselines and compare")
     p.add_argument("--fresh", action="store_true", help="replace an earlier demo run in the same run directory")
@@ -399,10 +441,12 @@ def _error_exit(exc: BaseException) -> tuple[int, str]:
     from dmscale.recipes.loop import TrainingError
     from dmscale.recipes.pipelines import OverBudgetError
     from dmscale.serialization.checkpoint import CheckpointError
+    from dmscale.app.models import ModelSpecError
     from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError, LoadError
 
     msg = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError)):
+    if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError,
+                        ModelSpecError)):
         return 2, msg
     if isinstance(exc, (TrainingError, OverBudgetError)):  # the run failed: non-finite training, over budget
         return 1, msg

@@ -24,7 +24,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ConfigError", "RunConfig", "RunSection", "DataConfig", "ModelConfig", "TrainConfig", "SearchConfig",
-           "BaselineConfig", "PIPELINES", "default_config", "load_config", "from_dict", "from_file", "read_file",
+           "BaselineConfig", "TaskConfig", "supernet_mults", "PIPELINES", "default_config", "load_config", "from_dict", "from_file", "read_file",
            "to_dict", "apply_overrides", "validate", "dump_yaml", "flatten", "INT_MAX", "SEED_MAX"]
 
 PIPELINES = ("dms", "dms_p", "dms_fast", "baseline", "pretrain")
@@ -58,26 +58,36 @@ class RunSection:
 
 @dataclass
 class DataConfig:
-    """Which dataset, how much of it, batch sizes."""
+    """Which data (a built-in set, an image folder, an ``.npz`` file, a text file), how much of it, batch sizes."""
 
-    name: str = "auto"
-    root: str = ""  # directory of the dataset files; "" = the loader's default places
-    limit_train: int = 0  # 0 = all
+    name: str = "auto"  # anything dmscale.app.datasets.load_data reads (--data)
+    root: str = ""  # directory of the built-in dataset files; "" = the loader's default places
+    limit_train: int = 0  # 0 = all (text: training windows)
     limit_test: int = 0
     batch_size: int = 128
     eval_batch_size: int = 500
+    size: int = 0  # image folders: resize every image to size x size (0 = the most common size)
+    channels: int = 0  # image folders: 1 or 3 (0 = grayscale when every image is, else RGB)
+    tokenizer: str = ""  # text: "" = the hf: model's tokenizer, else bytes; "bytes"; a tokenizer directory
+    seq_len: int = 128  # text: tokens per training window (and perplexity window)
+    heldout_fraction: float = 0.1  # text: the last fraction of the file, held out for the perplexity
 
 
 @dataclass
 class ModelConfig:
-    """The ResNet family (base architecture), the supernet multipliers, an optional pretrained model."""
+    """The model: the built-in ResNet family (base architecture) or a user's model (``spec``), the supernet
+    enlargement, an optional pretrained model."""
 
+    spec: str = ""  # --model: "" = the built-in family; pkg.module:factory, a dmscale.save directory, hf:NAME_OR_PATH
+    kwargs: dict = field(default_factory=dict)  # --model-kwargs: factory / from_pretrained keyword arguments
+    trust: list[str] = field(default_factory=list)  # --trust: packages a saved model's classes may come from
+    supernet_kwargs: dict = field(default_factory=dict)  # search on a factory: kwargs of the enlarged supernet
     family: str = "resnet"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64])
     depths: list[int] = field(default_factory=lambda: [2, 2, 2])
     stem_stride: int = 1
-    supernet_width_mult: float = 1.5
-    supernet_depth_mult: float = 1.5
+    supernet_width_mult: float = 0.0  # 0 = auto: 1.5 for the built-in family, 1 (no enlargement) for a user model
+    supernet_depth_mult: float = 0.0  # 0 = auto: 1.5 for the built-in family, 1 for a user model
     pretrained: str = ""  # dmscale.save directory or a run directory; "" = pretrain the base model in the run
 
 
@@ -128,12 +138,23 @@ class BaselineConfig:
 
 
 @dataclass
+class TaskConfig:
+    """The loss: by the data (classification cross-entropy, causal-LM next-token loss), or a user's function;
+    optional distillation from the unpruned model."""
+
+    loss: str = ""  # --loss pkg.module:function, fn(model, batch) -> loss or (loss, metrics); "" = by the data
+    distill: float = 0.0  # --distill W: loss + W * KL(unpruned || pruned) (prune, fast, baseline)
+    temperature: float = 1.0
+
+
+@dataclass
 class RunConfig:
     """A whole run: one section per phase."""
 
     run: RunSection = field(default_factory=RunSection)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300))
     search: SearchConfig = field(default_factory=SearchConfig)
     retrain: TrainConfig = field(default_factory=TrainConfig)
@@ -232,6 +253,15 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r}: expected a string")
+    if isinstance(default, dict):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{key}={value!r}: not a JSON object ({exc.msg}), e.g. '{{\"width\": 64}}'") from None
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}={value!r}: expected a table / JSON object with string keys")
+        return dict(value)
     if isinstance(default, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
@@ -380,6 +410,8 @@ def _check_value(key: str, v: Any, d: Any) -> None:
     elif isinstance(d, str):
         _check(isinstance(v, str), key, v, "expected a string")
         _check("\x00" not in v, key, v, "must not contain NUL characters")
+    elif isinstance(d, dict):
+        _check(isinstance(v, dict) and all(isinstance(k, str) for k in v), key, v, "expected a table with string keys")
     elif isinstance(d, list):
         _check(isinstance(v, list), key, v, "expected a list")
         elem = d[0] if d else ""
@@ -406,7 +438,12 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "must be >= 1")
     _check(r.eval_every >= 0, "run.eval_every", r.eval_every, "must be >= 0 (0 = end of phase only)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = torch default)")
-    _check(d.name in DATASETS, "data.name", d.name, f"choose one of {DATASETS}")
+    data_kind = _check_data(d, check_paths)
+    _check(d.size >= 0, "data.size", d.size, "must be >= 0 (0 = the most common image size)")
+    _check(d.channels in (0, 1, 3), "data.channels", d.channels, "must be 0 (auto), 1 or 3")
+    _check(d.seq_len >= 2, "data.seq_len", d.seq_len, "must be >= 2 tokens")
+    _check(0 < d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction,
+           "must be in (0, 1): the held-out text measures the perplexity")
     if d.root and check_paths:
         _check(Path(d.root).expanduser().is_dir(), "data.root", d.root, "directory does not exist")
     for k in ("limit_train", "limit_test"):
@@ -420,8 +457,10 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
            f"positive integers up to {MAX_DEPTH}, one per width")
     _check(m.stem_stride in (1, 2, 4), "model.stem_stride", m.stem_stride, "must be 1, 2 or 4")
     for k in ("supernet_width_mult", "supernet_depth_mult"):
-        _check(1.0 <= getattr(m, k) <= MAX_SUPERNET_MULT, f"model.{k}", getattr(m, k),
-               f"must be in [1, {MAX_SUPERNET_MULT:g}]")
+        v = getattr(m, k)
+        _check(v == 0 or 1.0 <= v <= MAX_SUPERNET_MULT, f"model.{k}", v,
+               f"must be 0 (auto) or in [1, {MAX_SUPERNET_MULT:g}]")
+    _check_user_model(cfg, data_kind, check_paths)
     if m.pretrained and check_paths:
         _check(Path(m.pretrained).expanduser().exists(), "model.pretrained", m.pretrained, "path does not exist")
     for sec in ("pretrain", "retrain"):
@@ -453,7 +492,91 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
     _check(len(cfg.baseline.methods) >= 1 and all(x in BASELINES for x in cfg.baseline.methods),
            "baseline.methods", cfg.baseline.methods, f"choose from {BASELINES}")
     _check(cfg.baseline.taylor_batches >= 1, "baseline.taylor_batches", cfg.baseline.taylor_batches, "must be >= 1")
+    _check_task(cfg)
     return cfg
+
+
+def _check_data(d: DataConfig, check_paths: bool) -> str | None:
+    """``data.name`` is a built-in set or names data that exists; returns its kind (None when not checked)."""
+    _check(bool(d.name.strip()), "data.name", d.name, f"needs a dataset: one of {DATASETS}, an image folder, an "
+           ".npz file or a text file")
+    if d.name in DATASETS:
+        return "builtin"
+    if not check_paths:
+        return None
+    from dmscale.app.datasets import data_kind
+
+    try:
+        return data_kind(d.name)[0]
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.name={d.name!r} (--data): {exc}") from None
+
+
+def _check_user_model(cfg: RunConfig, data_kind: str | None, check_paths: bool) -> None:
+    """``model.spec`` and what goes with it: kwargs, trust, the supernet enlargement of a user model."""
+    m = cfg.model
+    kind = None
+    _check(data_kind != "text" or bool(m.spec), "data.name", cfg.data.name, "text needs a language model: give one "
+           "with --model (model.spec); the built-in ResNet family classifies images")
+    if m.spec:
+        from dmscale.app.models import ModelSpecError, model_kind
+
+        _check("\x00" not in m.spec, "model.spec", m.spec, "must not contain NUL characters")
+        if check_paths or m.spec.startswith("hf:"):
+            try:
+                kind = model_kind(m.spec)
+            except ModelSpecError as exc:
+                raise ConfigError(f"model.spec: {exc}") from None
+    if m.trust:
+        from dmscale.serialization.allowlist import Allowlist
+
+        try:
+            Allowlist(m.trust)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model.trust={m.trust!r} (--trust): {exc}") from None
+    if m.kwargs:
+        _check(bool(m.spec), "model.kwargs", m.kwargs, "applies to a --model (model.spec), not to the built-in family "
+               "(use model.widths / model.depths)")
+        _check(kind != "dmscale", "model.kwargs", m.kwargs, f"applies to 'module:factory' and 'hf:' models, not to "
+               f"the saved directory model.spec={m.spec!r}")
+    if m.supernet_kwargs:
+        _check(kind == "factory" or (kind is None and bool(m.spec)), "model.supernet_kwargs", m.supernet_kwargs,
+               "applies to a 'module:factory' model.spec (the factory builds the enlarged supernet)")
+    if not m.spec:
+        return
+    w, dm = m.supernet_width_mult, m.supernet_depth_mult
+    _check(w == 0 or float(w).is_integer(), "model.supernet_width_mult", w,
+           "a user model is widened by dmscale.upscale, which takes an integer factor: 0/1 (no enlargement), 2, 3, ...")
+    _check(dm in (0, 1), "model.supernet_depth_mult", dm, "dmscale cannot add blocks to a user model; leave it 0 and "
+           "give a deeper supernet with model.supernet_kwargs (your factory's depth argument)")
+    _check(not (m.supernet_kwargs and w > 1), "model.supernet_width_mult", w,
+           "give either model.supernet_kwargs or an upscale factor, not both")
+    _check(not m.pretrained or cfg.run.pipeline != "dms", "model.pretrained", m.pretrained,
+           "search (DMS) starts from random init; use prune or fast to start from pretrained weights")
+
+
+def _check_task(cfg: RunConfig) -> None:
+    t = cfg.task
+    if t.loss:
+        from dmscale.app.models import _FACTORY
+
+        _check(_FACTORY.match(t.loss) is not None, "task.loss", t.loss,
+               "expected 'package.module:function' (--loss), a function fn(model, batch) -> loss")
+    _check(t.distill >= 0, "task.distill", t.distill, "must be >= 0 (0 = off)")
+    _check(t.temperature > 0, "task.temperature", t.temperature, "must be > 0")
+    if t.distill > 0:
+        _check(cfg.run.pipeline in ("dms_p", "dms_fast", "baseline"), "task.distill", t.distill,
+               f"distillation needs a trained teacher (the unpruned model): prune, fast or baseline, not pipeline "
+               f"{cfg.run.pipeline!r}")
+        _check(not t.loss, "task.distill", t.distill, f"applies to the built-in losses; task.loss={t.loss!r} "
+               "(--loss) computes its own loss (distil inside it)")
+
+
+def supernet_mults(m: ModelConfig) -> tuple[float, float]:
+    """The effective (width, depth) multipliers of the supernet: 0 (auto) is 1.5 for the built-in family and
+    1 (no enlargement) for a user model."""
+    auto = 1.0 if m.spec else 1.5
+    return (m.supernet_width_mult or auto, m.supernet_depth_mult or auto)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),

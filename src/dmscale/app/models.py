@@ -26,11 +26,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch.nn as nn
 
-__all__ = ["load_model", "model_kind", "parse_model_kwargs", "ModelSpecError", "HF_TASKS"]
+__all__ = ["load_model", "load_function", "model_kind", "parse_model_kwargs", "ModelSpecError", "HF_TASKS"]
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 # task -> transformers Auto class; None = chosen from config.architectures
@@ -95,30 +95,46 @@ def _dmscale_dir(p: Path) -> Path | None:
     return None
 
 
-def _import(module: str, spec: str) -> Any:
+def _import(module: str, spec: str, flag: str = "--model") -> Any:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (module == e.name or module.startswith(e.name + ".")):
-            raise ModelSpecError(f"--model {spec}: module {module!r} is not importable (no module named "
+            raise ModelSpecError(f"{flag} {spec}: module {module!r} is not importable (no module named "
                                  f"{e.name!r}); install it or add its directory to PYTHONPATH") from e
-        raise ModelSpecError(f"--model {spec}: importing {module!r} failed: {type(e).__name__}: {e}") from e
+        raise ModelSpecError(f"{flag} {spec}: importing {module!r} failed: {type(e).__name__}: {e}") from e
     except Exception as e:
-        raise ModelSpecError(f"--model {spec}: importing {module!r} failed: {type(e).__name__}: {e}") from e
+        raise ModelSpecError(f"{flag} {spec}: importing {module!r} failed: {type(e).__name__}: {e}") from e
 
 
-def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+def _resolve(spec: str, flag: str) -> tuple[Any, str, str]:
+    """(object, its dotted name, qualname) that ``package.module:attr.path`` names; errors name ``flag``."""
     module, qual = spec.split(":", 1)
-    obj: Any = _import(module, spec)
+    obj: Any = _import(module, spec, flag)
     where = module
     for part in qual.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
             close = difflib.get_close_matches(part, names, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ModelSpecError(f"--model {spec}: {where!r} has no attribute {part!r}{hint}")
+            raise ModelSpecError(f"{flag} {spec}: {where!r} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
         where = f"{where}.{part}"
+    return obj, where, qual
+
+
+def load_function(spec: str, flag: str = "--loss") -> Callable[..., Any]:
+    """The function ``package.module:function`` names (imports the user's module); errors name ``flag``."""
+    if not _FACTORY.match(spec):
+        raise ModelSpecError(f"{flag} {spec!r}: expected 'package.module:function'")
+    obj, where, _ = _resolve(spec, flag)
+    if not callable(obj) or isinstance(obj, (type, nn.Module)):
+        raise ModelSpecError(f"{flag} {spec}: {where} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    obj, where, qual = _resolve(spec, "--model")
     if not callable(obj):
         raise ModelSpecError(f"--model {spec}: {where} is a {type(obj).__name__}, not a callable returning a model")
     if isinstance(obj, nn.Module):

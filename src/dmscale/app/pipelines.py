@@ -8,6 +8,7 @@ exactly and a finished phase is skipped. The run directory is locked for the who
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -21,21 +22,23 @@ from dmscale.app.config import ConfigError, RunConfig, TrainConfig
 from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
+from dmscale.recipes.bn import recalibrate_bn
+from dmscale.recipes.oneshot import oneshot_prune
 from dmscale.recipes.loop import (NonFiniteError, cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all,
                                   train_loop)
 from dmscale.recipes.pipelines import OverBudgetError, Search
 from dmscale.recipes.pipelines import finish as finish_search
-from dmscale.recipes.tasks import ImageClassification
 from dmscale.schedule import Target
 from dmscale.search import DMS
-from dmscale.serialization.format import atomic_write_text, load, save
+from dmscale.serialization.format import atomic_write_text, save
 
 __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines", "run_pretrain", "evaluate",
-           "open_run", "load_run_config", "Batches", "one_shot_prune", "uniform_width_model", "resolve_model_dir",
+           "open_run", "load_run_config", "Batches", "one_shot_prune", "uniform_width_model", "uniform_ratio_model", "resolve_model_dir",
            "PHASE_SALT", "train_phase", "search_phase", "recalibrate_bn", "pretrained_model", "summarize", "finish",
            "clean_run_dir"]
 
 Callback = Callable[[str, int], None]
+_LOOP_KEYS = frozenset({"step", "loss", "lr", "seconds", "resource", "target", "resource_loss"})
 
 
 # ----------------------------------------------------------------------------------------- phase logging
@@ -63,25 +66,28 @@ class _PhaseHooks:
 
     def on_step(self, rec: dict[str, Any]) -> None:
         n = rec["step"]
+        metrics = {k: v for k, v in rec.items() if k not in _LOOP_KEYS}  # train_acc, ce, kl, a --loss's own
         if self.dms is None:
-            out = {"phase": self.phase, "step": n, "loss": rec["loss"], "lr": rec["lr"], "train_acc": rec["train_acc"]}
+            out = {"phase": self.phase, "step": n, "loss": rec["loss"], "lr": rec["lr"], **metrics}
         else:
             out = {"phase": self.phase, "step": n, "task_loss": rec["loss"], "resource": rec["resource"],
-                   "target": rec["target"], "resource_loss": rec["resource_loss"], "lr": rec["lr"],
-                   "train_acc": rec["train_acc"], "kept": _forward_kept(self.dms)}
+                   "target": rec["target"], "resource_loss": rec["resource_loss"], "lr": rec["lr"], **metrics,
+                   "kept": _forward_kept(self.dms)}
         self.run.log(out)
-        acc = rec["train_acc"]
-        self.acc_ema = acc if self.acc_ema is None else 0.9 * self.acc_ema + 0.1 * acc
+        acc = rec.get("train_acc")
+        if acc is not None:
+            self.acc_ema = acc if self.acc_ema is None else 0.9 * self.acc_ema + 0.1 * acc
         every = self.run.cfg.run.eval_every
         if every and n % every == 0 and n < self.total:
             self.eval_acc = self.evaluate()
-            self.run.log({"phase": self.phase, "step": n, "eval_acc": self.eval_acc})
+            self.run.log({"phase": self.phase, "step": n, f"eval_{self.run.metric}": self.eval_acc})
 
     def postfix(self, rec: dict[str, Any]) -> dict[str, str]:
         post = {"loss": f"{rec['loss']:.3f}"}
         if self.dms is not None:
             post["res"] = f"{rec['resource']:.3f}/{rec['target']:.3f}"
-        post["acc"] = f"{self.acc_ema:.3f}"
+        if self.acc_ema is not None:
+            post["acc"] = f"{self.acc_ema:.3f}"
         if self.eval_acc is not None:
             post["test"] = f"{self.eval_acc:.3f}"
         return post
@@ -112,8 +118,10 @@ def _resume_or_start(run: Run, phase: str, total: int, batches: Batches,
 
 
 # ----------------------------------------------------------------------------------------- training
-def train_phase(run: Run, phase: str, model: nn.Module, tc: TrainConfig) -> dict[str, Any]:
-    """Train a model with SGD + cosine LR for ``tc.steps`` (resumable); returns accuracy and timings."""
+def train_phase(run: Run, phase: str, model: nn.Module, tc: TrainConfig,
+                teacher: nn.Module | None = None) -> dict[str, Any]:
+    """Train a model with SGD + cosine LR for ``tc.steps`` (resumable; ``teacher``: distil from it with
+    ``task.distill``); returns the test metric and timings."""
     done = run.done(phase)
     if done is not None:
         return done
@@ -128,11 +136,11 @@ def train_phase(run: Run, phase: str, model: nn.Module, tc: TrainConfig) -> dict
                         lambda n: run.save_ckpt(phase, n, tc.steps, loop_state(model, [opt]), batches))
     key = "pretrain" if phase == "pretrain" else "retrain"
     with _config_keys(**{f"{key}.lr": tc.lr}):
-        train_loop(model, batches, ImageClassification(tc.label_smoothing), tc.steps, start=start,
+        train_loop(model, batches, run.task(tc.label_smoothing, teacher), tc.steps, start=start,
                    weight_optimizer=opt, lr=cosine_lr(tc.lr, tc.steps, tc.warmup_steps), **hooks.kw)
-    acc = run.eval(model)
-    run.log({"phase": phase, "step": tc.steps, "eval_acc": acc})
-    return {"acc": acc, "steps": tc.steps, "seconds": round(time.time() - t0, 1)}
+    value = run.eval(model)
+    run.log({"phase": phase, "step": tc.steps, f"eval_{run.metric}": value})
+    return {run.metric: value, "steps": tc.steps, "seconds": round(time.time() - t0, 1)}
 
 
 def _finish_model_phase(run: Run, phase: str, model: nn.Module, subdir: str, info: dict[str, Any]) -> dict[str, Any]:
@@ -148,34 +156,43 @@ def _finish_model_phase(run: Run, phase: str, model: nn.Module, subdir: str, inf
 
 
 def pretrained_model(run: Run) -> tuple[nn.Module, dict[str, Any]]:
-    """The pretrained model: ``model.pretrained`` if given, else the base model trained in this run (``pretrain``)."""
+    """The pretrained model: ``model.pretrained`` if given; else the user's ``--model`` as given (its weights as they
+    are; ``dmscale pretrain`` trains it); else the built-in base model trained in this run (``pretrain``)."""
     m = run.cfg.model
-    if m.pretrained:
-        try:
-            d = resolve_model_dir(m.pretrained)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"model.pretrained={m.pretrained!r}: {exc}") from exc
-        model = load(d)
-        x = run.example
-        try:
-            with torch.no_grad():
-                model.eval()(x)
-        except Exception as exc:
-            raise ConfigError(f"model.pretrained={m.pretrained!r} does not accept this dataset's inputs "
-                              f"{tuple(x.shape)}: {exc}") from exc
+    if m.pretrained or (m.spec and run.cfg.run.pipeline != "pretrain"):
+        if m.pretrained:
+            try:
+                d = resolve_model_dir(m.pretrained)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"model.pretrained={m.pretrained!r}: {exc}") from exc
+            model = run.check_model(run.load(d), f"model.pretrained={m.pretrained!r}")
+            source = str(d)
+        else:
+            model, source = run.base_model(), m.spec
         info = run.done("pretrain")
         if info is None:
-            info = {"acc": run.eval(model), "source": str(d), "steps": 0}
+            info = {run.metric: run.eval(model), "source": source, "steps": 0}
             info.update(run.measure(model))
             info["describe"] = zoo.describe(model)
             run.mark_done("pretrain", info)
         return model, info
     info = run.done("pretrain")
     if info is not None:
-        return load(run.dir / info["dir"]), info
+        return run.load(run.dir / info["dir"]), info
     model = run.base_model()
     res = train_phase(run, "pretrain", model, run.cfg.pretrain)
-    return load(run.dir / _finish_model_phase(run, "pretrain", model, "pretrained", res)["dir"]), run.done("pretrain")
+    _finish_model_phase(run, "pretrain", model, "pretrained", res)
+    return run.load(run.dir / "pretrained"), run.done("pretrain")
+
+
+def _teacher(run: Run, model: nn.Module | None = None) -> nn.Module | None:
+    """With ``task.distill``: a frozen copy of the unpruned (pretrained) model, in eval mode; else None."""
+    if run.cfg.task.distill <= 0:
+        return None
+    teacher = copy.deepcopy(model) if model is not None else pretrained_model(run)[0]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -191,34 +208,11 @@ def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> 
     return min(frac, 1.0)
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches, n: int) -> None:
-    """Re-estimate BatchNorm running statistics of the (hard-masked) network from ``n`` training batches.
-
-    The search accumulates statistics of the soft, shrinking supernet; the found network's own statistics
-    make its accuracy right after the search meaningful (export copies them). To be replaced by
-    ``dmscale.recipes.bn.recalibrate_bn(model, batches, num_batches)`` (DMS_fast and one-shot exports too)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return
-    was = model.training
-    moms = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the n batches
-    model.train()
-    try:
-        for i in range(n):
-            model(batches(i)[0])
-    finally:
-        for m, mom in zip(bns, moms):
-            m.momentum = mom
-        model.train(was)
-
-
-def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool) -> dict[str, Any]:
-    """DMS search on ``model`` (weights+structure, or structure only), projection onto the budget, export to
-    ``searched/``. A result over budget stops the run (``OverBudgetError``) unless the run allows it."""
+def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool,
+                 teacher: nn.Module | None = None, enlargement: str | None = None) -> dict[str, Any]:
+    """DMS search on ``model`` (weights+structure, or structure only; ``teacher``: distil from it), projection onto
+    the budget, export to ``searched/``. A result over budget stops the run (``OverBudgetError``) unless the run
+    allows it."""
     done = run.done("search")
     if done is not None:
         return done
@@ -226,10 +220,10 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
     sup = run.measure(model)
     frac = _target_fraction(run, ref, sup)
     try:
-        dms = DMS(model, (run.example,), Target(**{s.resource: frac}), total_steps=s.steps, importance=s.importance,
+        dms = DMS(model, run.example, Target(**{s.resource: frac}), total_steps=s.steps, importance=s.importance,
                   importance_decay=s.importance_decay, resource_weight=s.resource_weight,
                   decay_fraction=s.decay_fraction, divisor=s.divisor, min_ratio=s.min_ratio,
-                  prune_depth=s.prune_depth, warn=False)
+                  prune_depth=s.prune_depth, warn=False, **run.dms_kwargs(model))
     except ValueError as exc:
         raise ConfigError(f"search.target={s.target}: {exc}") from exc
     search = Search(dms, train_weights=not freeze_weights,
@@ -248,11 +242,11 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                         lambda n: run.save_ckpt("search", n, s.steps, search.state_dict(), batches), dms=dms)
     # DMS_fast too: BatchNorm in train mode (batch statistics), weights frozen
     with _config_keys(**{"search.lr": s.lr, "search.structure_lr": search.sopt.param_groups[0]["lr"]}):
-        search.run(ImageClassification(s.label_smoothing), batches, start=start, train_mode=True, **hooks.kw)
+        search.run(run.task(s.label_smoothing, teacher), batches, start=start, train_mode=True, **hooks.kw)
     recal = (lambda m: recalibrate_bn(m, run.batches("recalibrate"), s.bn_recalibrate)) if s.bn_recalibrate else None
     small, fin = finish_search(dms, recalibrate=recal)
-    acc_hard = run.eval(small)
-    run.log({"phase": "search", "step": s.steps, "eval_acc": acc_hard})
+    value = run.eval(small)
+    run.log({"phase": "search", "step": s.steps, f"eval_{run.metric}": value})
     kept = fin["kept"]
     res_frac = fin[f"{s.resource}_frac"]
     if fin["over_budget"] and not run.allow_over_budget:
@@ -261,8 +255,9 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                               f"{frac:.4f}, even after projecting the widths onto it (depth, divisor or min_ratio "
                               "leave no room); nothing was saved as the result. Search longer, allow more depth "
                               "pruning, or pass --allow-over-budget to keep it")
-    info = {"acc_hard": acc_hard, "steps": s.steps, "seconds": round(time.time() - t0, 1),
-            "supernet": {"flops": sup["flops"], "params": sup["params"], "describe": zoo.describe(model)},
+    info = {f"{run.metric}_hard": value, "steps": s.steps, "seconds": round(time.time() - t0, 1),
+            "supernet": {"flops": sup["flops"], "params": sup["params"], "describe": zoo.describe(model),
+                         **({"enlargement": enlargement} if enlargement else {})},
             "target_fraction_of_supernet": frac, "resource_fraction_of_supernet": res_frac,
             "over_budget": fin["over_budget"], "projection": fin.get("projection"),
             "groups": [{"name": g.name, "kind": g.kind, "full": kept[g.name][0], "kept": kept[g.name][1]}
@@ -288,13 +283,14 @@ def _retrain_and_finish(run: Run, search: dict[str, Any]) -> dict[str, Any]:
     rt = run.cfg.retrain
     info = run.done("retrain")
     if info is None:
-        model = load(run.dir / search["dir"])
+        model = run.load(run.dir / search["dir"])
         if rt.reset:
-            zoo.reinitialize(model, run.cfg.run.seed * 10 + PHASE_SALT["reset"])
+            run.reinit(model, run.cfg.run.seed * 10 + PHASE_SALT["reset"])
         if rt.steps > 0:
-            res = train_phase(run, "retrain", model, rt)
+            teacher = _teacher(run) if run.cfg.run.pipeline != "dms" else None
+            res = train_phase(run, "retrain", model, rt, teacher)
         else:
-            res = {"acc": search["acc_hard"], "steps": 0, "seconds": 0.0}
+            res = {run.metric: search[f"{run.metric}_hard"], "steps": 0, "seconds": 0.0}
         res["reset"] = rt.reset
         info = _finish_model_phase(run, "retrain", model, "model", res)
     return finish(run)
@@ -303,18 +299,24 @@ def _retrain_and_finish(run: Run, search: dict[str, Any]) -> dict[str, Any]:
 def run_dms(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
             allow_over_budget: bool = False) -> dict[str, Any]:
     """DMS (default): random-init enlarged supernet, search weights+structure, export, retrain."""
+    from dmscale.app.workload import describe_enlargement
+
     with open_run(cfg, resume, callback, allow_over_budget=allow_over_budget) as run:
         ref = _ref(run)
-        search = search_phase(run, run.supernet(), ref, freeze_weights=False)
+        search = run.done("search") or search_phase(run, run.supernet(), ref, freeze_weights=False,
+                                                    enlargement=describe_enlargement(run.cfg))
         return _retrain_and_finish(run, search)
 
 
 def _search_pretrained(run: Run, freeze_weights: bool) -> dict[str, Any]:
     """Search from the run's pretrained model, with the pretrained model as the FLOPs reference."""
+    done = run.done("search")
+    if done is not None:
+        return done
     model, pre = pretrained_model(run)
     ref = {"flops": pre["flops"], "params": pre["params"], "describe": pre.get("describe")}
     run.state["reference"] = ref
-    return search_phase(run, model, ref, freeze_weights=freeze_weights)
+    return search_phase(run, model, ref, freeze_weights=freeze_weights, teacher=_teacher(run, model))
 
 
 def run_dms_p(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
@@ -330,15 +332,16 @@ def run_dms_fast(cfg: RunConfig, resume: bool = False, callback: Callback | None
     with open_run(cfg, resume, callback, allow_over_budget=allow_over_budget) as run:
         search = _search_pretrained(run, freeze_weights=True)
         if run.done("retrain") is None:
-            small = load(run.dir / search["dir"])
-            _finish_model_phase(run, "retrain", small, "model", {"acc": search["acc_hard"], "steps": 0,
-                                                                "seconds": 0.0, "reset": False})
+            small = run.load(run.dir / search["dir"])
+            _finish_model_phase(run, "retrain", small, "model", {run.metric: search[f"{run.metric}_hard"],
+                                                                "steps": 0, "seconds": 0.0, "reset": False})
         return finish(run)
 
 
 def run_pretrain(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
                  allow_over_budget: bool = False) -> dict[str, Any]:
-    """Train the base architecture from scratch (a pretrained model for DMS_p / DMS_fast / baselines)."""
+    """Train the base architecture (the built-in family from scratch, or the user's ``--model`` from its weights):
+    a pretrained model for DMS_p / DMS_fast / baselines."""
     with open_run(cfg, resume, callback) as run:
         _ref(run)
         pretrained_model(run)
@@ -354,9 +357,39 @@ def uniform_width_model(run: Run, goal: float) -> tuple[nn.Module, float]:
     def build(mult: float) -> nn.Module:
         return zoo.build(m.widths, m.depths, c, n, width_mult=mult, stem_stride=m.stem_stride)
 
-    mult = uniform_width(build, run.example, goal, run.cfg.search.resource)
+    mult = uniform_width(build, run.example[0], goal, run.cfg.search.resource)
     torch.manual_seed(run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
     return build(mult), mult
+
+
+def uniform_ratio_model(run: Run, goal: float) -> tuple[nn.Module, float]:
+    """The uniform baseline of a user model (a factory has no width knob): one kept ratio r for every width
+    group, set through masks by the one-shot common-ratio search so the resource is <= goal (absolute); the
+    export is randomly re-initialised, like the built-in family's uniformly narrower model."""
+    base = run.base_model()
+    s = run.cfg.search
+    frac = min(goal / run.measure(base)[s.resource], 1.0)
+    small, info = oneshot_prune(base, run.example, Target(**{s.resource: frac}), "l1", **run.dms_kwargs(base))
+    run.reinit(small, run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
+    return small, info["ratio"]
+
+
+def _baseline_start(run: Run, method: str, goal: float, trained: list[nn.Module]) -> tuple[nn.Module, dict]:
+    """The model a baseline retrains from, and its setting (width multiplier or common kept ratio)."""
+    s = run.cfg.search
+    if method == "uniform":
+        if run.cfg.model.spec:
+            model, r = uniform_ratio_model(run, goal)
+            return model, {"ratio": r}
+        model, mult = uniform_width_model(run, goal)
+        return model, {"width_mult": mult}
+    if not trained:
+        trained.append(pretrained_model(run)[0])
+    frac = goal / run.measure(trained[0])[s.resource]
+    model, info = oneshot_prune(trained[0], run.example, Target(**{s.resource: min(frac, 1.0)}), method,
+                                task=run.task(), batches=run.batches("baseline-" + method),
+                                n_batches=run.cfg.baseline.taylor_batches, **run.dms_kwargs(trained[0]))
+    return model, {"ratio": info["ratio"]}
 
 
 def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
@@ -368,30 +401,23 @@ def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | Non
         goal = s.target * ref[s.resource] if s.target_of == "base" else None
         if goal is None:  # relative to the supernet of this run's config
             goal = s.target * run.measure(run.supernet())[s.resource]
-        trained = None
+        trained: list[nn.Module] = []
+        teacher: list[nn.Module | None] = []
         for method in run.cfg.baseline.methods:
             phase = f"baseline-{method}"
             if run.done(phase) is not None:
                 continue
             start_dir = run.dir / "baselines" / method / "start"
             if (start_dir / "structure.json").is_file():
-                model = load(start_dir)
                 setting = json.loads((start_dir.parent / "setting.json").read_text("utf-8"))
             else:
-                if method == "uniform":
-                    model, mult = uniform_width_model(run, goal)
-                    setting = {"width_mult": mult}
-                else:
-                    if trained is None:
-                        trained, _ = pretrained_model(run)
-                    frac = goal / run.measure(trained)[s.resource]
-                    model, r = one_shot_prune(trained, run.example, min(frac, 1.0), method, s.resource,
-                                              run.batches("baseline-" + method), run.cfg.baseline.taylor_batches)
-                    setting = {"ratio": r}
+                model, setting = _baseline_start(run, method, goal, trained)
                 save(model, start_dir, meta=run.meta(phase + "-start"))
                 atomic_write_text(start_dir.parent / "setting.json", json.dumps(setting) + "\n")
-                model = load(start_dir)
-            res = train_phase(run, phase, model, run.cfg.retrain)
+            model = run.load(start_dir)
+            if not teacher:
+                teacher.append(_teacher(run))
+            res = train_phase(run, phase, model, run.cfg.retrain, teacher[0])
             res.update(setting)
             _finish_model_phase(run, phase, model, f"baselines/{method}/model", res)
         return finish(run)
@@ -408,45 +434,54 @@ def finish(run: Run) -> dict[str, Any]:
 
 
 def summarize(run_dir: str | Path) -> dict[str, Any]:
-    """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json."""
+    """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json.
+
+    Every row holds the run's metric under its key (``summary["metric"]``: ``acc``, ``ppl`` or ``loss``)."""
+    from dmscale.app.workload import METRICS
+
     run_dir = Path(run_dir)
     state = read_state(run_dir / "state.json")
     cfg = load_run_config(run_dir)
     ph = state["phases"]
+    key = state.get("metric", "acc")
+    label, higher = METRICS.get(key, (key, True))
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
+                           "model": cfg.model.spec or f"built-in {cfg.model.family}",
+                           "metric": {"key": key, "label": label, "higher_is_better": higher},
                            "target": {"resource": cfg.search.resource, "fraction": cfg.search.target,
                                       "of": cfg.search.target_of},
                            "reference": state.get("reference"), "rows": [], "groups": [], "run_dir": str(run_dir)}
     rows = out["rows"]
+
+    def row(name: str, info: dict[str, Any], value: Any, **extra: Any) -> None:
+        rows.append({"name": name, "flops": info["flops"], "params": info["params"], key: value,
+                     "describe": info.get("describe"), **extra})
+
     ref = state.get("reference")
     if ref and "pretrain" not in ph:
-        rows.append({"name": "base (reference)", "flops": ref["flops"], "params": ref["params"], "acc": None,
-                     "describe": ref.get("describe")})
+        row("base (reference)", ref, None)
     if "pretrain" in ph:
         p = ph["pretrain"]
-        rows.append({"name": "pretrained base", "flops": p["flops"], "params": p["params"], "acc": p.get("acc"),
-                     "describe": p.get("describe")})
+        row("pretrained base", p, p.get(key))
     if "search" in ph:
         sr = ph["search"]
         sup = sr["supernet"]
         if cfg.run.pipeline == "dms":
-            rows.append({"name": "supernet (full)", "flops": sup["flops"], "params": sup["params"], "acc": None,
-                         "describe": sup.get("describe")})
-        rows.append({"name": "found, after search", "flops": sr["flops"], "params": sr["params"],
-                     "acc": sr["acc_hard"], "describe": sr.get("describe")})
+            row("supernet (full)", sup, None)
+        row("found, after search", sr, sr.get(f"{key}_hard"))
         out["groups"] = sr["groups"]
         out["search"] = {k: sr[k] for k in ("steps", "seconds", "target_fraction_of_supernet",
                                             "resource_fraction_of_supernet") if k in sr}
+        if sup.get("enlargement"):
+            out["search"]["enlargement"] = sup["enlargement"]
     if "retrain" in ph:
         rt = ph["retrain"]
-        label = "found, retrained" + (" (reset)" if rt.get("reset") else "") if rt.get("steps") else "exported"
-        rows.append({"name": label, "flops": rt["flops"], "params": rt["params"], "acc": rt["acc"],
-                     "describe": rt.get("describe"), "dms": True})
+        name = "found, retrained" + (" (reset)" if rt.get("reset") else "") if rt.get("steps") else "exported"
+        row(name, rt, rt.get(key), dms=True)
     for m in ("uniform", "l1", "taylor"):
         b = ph.get(f"baseline-{m}")
         if b is not None:
-            rows.append({"name": f"baseline: {m}", "flops": b["flops"], "params": b["params"], "acc": b["acc"],
-                         "describe": b.get("describe"), "baseline": m})
+            row(f"baseline: {m}", b, b.get(key), baseline=m)
     atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
     return out
 

@@ -47,17 +47,29 @@ def widths_text(describe: dict[str, Any] | None) -> str:
     return "/".join(str(s["out"][0]) if s["out"] else "-" for s in describe["stages"])
 
 
+def _metric(summary: dict[str, Any]) -> tuple[str, str]:
+    """(row key, column label) of the run's metric: accuracy, perplexity or a --loss mean (runs before 0.3: acc)."""
+    m = summary.get("metric") or {}
+    return m.get("key", "acc"), m.get("label", "test acc")
+
+
+def _metric_text(key: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if key == "acc" else f"{value:.4g}"
+
+
 def results_table(summary: dict[str, Any], markdown: bool = False) -> str:
-    """Model | FLOPs | params | accuracy | blocks per stage | stage widths, one row per model of the run."""
+    """Model | FLOPs | params | metric | blocks per stage | stage widths, one row per model of the run."""
     ref = summary.get("reference") or {}
     kind = summary.get("target", {}).get("resource", "flops")
-    rows: list[list[str]] = [["model", "FLOPs", "params", f"{kind} vs base", "test acc", "blocks/stage",
+    key, label = _metric(summary)
+    rows: list[list[str]] = [["model", "FLOPs", "params", f"{kind} vs base", label, "blocks/stage",
                               "stage widths"]]
     for r in summary.get("rows", []):
         rel = f"{r[kind] / ref[kind]:.3f}" if ref.get(kind) else "-"
-        acc = f"{100 * r['acc']:.2f}%" if r.get("acc") is not None else "-"
-        rows.append([r["name"], _human(r["flops"]), _human(r["params"]), rel, acc, stages_text(r.get("describe")),
-                     widths_text(r.get("describe"))])
+        rows.append([r["name"], _human(r["flops"]), _human(r["params"]), rel, _metric_text(key, r.get(key)),
+                     stages_text(r.get("describe")), widths_text(r.get("describe"))])
     return format_table(rows, markdown)
 
 
@@ -77,11 +89,19 @@ def render(summary: dict[str, Any], markdown: bool = False) -> str:
     h = "## " if markdown else ""
     out.append(f"{h}dmscale run: pipeline {summary.get('pipeline')}")
     out.append("")
-    out.append(f"dataset: {ds.get('name')} ({ds.get('selection', '')}; {ds.get('train')} train / {ds.get('test')} "
-               f"test images from {ds.get('source')})")
+    if ds.get("kind") == "text":
+        out.append(f"data: {ds.get('name')} ({ds.get('selection', '')}; {ds.get('train')} training windows of "
+                   f"{ds.get('seq_len')} tokens / {ds.get('test')} held-out tokens from {ds.get('source')})")
+    else:
+        out.append(f"dataset: {ds.get('name')} ({ds.get('selection', '')}; {ds.get('train')} train / "
+                   f"{ds.get('test')} test images from {ds.get('source')})")
+    if summary.get("model"):
+        out.append(f"model: {summary['model']}")
     out.append(f"target: {t.get('resource')} <= {t.get('fraction')} of the {t.get('of')} model")
     sr = summary.get("search")
     if sr:
+        if sr.get("enlargement"):
+            out.append(f"supernet: {sr['enlargement']}")
         out.append(f"search: {sr.get('steps')} steps in {sr.get('seconds')} s; resource reached "
                    f"{sr.get('resource_fraction_of_supernet', 0):.3f} of the supernet (target "
                    f"{sr.get('target_fraction_of_supernet', 0):.3f})")
@@ -159,9 +179,10 @@ def plot_widths(groups: Sequence[dict[str, Any]], path: str | Path) -> Path | No
     return Path(path)
 
 
-def plot_acc_flops(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
-    """Accuracy vs FLOPs: the found model(s) against the baselines and the base model."""
-    pts = [r for r in rows if r.get("acc") is not None]
+def plot_acc_flops(rows: Sequence[dict[str, Any]], path: str | Path, key: str = "acc",
+                   label: str = "test acc") -> Path | None:
+    """The metric (accuracy by default) vs FLOPs: the found model(s) against the baselines and the base model."""
+    pts = [r for r in rows if r.get(key) is not None]
     if not pts:
         return None
     plt = _plt()
@@ -169,9 +190,10 @@ def plot_acc_flops(rows: Sequence[dict[str, Any]], path: str | Path) -> Path | N
     for r in pts:
         marker = "*" if r.get("dms") else ("s" if r.get("baseline") else "o")
         size = 160 if r.get("dms") else 60
-        ax.scatter([r["flops"] / 1e6], [100 * r["acc"]], marker=marker, s=size, label=r["name"])
-    ax.set_xlabel("MFLOPs per image")
-    ax.set_ylabel("test accuracy (%)")
+        y = 100 * r[key] if key == "acc" else r[key]
+        ax.scatter([r["flops"] / 1e6], [y], marker=marker, s=size, label=r["name"])
+    ax.set_xlabel("MFLOPs per example")
+    ax.set_ylabel("test accuracy (%)" if key == "acc" else label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -189,8 +211,9 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> str:
         pics.append(("resource vs step with the target schedule", "resource.png"))
     if plot_widths(summary.get("groups", []), run_dir / "widths.png"):
         pics.append(("kept width per group (full vs kept)", "widths.png"))
-    if plot_acc_flops(summary.get("rows", []), run_dir / "acc_flops.png"):
-        pics.append(("accuracy vs FLOPs (found model vs baselines)", "acc_flops.png"))
+    key, label = _metric(summary)
+    if plot_acc_flops(summary.get("rows", []), run_dir / "acc_flops.png", key, label):
+        pics.append((f"{label} vs FLOPs (found model vs baselines)", "acc_flops.png"))
     text = render(summary, markdown=True)
     if pics:
         text += "\n\n## plots\n\n" + "\n".join(f"![{t}]({f})" for t, f in pics)

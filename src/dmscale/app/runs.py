@@ -26,6 +26,7 @@ the marker-less layout), :func:`check_output_path`, :func:`clean_run_dir`, :func
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -36,15 +37,18 @@ import torch
 import torch.nn as nn
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, dump_yaml, from_file, validate
+from dmscale.app.config import ConfigError, RunConfig, dump_yaml, from_file, supernet_mults, validate
+from dmscale.app.workload import (build_user_model, evaluate_accuracy, evaluate_loss, evaluate_perplexity, make_task,
+                                  random_init, text_windows, trusted_packages, user_supernet)
 from dmscale.recipes.loop import CheckpointError
+from dmscale.recipes.tasks import Task
 from dmscale.resources import count
 from dmscale.serialization.atomic import read_json_file
 from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint
 from dmscale.serialization.dirs import (LOCK_FILE, MARKER_FILE, DirLock, claim_dir, is_dmscale_dir, lock_dir,
                                         remove_dmscale_dir)
-from dmscale.serialization.errors import ForeignDirectoryError
-from dmscale.serialization.format import atomic_write_text
+from dmscale.serialization.errors import ForeignDirectoryError, LoadError
+from dmscale.serialization.format import atomic_write_text, load
 
 if TYPE_CHECKING:
     from dmscale.app.datasets import ImageData
@@ -107,6 +111,24 @@ def clean_run_dir(path: str | os.PathLike[str]) -> None:
     remove_dmscale_dir(path, RUN_KIND)
 
 
+_NEW_RUN_ENTRIES = ("config.yaml", "state.json", "log.jsonl", MARKER_FILE, LOCK_FILE)
+
+
+def _discard_new_run(run_dir: Path, keep_dir: bool) -> None:
+    """Remove what opening a new run wrote (its lock held) when its data or model turned out bad, so the same
+    command can be run again once fixed; the directory itself too unless it existed before (empty)."""
+    ck = run_dir / "checkpoints"
+    with contextlib.suppress(OSError):
+        if ck.is_dir() and not ck.is_symlink() and not any(ck.iterdir()):
+            ck.rmdir()
+    for name in _NEW_RUN_ENTRIES:
+        with contextlib.suppress(OSError):
+            (run_dir / name).unlink()
+    if not keep_dir:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty: anything else that appeared stays
+
+
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A run's ``state.json`` (a regular JSON file with a ``phases`` table); :class:`ConfigError` naming it otherwise."""
     state = read_json_file(path, what="run state", exc=ConfigError)
@@ -132,9 +154,11 @@ def set_threads(n: int) -> int:
 
 
 class Batches:
-    """Training batches as a pure function of (seed, step): epoch permutations from a seeded generator."""
+    """Training batches as a pure function of (seed, step): epoch permutations from a seeded generator.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+    A batch is ``(x, y)``, or ``x`` alone when ``y`` is None (token windows of a language model)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, batch_size: int, seed: int) -> None:
         self.x, self.y = x, y
         self.n = len(x)
         if self.n == 0:
@@ -155,25 +179,16 @@ class Batches:
             self._cache = (epoch, torch.randperm(self.n, generator=g))
         return self._cache[1]
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int) -> Any:
         epoch, i = self.position(step)
         idx = self.perm(epoch)[i * self.bs:(i + 1) * self.bs]
-        return self.x[idx], self.y[idx]
+        return self.x[idx] if self.y is None else (self.x[idx], self.y[idx])
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: "ImageData", batch_size: int = 500) -> float:
     """Top-1 accuracy on the test split (model in eval mode, restored after)."""
-    was = model.training
-    model.eval()
     x, y = data.test.tensors
-    correct = 0
-    try:
-        for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was)
-    return correct / max(1, len(x))
+    return evaluate_accuracy(model, x, y, batch_size)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -216,16 +231,19 @@ class Run:
         if existing and not is_run_dir(run_dir):
             raise ForeignDirectoryError(f"{run_dir} is not a dmscale run directory (no {MARKER_FILE} run marker, no "
                                         "config.yaml + state.json); refusing to write into it; choose another --out")
+        existed = os.path.lexists(run_dir)
         self._lock = lock_run_dir(run_dir)  # held for the life of the command; creates the directory
         try:
             claim_dir(run_dir, RUN_KIND)  # a new run, or one of dmscale < 0.2 (no marker yet)
             self._open()
-        except BaseException:
+        except BaseException as exc:
+            if not existing and isinstance(exc, (ConfigError, LoadError)):
+                _discard_new_run(run_dir, keep_dir=existed)  # bad --data / --model: nothing ran, leave no run behind
             self._lock.release()
             raise
 
     def _open(self) -> None:
-        from dmscale.app.datasets import load_dataset
+        from dmscale.app.models import ModelSpecError, model_kind
 
         cfg, run_dir = self.cfg, self.dir
         (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -234,16 +252,76 @@ class Run:
         self.log_path = run_dir / "log.jsonl"
         self.state = self._read_state()
         self.threads = set_threads(cfg.run.threads)
-        d = cfg.data
+        self._base: nn.Module | None = None  # the user's model as built/loaded (one load per command)
+        try:
+            self.model_kind = model_kind(cfg.model.spec) if cfg.model.spec else "builtin"  # factory | dmscale | hf
+        except ModelSpecError as exc:
+            raise ConfigError(f"model.spec: {exc}") from None
+        self._trust: list[str] | None = None
         t0 = time.time()
-        self.data = load_dataset(d.name, root=d.root or None, seed=cfg.run.seed,
-                                 limit_train=d.limit_train or None, limit_test=d.limit_test or None)
-        self.example = self.data.train.tensors[0][:1].clone()
-        self.state["dataset"] = {"name": self.data.name, "source": self.data.source,
-                                 "selection": self.data.selection, "train": len(self.data.train),
-                                 "test": len(self.data.test), "input_shape": list(self.data.input_shape),
-                                 "classes": self.data.num_classes, "load_s": round(time.time() - t0, 2)}
+        self._load_data()
+        self.state["dataset"]["load_s"] = round(time.time() - t0, 2)
+        self.state["metric"] = self.metric
+        if cfg.model.spec:
+            self._user_base()  # a model that cannot be built or cannot take the data stops here, before any phase
         self.write_state()
+
+    def _tokenizer(self) -> Any:
+        """``data.tokenizer``, else the tokenizer saved with the ``hf:`` / saved model (bytes when it has none)."""
+        from dmscale.eval.perplexity import load_tokenizer
+
+        d, m = self.cfg.data, self.cfg.model
+        if d.tokenizer:
+            return load_tokenizer(d.tokenizer)
+        if self.model_kind in ("builtin", "factory"):
+            return load_tokenizer("bytes")
+        name = m.spec[3:] if m.spec.startswith("hf:") else m.spec  # a directory, or a hub name (the local cache)
+        src = Path(name).expanduser()
+        return load_tokenizer(None, src if src.is_dir() else name, m.kwargs.get("gguf_file"))
+
+    def _load_data(self) -> None:
+        """Load ``data.name`` (built-in set, image folder, ``.npz``, text); errors name the key and the flag."""
+        from dmscale.app.datasets import TextData, data_kind, load_data
+
+        cfg, d = self.cfg, self.cfg.data
+        try:
+            kind = data_kind(d.name)[0]
+            tok = self._tokenizer() if kind == "text" else None
+            data = load_data(d.name, root=d.root or None, seed=cfg.run.seed, limit_train=d.limit_train or None,
+                             limit_test=d.limit_test or None, size=d.size or None, channels=d.channels or None,
+                             tokenizer=tok, heldout_fraction=d.heldout_fraction)
+        except ConfigError:
+            raise
+        except (OSError, ValueError, TypeError, ImportError, RuntimeError) as exc:
+            raise ConfigError(f"data.name={d.name!r} (--data): {exc}") from None
+        self.data = data
+        if isinstance(data, TextData):
+            self.kind = "text"
+            windows = text_windows(data.train, d.seq_len, f"the training text of {d.name}")
+            if d.limit_train and d.limit_train < len(windows):
+                g = torch.Generator().manual_seed(cfg.run.seed)
+                windows = windows[torch.randperm(len(windows), generator=g)[:d.limit_train].sort().values]
+            held = data.heldout
+            if d.limit_test:
+                held = held[:d.limit_test * d.seq_len]
+            if held.numel() < 2:
+                raise ConfigError(f"data.heldout_fraction={d.heldout_fraction}: the held-out text of {d.name} has "
+                                  f"{held.numel()} tokens; the perplexity needs at least 2")
+            self.train_x, self.train_y, self.heldout = windows, None, held
+            self.example = (windows[:1, :min(d.seq_len, 64)].clone(),)
+            self.state["dataset"] = {"name": data.name, "kind": "text", "source": data.source,
+                                     "selection": data.selection, "train": len(windows), "test": int(held.numel()),
+                                     "seq_len": d.seq_len, "train_tokens": int(data.train.numel()),
+                                     "tokenizer": type(getattr(data.tokenizer, "tok", data.tokenizer)).__name__}
+        else:
+            self.kind = "image"
+            self.train_x, self.train_y = data.train.tensors
+            self.example = (self.train_x[:1].clone(),)
+            self.state["dataset"] = {"name": data.name, "kind": "image", "source": data.source,
+                                     "selection": data.selection, "train": len(data.train),
+                                     "test": len(data.test), "input_shape": list(data.input_shape),
+                                     "classes": data.num_classes}
+        self.metric = "loss" if cfg.task.loss else ("ppl" if self.kind == "text" else "acc")
 
     def close(self) -> None:
         """Release the run directory's lock."""
@@ -358,21 +436,56 @@ class Run:
 
     def batches(self, phase: str) -> Batches:
         """Deterministic batches for a phase."""
-        x, y = self.data.train.tensors
-        return Batches(x, y, self.cfg.data.batch_size, self.cfg.run.seed * 10 + PHASE_SALT.get(phase, 9))
+        return Batches(self.train_x, self.train_y, self.cfg.data.batch_size,
+                       self.cfg.run.seed * 10 + PHASE_SALT.get(phase, 9))
 
     def meta(self, kind: str) -> dict[str, Any]:
         """Metadata saved with a model (input shape for ``dmscale info``/``upscale``)."""
-        return {"kind": kind, "pipeline": self.cfg.run.pipeline, "dataset": self.data.name,
-                "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes}
+        out: dict[str, Any] = {"kind": kind, "pipeline": self.cfg.run.pipeline, "dataset": self.data.name}
+        if self.cfg.model.spec:
+            out["model_spec"] = self.cfg.model.spec
+        if self.kind == "image":
+            out.update({"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes})
+        else:
+            out["seq_len"] = self.cfg.data.seq_len
+        return out
+
+    def example_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """Keyword arguments of the traced / counted call (``use_cache=False`` for a Hugging Face language model)."""
+        return {"use_cache": False} if self.kind == "text" and getattr(model, "config", None) is not None else {}
+
+    def dms_kwargs(self, model: nn.Module) -> dict[str, Any]:
+        """What a ``DMS`` on this run's model needs besides the search config: the call's keyword arguments and,
+        for a language model, its embeddings and LM head left unpruned (as ``prune-llm`` does)."""
+        kw: dict[str, Any] = {"example_kwargs": self.example_kwargs(model) or None}
+        if self.kind == "text":
+            from dmscale.recipes.llm import embedding_module_names
+
+            kw["exclude"] = embedding_module_names(model)
+        return kw
 
     def measure(self, model: nn.Module) -> dict[str, float]:
-        """FLOPs (per image, 2 per multiply-add) and params."""
-        return count(model, (self.example,))
+        """FLOPs (per example, 2 per multiply-add) and params."""
+        return count(model, self.example, self.example_kwargs(model))
+
+    def task(self, label_smoothing: float = 0.0, teacher: nn.Module | None = None) -> Task:
+        """The loss of a phase (see :mod:`dmscale.app.workload`)."""
+        return make_task(self.cfg, self.kind, label_smoothing=label_smoothing, teacher=teacher)
 
     def eval(self, model: nn.Module) -> float:
-        """Test accuracy."""
-        return evaluate(model, self.data, self.cfg.data.eval_batch_size)
+        """The run's metric on the test split: accuracy, held-out perplexity, or the ``--loss`` mean."""
+        bs = self.cfg.data.eval_batch_size
+        if self.metric == "acc":
+            return evaluate(model, self.data, bs)
+        if self.metric == "ppl":
+            return evaluate_perplexity(model, self.heldout, self.cfg.data.seq_len)
+        if self.kind == "text":
+            held = text_windows(self.heldout, min(self.cfg.data.seq_len, self.heldout.numel()), "the held-out text")
+            batches: list[Any] = [held[i:i + bs] for i in range(0, len(held), bs)]
+        else:
+            x, y = self.data.test.tensors
+            batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+        return evaluate_loss(model, self.task(), batches)
 
     def step_done(self, phase: str, step: int) -> None:
         """User callback after each finished (logged, checkpointed) step."""
@@ -380,20 +493,76 @@ class Run:
             self.callback(phase, step)
 
     # ---------------------------------------------------------------- models
+    def check_model(self, model: nn.Module, what: str) -> nn.Module:
+        """Run the task's loss once on a training batch: a model that cannot take this data, or a ``--loss``
+        that does not return a scalar, stops here with a :class:`ConfigError` naming both."""
+        was = model.training
+        batch = self.batches("check")(0)
+        try:
+            with torch.no_grad():
+                model.eval()
+                self.task().loss(model, batch)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            shape = tuple(batch.shape if isinstance(batch, torch.Tensor) else batch[0].shape)
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            raise ConfigError(f"{what} cannot train on --data {self.cfg.data.name} (data.name; a batch of inputs "
+                              f"{shape}): {type(exc).__name__}: {msg}") from None
+        finally:
+            model.train(was)
+        return model
+
+    def _model_name(self) -> str:
+        return f"--model {self.cfg.model.spec}" if self.cfg.model.spec else "the built-in ResNet family"
+
+    def _user_base(self) -> nn.Module:
+        """The user's model as given (built once per command; a fresh deep copy for each caller)."""
+        import copy
+
+        if self._base is None:
+            self._base = build_user_model(self.cfg, self.kind, self.cfg.run.seed)
+            self.check_model(self._base, self._model_name())
+        return copy.deepcopy(self._base)
+
     def base_model(self) -> nn.Module:
-        """The base architecture (multiplier 1), seeded."""
+        """The base architecture: the built-in family at multiplier 1 (seeded), or the user's ``--model``."""
         m = self.cfg.model
+        if m.spec:
+            return self._user_base()
+        if self.kind != "image":
+            raise ConfigError(f"data.name={self.cfg.data.name!r}: the built-in ResNet family takes images; give a "
+                              "language model with --model")
         torch.manual_seed(self.cfg.run.seed)
-        return zoo.build(m.widths, m.depths, self.data.input_shape[0], self.data.num_classes,
-                         stem_stride=m.stem_stride)
+        return self.check_model(zoo.build(m.widths, m.depths, self.data.input_shape[0], self.data.num_classes,
+                                          stem_stride=m.stem_stride), self._model_name())
 
     def supernet(self) -> nn.Module:
-        """The enlarged supernet (base x supernet multipliers), seeded random init."""
+        """The enlarged supernet of ``dmscale search``, random init: the built-in family x the supernet multipliers,
+        or the user's model enlarged as :func:`dmscale.app.workload.describe_enlargement` says."""
         m = self.cfg.model
+        if m.spec:
+            net = user_supernet(self.cfg, self.kind, self._user_base(), self.example, self.cfg.run.seed)
+            return self.check_model(net, f"the supernet of {self._model_name()}")
+        w, d = supernet_mults(m)
         torch.manual_seed(self.cfg.run.seed)
         return zoo.build(m.widths, m.depths, self.data.input_shape[0], self.data.num_classes,
-                         width_mult=m.supernet_width_mult, depth_mult=m.supernet_depth_mult,
-                         stem_stride=m.stem_stride)
+                         width_mult=w, depth_mult=d, stem_stride=m.stem_stride)
+
+    def trust(self) -> list[str]:
+        """Packages the run's own saved models may take classes from (:func:`~dmscale.app.workload.trusted_packages`)."""
+        if self._trust is None:
+            factory = self.model_kind == "factory"
+            self._trust = trusted_packages(self.cfg, self._user_base() if factory else None)
+        return self._trust
+
+    def load(self, path: str | os.PathLike[str]) -> nn.Module:
+        """A model this run saved (``dmscale.load`` with :meth:`trust`)."""
+        return load(path, trust=self.trust() or None)
+
+    def reinit(self, model: nn.Module, seed: int) -> nn.Module:
+        """Random re-initialisation (``--reset``, the uniform baseline), reproducible from ``seed``."""
+        return random_init(model, seed)
 
 
 def open_run(cfg: RunConfig, resume: bool = False, callback: Callback | None = None, attach: bool = False,

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["perplexity", "sliding_window_nll", "logits_of", "load_causal_lm", "load_tokenizer", "encode",
+__all__ = ["perplexity", "sliding_window_nll", "logits_of", "output_logits", "load_causal_lm", "load_tokenizer", "encode",
            "eval_ppl_main"]
 
 
@@ -23,6 +23,11 @@ def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         out = model(ids, use_cache=False)
     except TypeError:  # plain nn.Module without HF kwargs
         out = model(ids)
+    return output_logits(out)
+
+
+def output_logits(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a Hugging Face output's ``.logits``, or a tuple's first tensor."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)

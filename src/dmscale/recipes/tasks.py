@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dmscale.eval.perplexity import output_logits
+
 __all__ = ["Task", "ImageClassification", "CausalLM", "LossFunction", "as_task", "lm_loss", "distill_loss",
-           "sample_windows", "window_batches", "device_of"]
+           "sample_windows", "window_batches", "device_of", "output_logits"]
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -56,15 +58,26 @@ class Task:
 
 @dataclass
 class ImageClassification(Task):
-    """Batches ``(x, y)``; cross-entropy (optional label smoothing); reports ``train_acc``."""
+    """Batches ``(x, y)``; cross-entropy (optional label smoothing), plus ``distill * KL(teacher || student)``
+    on the logits with a teacher; reports ``train_acc`` (and ``kl``). The teacher runs under ``no_grad``."""
 
     label_smoothing: float = 0.0
+    teacher: nn.Module | None = None
+    distill: float = 0.0
+    temperature: float = 1.0
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         x, y = _to(batch, device_of(model))
-        out = model(x)
+        out = output_logits(model(x))
         loss = F.cross_entropy(out.float(), y, label_smoothing=self.label_smoothing)
-        return loss, {"train_acc": float((out.detach().argmax(1) == y).float().mean())}
+        metrics: dict[str, Any] = {"train_acc": float((out.detach().argmax(1) == y).float().mean())}
+        if self.teacher is None or self.distill <= 0:
+            return loss, metrics
+        with torch.no_grad():
+            t_out = output_logits(self.teacher(x.to(device_of(self.teacher))))
+        kl = distill_loss(out, t_out.to(out.device), self.temperature)
+        metrics["kl"] = float(kl.detach())
+        return loss + self.distill * kl, metrics
 
     def example(self, batch: Any) -> tuple:
         return (batch[0][:1],)
