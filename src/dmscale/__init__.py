@@ -20,7 +20,7 @@ from .search import DMS
 from .space import GroupBounds
 from .topk import differentiable_topk
 from .trace import TraceError
-from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, upscale,
+from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, set_base, upscale,
                   upscale_optimizer_state, width_info)
 from .serialization import load, save
 
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = ["DMS", "Target", "Schedule", "GroupBounds", "count", "save", "load", "differentiable_topk",
            "ExportError", "TraceError", "__version__", "upscale", "width_info", "upscale_optimizer_state",
-           "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info"]
+           "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info", "set_base"]
 
 # Names that live in upper layers (recipes, app): imported lazily so that `import dmscale` stays light.
 _LAZY: dict[str, str] = {}
