@@ -165,7 +165,8 @@ def _role_ratios(plans: dict[str, Any], params: dict[str, Tensor], widths: Any) 
 
 
 def set_base(model: nn.Module, base: nn.Module | int | Mapping[str, int] | None = None, *,
-             output_mult: bool = True, mup_attention: bool = False, example_inputs: Any = None,
+             readout: str = "rescale", output_mult: bool = True, mup_attention: bool = False,
+             example_inputs: Any = None,
              keep_in: Sequence[str] = (), keep_out: Sequence[str] = ()) -> nn.Module:
     """Record each parameter's μP base width on ``model`` (in place; returns ``model``).
 
@@ -175,6 +176,9 @@ def set_base(model: nn.Module, base: nn.Module | int | Mapping[str, int] | None 
     model is its own base: all multipliers 1).  Call it on a freshly built small model before
     training, then train with :func:`dmscale.mup.mup_optimizer`; :func:`dmscale.mup.upscale` keeps the base.
 
+    ``readout``: μP initialises the readout (hidden -> classes / vocab) at std ∝ 1/fan_in, not the
+    standard 1/√fan_in: ``'rescale'`` multiplies an untied readout's weight by 1/√m (as
+    ``mup.set_base_shapes`` does), ``'zero'`` zeroes it (and its bias), ``'keep'`` leaves it.
     ``output_mult``: a tied embedding / LM head needs μP's logit multiplier 1/m (m = width / base
     width); it is folded into the final norm (γ, β ÷ m) or put on the head (:class:`ScaledReadout`).
     This changes the model's function (as μP's parametrization does), so call it before training.
@@ -208,12 +212,35 @@ def set_base(model: nn.Module, base: nn.Module | int | Mapping[str, int] | None 
     rec: dict[str, Any] = {"version": RECORD_VERSION, "params": entries, "output_mult": 1.0, "fold": None,
                            "attention": {"mode": "duplicate_heads", "mup_scale": False}, "noise": None,
                            "width": _num(width)}
+    if readout not in ("rescale", "zero", "keep"):
+        raise ValueError(f"set_base: readout must be 'rescale', 'zero' or 'keep', got {readout!r}")
+    if readout != "keep":
+        _init_readout(m, rec, plans, readout)
     if output_mult:
         _apply_tied_multiplier(m, rec, plans)
     if mup_attention:
         _set_mup_attention(m, ctx, rec)
     set_record(m, rec)
     return model
+
+
+def _init_readout(m: nn.Module, rec: dict[str, Any], plans: dict[str, Any], how: str) -> None:
+    """μP readout init for untied readouts (fan-in widened, fan-out fixed): × 1/√m or zero."""
+    tied = {id(h.weight) for _, h, _ in tied_heads(m)}
+    named = dict(m.named_modules())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            pl = plans[n]
+            if id(p) in tied or p.dim() < 2 or pl.in_dim is None or pl.out_dim is not None:
+                continue
+            k_in = float(rec["params"][n]["k"][0])
+            if how == "zero":
+                p.zero_()
+                bias = getattr(named[n.rsplit(".", 1)[0]] if "." in n else m, "bias", None)
+                if isinstance(bias, Tensor):
+                    bias.zero_()
+            elif k_in != 1.0:
+                p.mul_(1.0 / math.sqrt(k_in))
 
 
 def _r(role: str | None) -> str:
