@@ -26,7 +26,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -40,7 +40,8 @@ import dmscale  # noqa: E402
 from dmscale.app.zoo import BasicBlock  # noqa: E402
 from dmscale.mup import mup_optimizer, set_base, upscale, upscale_optimizer_state  # noqa: E402
 
-PARAMS = ("mup", "base_small", "sp")  # fixed proxy base / μP relative to the small model / standard
+PARAMS = ("mup", "base_small", "sp")
+LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # fixed proxy base / μP relative to the small model / standard
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Task:
     steps_pre: int
     steps_post: int
     batch: int
-    lr_pre: float  # pre-training AdamW lr of the small models
+    lr_pre: float  # pre-training AdamW lr of the μP small models (tuned at the smallest width)
     lr_grid: list[float]  # post-upscaling lr sweep (at sigma_star)
     sigma_grid: list[float]  # noise sweep (at lr_star)
     lr_star: float
@@ -63,27 +64,27 @@ class Task:
     weight_decay: float = 0.0
     last: int = 20  # train loss averaged over the last steps
     n_val: int = 4  # validation batches
-    extra: dict = field(default_factory=dict)
+    lr_pre_sp: float | None = None  # pre-training lr of the SP small models (tuned at the smallest width)
 
 
 def tasks(quick: bool) -> dict[str, Task]:
     """The three tasks; --quick shrinks widths, steps and grids."""
     if quick:
         return {
-            "mlp": Task("mlp", [32, 64, 128, 256], 16, 60, 40, 64, 3e-3, [3e-3, 1e-2, 3e-2], [0.5, 2.0], 1e-2, 2.0,
-                        "mlp", last=10, n_val=2),
+            "mlp": Task("mlp", [32, 64, 128, 256], 16, 60, 40, 64, 1e-2, [1e-3, 1e-2, 3e-2], [0.5, 2.0], 1e-2, 2.0,
+                        "mlp", last=10, n_val=2, lr_pre_sp=3e-3),
             "resnet": Task("resnet", [2, 4, 8, 16], 4, 30, 20, 32, 1e-2, [3e-3, 1e-2, 3e-2], [0.1, 0.4], 1e-2, 0.4,
                            "relative", last=8, n_val=2),
             "gpt2": Task("gpt2", [8, 16, 32, 64], 8, 30, 20, 16, 1e-2, [3e-3, 1e-2, 3e-2], [0.5, 2.0], 1e-2, 1.0,
                          "init", attention="grow_head_dim", last=8, n_val=2),
         }
     return {
-        "mlp": Task("mlp", [32, 64, 128, 256], 16, 200, 150, 64, 3e-3, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                    [0.25, 0.5, 1.0, 2.0, 4.0], 1e-2, 2.0, "mlp", last=25),
-        "resnet": Task("resnet", [2, 4, 8, 16], 4, 150, 100, 32, 1e-2, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                       [0.05, 0.1, 0.2, 0.4, 0.8], 1e-2, 0.2, "relative", last=20),
-        "gpt2": Task("gpt2", [8, 16, 32, 64], 8, 150, 100, 16, 1e-2, [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                     [0.25, 0.5, 1.0, 2.0, 4.0], 1e-2, 1.0, "init", attention="grow_head_dim", last=20),
+        "mlp": Task("mlp", [32, 64, 128, 256], 16, 200, 150, 64, 1e-2, LRS, [0.5, 1.0, 2.0, 4.0, 8.0], 1e-2, 2.0,
+                    "mlp", last=25, lr_pre_sp=3e-3),
+        "resnet": Task("resnet", [2, 4, 8, 16], 4, 150, 100, 32, 1e-2, LRS, [0.1, 0.2, 0.4, 0.8, 1.6], 3e-3, 0.2,
+                       "relative", last=20),
+        "gpt2": Task("gpt2", [8, 16, 32, 64], 8, 150, 100, 16, 1e-2, LRS, [1.0, 2.0, 4.0, 8.0, 16.0], 1e-2, 1.0,
+                     "init", attention="grow_head_dim", last=20),
     }
 
 
@@ -231,7 +232,8 @@ def pretrain(t: Task, w: int, seed: int, param: str) -> tuple[nn.Module, torch.o
         set_base(small, make(t.name, t.proxy), mup_attention=t.attention == "grow_head_dim")
     else:
         set_base(small)  # its own base: every multiplier 1, i.e. plain AdamW
-    opt = mup_optimizer(small, "adamw", lr=t.lr_pre, weight_decay=t.weight_decay)
+    lr = t.lr_pre if param == "mup" or t.lr_pre_sp is None else t.lr_pre_sp
+    opt = mup_optimizer(small, "adamw", lr=lr, weight_decay=t.weight_decay)
     losses = train(small, opt, d, t.steps_pre, t.batch, seed)
     return small, opt, float(statistics.fmean(losses[-t.last:]))
 
@@ -381,6 +383,9 @@ def plot(results: dict[str, Any], units: dict[str, list[dict]], path: str) -> No
                 j = min(range(len(xs)), key=lambda k: m[k])
                 ax.plot([xs[j]], [m[j]], "x", color="red", ms=7)
             ax.set_xscale("log")
+            finite = [v for w in c for x in c[w] for v in [_mean(c[w][x])] if math.isfinite(v)]
+            if finite and max(finite) > 5 * min(finite):  # diverged runs would flatten the rest
+                ax.set_yscale("log")
             grid = t["lr_grid"] if key == "lr" else t["sigma_grid"]
             ax.set_xticks(grid)
             ax.set_xticklabels([f"{g:g}" for g in grid], fontsize=7)
@@ -405,7 +410,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (1 torch thread each)")
     ap.add_argument("--name", default=None, help="result name (default hp_transfer / hp_transfer_quick)")
     ap.add_argument("--png", default=None, help="also write the plot here (e.g. docs/images/hp_transfer.png)")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the plot (--png) and the report from a result file")
     a = ap.parse_args(argv)
+    if a.replot:
+        import json
+
+        with open(a.replot) as f:
+            old = json.load(f)
+        plot(old["results"], old["runs"], a.png or os.path.splitext(a.replot)[0] + ".png")
+        report(old["results"])
+        return old
     torch.set_num_threads(1)
     all_tasks = tasks(a.quick)
     chosen = [n.strip() for n in a.tasks.split(",") if n.strip()]
