@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import dmscale  # noqa: E402
-from models import ResNetCNN, TinyViT  # noqa: E402
+from dmscale.app.zoo import ResNet, TinyViT  # noqa: E402
 
 NAME = "bench_export_speed"
 
@@ -33,7 +33,7 @@ NAME = "bench_export_speed"
 def make(key: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if key == "cnn":
-        return ResNetCNN(widths=(32, 64, 128), depths=(2, 2, 2), n_classes=10, in_ch=3)
+        return ResNet(widths=(32, 64, 128), depths=(2, 2, 2), n_classes=10, in_ch=3)
     return TinyViT(img=32, patch=4, dim=192, depth=6, heads=6, n_classes=10)
 
 

@@ -30,14 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import dmscale  # noqa: E402
-from models import ResNetCNN  # noqa: E402  (tests/models.py)
+from dmscale.app.zoo import ResNet  # noqa: E402
 
 NAME = "bench_overhead"
 
 
 def make_cnn(seed: int) -> tuple[nn.Module, tuple, torch.Tensor, callable]:
     torch.manual_seed(seed)
-    m = ResNetCNN(widths=(16, 32, 64), depths=(2, 2, 2), n_classes=10, in_ch=3)
+    m = ResNet(widths=(16, 32, 64), depths=(2, 2, 2), n_classes=10, in_ch=3)
     x = torch.randn(64, 3, 32, 32)
     y = torch.randint(0, 10, (64,))
     return m, (x,), y, lambda out, y: F.cross_entropy(out, y)

@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import dmscale  # noqa: E402
-from dmscale import zoo  # noqa: E402
+from dmscale.app import zoo  # noqa: E402
 from dmscale.app.datasets import load_dataset  # noqa: E402
+from dmscale.recipes.baselines import uniform_width  # noqa: E402
 
 NAME = "bench_quality"
 METHODS = ["DMS", "DMS_p", "DMS_fast", "uniform", "L1", "Taylor", "random"]
@@ -76,17 +77,14 @@ def flops_of(model: torch.nn.Module, example: torch.Tensor) -> float:
 
 
 def uniform_model(cfg: dict, frac: float, base_flops: float, example: torch.Tensor, seed: int) -> torch.nn.Module:
-    def f(mult: float) -> float:
-        return flops_of(zoo.build(cfg["widths"], cfg["depths"], in_ch=example.shape[1], width_mult=mult,
-                                  stem_stride=cfg["stem_stride"]), example) / base_flops
-    lo, hi = 0.05, 1.0
-    for _ in range(25):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if f(mid) > frac else (mid, hi)
-    mult = lo if abs(f(lo) - frac) <= abs(f(hi) - frac) else hi
+    """The zoo family at the largest width multiplier within ``frac`` of the base FLOPs (``recipes.baselines``)."""
+    def build(mult: float) -> torch.nn.Module:
+        return zoo.build(cfg["widths"], cfg["depths"], in_ch=example.shape[1], width_mult=mult,
+                         stem_stride=cfg["stem_stride"])
+
+    mult = uniform_width(build, example[:1], frac * base_flops, "flops", lo=0.05, iters=25)
     torch.manual_seed(seed)
-    return zoo.build(cfg["widths"], cfg["depths"], in_ch=example.shape[1], width_mult=mult,
-                     stem_stride=cfg["stem_stride"])
+    return build(mult)
 
 
 def run_dataset(name: str, seeds: list[int], budgets: list[float], steps: int | None, log) -> dict:

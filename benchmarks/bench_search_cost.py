@@ -25,43 +25,38 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 import dmscale  # noqa: E402
-from dmscale import zoo  # noqa: E402
+from dmscale.app import zoo  # noqa: E402
 from dmscale.app.datasets import load_dataset  # noqa: E402
+from dmscale.budget import hard_fraction  # noqa: E402
+from dmscale.recipes.pipelines import Search  # noqa: E402
+from dmscale.recipes.tasks import ImageClassification  # noqa: E402
 
 NAME = "bench_search_cost"
 
 
 def search(model, stream, xte, yte, target: float, total: int) -> dict:
+    """DMS_fast (``dmscale.recipes`` Search, weights frozen, BN in train mode) recording the hard FLOPs each step."""
     import copy
 
     model = copy.deepcopy(model)
     x0, _ = stream()
     dms = dmscale.DMS(model, (x0[:2],), dmscale.Target(flops=target), total_steps=total, warn=False)
-    for p in dms.weight_parameters():
-        p.requires_grad_(False)
-    s_lr = min(0.1, max(0.005, 2.0 / total))
-    opt = torch.optim.Adam(dms.structure_parameters(), lr=s_lr)
-    model.train()
-    reached = None
+    trace: list[float] = []
+    reached: list[tuple[int, float]] = []
     t0 = time.perf_counter()
-    t_reached = None
-    trace = []
-    for s in range(total):
-        x, y = stream()
-        loss = dms.loss(F.cross_entropy(model(x), y))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        dms.step()
-        with torch.no_grad():
-            hard = float(dms.resource(soft=False)["flops_frac"])
+
+    def on_step(rec: dict) -> None:
+        hard = hard_fraction(dms, "flops")
         trace.append(hard)
-        if reached is None and hard <= target * 1.01:
-            reached, t_reached = s + 1, time.perf_counter() - t0
+        if not reached and hard <= target * 1.01:
+            reached.append((rec["step"], time.perf_counter() - t0))
+
+    Search(dms, train_weights=False).run(ImageClassification(), stream, on_step=on_step)
     wall = time.perf_counter() - t0
     small = dms.export()
     acc = common.accuracy(small, xte, yte)
-    return {"target": target, "total_steps": total, "steps_to_target": reached, "time_to_target_s": t_reached,
+    step_r, t_r = reached[0] if reached else (None, None)
+    return {"target": target, "total_steps": total, "steps_to_target": step_r, "time_to_target_s": t_r,
             "search_wall_s": wall, "time_per_step_s": wall / total, "final_hard_flops_frac": trace[-1],
             "export_acc_no_finetune": acc, "flops_trace": trace[:: max(1, total // 50)]}
 

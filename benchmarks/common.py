@@ -1,4 +1,8 @@
-"""Shared helpers for the dmscale benchmarks: machine info, timing, result files, models, training loops.
+"""Shared helpers for the dmscale benchmarks: machine info, timing, result files, data streams.
+
+Training, searching and one-shot pruning are dmscale's recipes (``dmscale.recipes``: the one training
+loop, ``Search``, ``oneshot``), so the benchmarks measure what users run; models come from
+``dmscale.app.zoo``. Benchmarks import the installed package only.
 
 Every benchmark script writes ``benchmarks/results/<name>.json`` (numbers + machine info) and
 ``benchmarks/results/<name>.png`` (matplotlib, Agg backend). Timings are medians of repeats;
@@ -11,18 +15,23 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
+
+from dmscale import DMS, Target
+from dmscale.budget import bisect_max, hard_fraction
+from dmscale.recipes import pipelines as recipes
+from dmscale.recipes.loop import cosine_lr, make_optimizer
+from dmscale.recipes.oneshot import common_ratio, oneshot_prune, rank
+from dmscale.recipes.tasks import ImageClassification
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # run_all.py sends the --quick runs to results/quick/ so they do not overwrite the full runs
 RESULTS = os.environ.get("DMSCALE_BENCH_RESULTS") or os.path.join(HERE, "results")
-if os.path.join(ROOT, "tests") not in sys.path:
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 # --------------------------------------------------------------------------- machine / results
@@ -156,39 +165,14 @@ def interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 5, repeats: int
 
 # --------------------------------------------------------------------------- DMS helpers
 
-def set_common_ratio(dms, target_frac: float, kind: str = "flops", seed: int = 0, random_importance: bool = True,
-                     tol: float = 0.005) -> float:
-    """Random importance, then bisect one kept ratio shared by every group so the hard resource ≈ target.
-
-    Depth groups keep their ratio at 1 (width-only export) unless width alone cannot reach the target.
-    Returns the achieved hard fraction.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        if random_importance:
-            for grp in dms.groups:
-                imp = dms.space.importance(grp)
-                imp.copy_(torch.rand(imp.shape, generator=g).to(imp))
-        width = [grp for grp in dms.groups if grp.kind != "depth"]
-
-        def frac(r: float) -> float:
-            for grp in width:
-                dms.space.ratio(grp).fill_(max(r, grp.min_ratio()))
-            return float(dms.resource(soft=False)[f"{kind}_frac"])
-
-        lo, hi = 0.0, 1.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            if frac(mid) > target_frac:
-                hi = mid
-            else:
-                lo = mid
-            if hi - lo < 1e-5:
-                break
-        # pick whichever side is closer to the target
-        f_lo, f_hi = frac(lo), frac(hi)
-        r = lo if abs(f_lo - target_frac) <= abs(f_hi - target_frac) else hi
-        return frac(r)
+def set_common_ratio(dms: DMS, target_frac: float, kind: str = "flops", seed: int = 0,
+                     random_importance: bool = True) -> float:
+    """Random importance (unless told otherwise), then one kept ratio for every width group, the largest whose
+    hard resource is <= target (``dmscale.recipes.oneshot.common_ratio``). Returns the achieved hard fraction."""
+    if random_importance:
+        rank(dms, "random", seed=seed, groups=dms.groups)
+    common_ratio(dms, target_frac, kind)
+    return hard_fraction(dms, kind)
 
 
 def two_group_opt(dms, lr_w: float = 0.1, lr_s: float = 5e-3, momentum: float = 0.9, wd: float = 5e-4,
@@ -202,27 +186,21 @@ def two_group_opt(dms, lr_w: float = 0.1, lr_s: float = 5e-3, momentum: float = 
                              "weight_decay": 0.0}])
 
 
-# --------------------------------------------------------------------------- training loops (bench_quality)
-# Written on DMS directly (not dmscale.app.pipelines, which was uncommitted and changing while these
-# benchmarks were written); the phases follow docs/method: DMS = search on a random-init enlarged
-# supernet then retrain; DMS_p = pretrain, search weights+structure, retrain; DMS_fast = pretrain,
-# structure-only search with frozen weights (BN in train mode), then fine-tune.
-
-import math  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# --------------------------------------------------------------------------- recipes (bench_quality)
+# The phases follow docs/method: DMS = search on a random-init enlarged supernet then retrain;
+# DMS_p = pretrain, search weights+structure, retrain; DMS_fast = pretrain, structure-only search
+# with frozen weights (BN in train mode), then fine-tune.
 
 
 class Stream:
-    """Endless shuffled mini-batches of a TensorDataset, reproducible from a seed."""
+    """Endless shuffled mini-batches of a TensorDataset, reproducible from a seed (``stream()`` or ``stream(step)``)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int) -> None:
         self.x, self.y, self.batch = x, y, batch
         self.g = torch.Generator().manual_seed(seed)
         self.perm, self.pos = torch.randperm(len(x), generator=self.g), 0
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.pos + self.batch > len(self.perm):
             self.perm, self.pos = torch.randperm(len(self.x), generator=self.g), 0
         idx = self.perm[self.pos:self.pos + self.batch]
@@ -230,25 +208,15 @@ class Stream:
         return self.x[idx], self.y[idx]
 
 
-def cosine_lr(opt: torch.optim.Optimizer, step: int, total: int, base: list[float], warmup: int = 0) -> None:
-    f = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    for gr, b in zip(opt.param_groups, base):
-        gr["lr"] = b * f
+def _sgd(lr: float, wd: float = 5e-4) -> Callable[[list], torch.optim.Optimizer]:
+    return lambda params: make_optimizer(params, "sgd", lr=lr, momentum=0.9, weight_decay=wd)
 
 
 def train(model: nn.Module, stream: Stream, steps: int, lr: float = 0.05, wd: float = 5e-4) -> nn.Module:
-    """Plain SGD+momentum training with a cosine schedule."""
-    if steps <= 0:
-        return model
+    """Plain SGD+momentum (Nesterov) training with a cosine schedule (``dmscale.recipes.pipelines.finetune``)."""
+    recipes.finetune(model, ImageClassification(), stream, steps, lr=lr, optimizer=_sgd(lr, wd), schedule="cosine",
+                     warmup=min(20, steps // 10))
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=wd, nesterov=True)
-    for s in range(steps):
-        cosine_lr(opt, s, steps, [lr], warmup=min(20, steps // 10))
-        x, y = stream()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
     return model
 
 
@@ -263,82 +231,47 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def dms_search(model: nn.Module, stream: Stream, steps: int, target_of_model: float, lr: float = 0.05,
                freeze_weights: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
-    """Run a DMS search to ``target_of_model`` (fraction of this model's FLOPs); return the export and info."""
-    import dmscale
+    """A DMS search to ``target_of_model`` (fraction of this model's FLOPs): ``dmscale.recipes`` DMS_p (weights +
+    structure, no fine-tuning here) or DMS_fast (frozen weights); returns the export and info.
 
-    x0, _ = stream()
+    No projection onto the budget, as when the recorded results were measured (their FLOPs are reported)."""
     torch.manual_seed(seed)
-    dms = dmscale.DMS(model, (x0[:2],), dmscale.Target(flops=target_of_model), total_steps=steps, warn=False)
-    s_lr = min(0.1, max(0.005, 2.0 / steps))  # Adam moves a ratio ~lr per step (as dmscale's pipelines)
-    groups = [{"params": dms.structure_parameters(), "lr": s_lr, "weight_decay": 0.0}]
-    w_opt = None
+    common = dict(project_budget=False, lr_schedule=cosine_lr(lr, steps, min(20, steps // 10)))
     if freeze_weights:
-        for p in dms.weight_parameters():
-            p.requires_grad_(False)
+        small, info = recipes.dms_fast(model, ImageClassification(), stream, Target(flops=target_of_model), steps,
+                                       project_budget=False)
     else:
-        w_opt = torch.optim.SGD(dms.weight_parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    s_opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
-    model.train()  # BN in train mode even with frozen weights
-    for s in range(steps):
-        if w_opt is not None:
-            cosine_lr(w_opt, s, steps, [lr], warmup=min(20, steps // 10))
-        x, y = stream()
-        loss = dms.loss(F.cross_entropy(model(x), y))
-        s_opt.zero_grad(set_to_none=True)
-        if w_opt is not None:
-            w_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        s_opt.step()
-        if w_opt is not None:
-            w_opt.step()
-        dms.step()
-    with torch.no_grad():
-        r = dms.resource(soft=False)
-    info = {"search_steps": steps, "hard_flops_frac_of_searched_model": float(r["flops_frac"]),
-            "target_of_searched_model": target_of_model, "kept": dms.kept()}
-    small = dms.export()
+        small, info = recipes.dms_p(model, ImageClassification(), stream, Target(flops=target_of_model), steps,
+                                    lr=lr, optimizer=_sgd(lr), **common)
     for p in small.parameters():
         p.requires_grad_(True)
-    return small, info
+    return small, {"search_steps": steps, "hard_flops_frac_of_searched_model": info["flops_frac"],
+                   "target_of_searched_model": target_of_model, "kept": info["kept"]}
 
 
 def one_shot_prune(model: nn.Module, stream: Stream, frac: float, method: str, taylor_batches: int = 20) -> nn.Module:
     """Classic one-shot pruning: L1 or Taylor channel importance, one kept ratio for every layer, export."""
-    import dmscale
-
     x0, _ = stream()
-    dms = dmscale.DMS(model, (x0[:2],), dmscale.Target(flops=frac), total_steps=10, warn=False, prune_depth=False,
-                      importance="l1" if method == "l1" else "taylor", importance_decay=0.9)
-    if method == "taylor":
-        model.train()
-        for _ in range(taylor_batches):
-            x, y = stream()
-            F.cross_entropy(model(x), y).backward()
-        model.zero_grad(set_to_none=True)
-    set_common_ratio(dms, frac, random_importance=False)
-    small = dms.export()
+    small, _ = oneshot_prune(model, (x0[:2],), Target(flops=frac), "l1" if method == "l1" else "taylor",
+                             task=ImageClassification(), batches=stream, n_batches=taylor_batches,
+                             importance_decay=0.9)
     return small
 
 
 def random_arch(model: nn.Module, example: torch.Tensor, frac: float, seed: int) -> nn.Module:
     """A random architecture of ``frac`` of the model's FLOPs: random per-group ratios scaled to the budget."""
-    import dmscale
-
     g = torch.Generator().manual_seed(1000 + seed)
-    dms = dmscale.DMS(model, (example,), dmscale.Target(flops=frac), total_steps=10, warn=False, prune_depth=False)
+    dms = DMS(model, (example,), Target(flops=frac), total_steps=10, warn=False, prune_depth=False)
     u = {grp.key: float(torch.empty(()).uniform_(0.25, 1.0, generator=g)) for grp in dms.groups}
     with torch.no_grad():
         for grp in dms.groups:
-            imp = dms.space.importance(grp)
-            imp.copy_(torch.rand(imp.shape, generator=g))
+            dms.space.importance(grp).copy_(torch.rand(grp.size, generator=g))
 
-        def f(sc: float) -> float:
-            for grp in dms.groups:
-                dms.space.ratio(grp).fill_(max(grp.min_ratio(), min(1.0, sc * u[grp.key])))
-            return float(dms.resource(soft=False)["flops_frac"])
-        lo, hi = 0.0, 4.0
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if f(mid) > frac else (mid, hi)
-        f(lo)
+    @torch.no_grad()
+    def f(sc: float) -> float:
+        for grp in dms.groups:
+            dms.space.ratio(grp).fill_(max(grp.min_ratio(), min(1.0, sc * u[grp.key])))
+        return hard_fraction(dms, "flops")
+
+    f(bisect_max(f, frac, 0.0, 4.0))
     return dms.export()

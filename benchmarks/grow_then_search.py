@@ -14,19 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import dmscale
 from dmscale.app.datasets import load_dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from models import ResNetCNN  # noqa: E402
+from dmscale.app.zoo import ResNet
+from dmscale.recipes.loop import train_loop
+from dmscale.recipes.tasks import ImageClassification
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,7 +52,7 @@ def accuracy(model: nn.Module, ds) -> float:
 
 
 def train(model: nn.Module, it, steps: int, lr: float, dms: dmscale.DMS | None = None) -> None:
-    """Plain SGD training, or a DMS search when ``dms`` is given."""
+    """Plain SGD training, or a DMS search when ``dms`` is given (one optimizer, OneCycle LR; the recipes' loop)."""
     if dms is None:
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     else:
@@ -64,17 +62,8 @@ def train(model: nn.Module, it, steps: int, lr: float, dms: dmscale.DMS | None =
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
                                                 pct_start=0.2)
     model.train()
-    for _ in range(steps):
-        x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
-        if dms is not None:
-            loss = dms.loss(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if dms is not None:
-            dms.step()
+    train_loop(model, lambda step: next(it), ImageClassification(), steps, weight_optimizer=opt, dms=dms, lr=sched,
+               desc="grow_then_search")
 
 
 def run(seed: int, ds, small_w, steps_small: int, steps_search: int, steps_retrain: int, target: float,
@@ -85,7 +74,7 @@ def run(seed: int, ds, small_w, steps_small: int, steps_search: int, steps_retra
     out: dict = {}
     # arm A: train small, grow, search, retrain
     torch.manual_seed(seed)
-    small = ResNetCNN(widths=small_w, depths=(2, 2), n_classes=ds.num_classes, in_ch=c)
+    small = ResNet(small_w, (2, 2), in_ch=c, n_classes=ds.num_classes)
     f_small = dmscale.count(small, (x0[:1],))["flops"]
     train(small, batches(ds.train, 64, seed), steps_small, 0.05)
     acc_small = accuracy(small, ds.test)
@@ -102,7 +91,7 @@ def run(seed: int, ds, small_w, steps_small: int, steps_search: int, steps_retra
     # arm B: random-init supernet, search with the same compute, retrain
     steps_b = int(round(compute_a / f_big))
     torch.manual_seed(seed)
-    big_b = ResNetCNN(widths=tuple(v * width for v in small_w), depths=(2, 2), n_classes=ds.num_classes, in_ch=c)
+    big_b = ResNet(tuple(v * width for v in small_w), (2, 2), in_ch=c, n_classes=ds.num_classes)
     dms_b = dmscale.DMS(big_b, (x0,), dmscale.Target(flops=target), total_steps=steps_b, warn=False)
     train(big_b, batches(ds.train, 64, seed + 1), steps_b, 0.05, dms_b)
     exp_b = dms_b.export()

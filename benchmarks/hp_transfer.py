@@ -39,6 +39,8 @@ import common  # noqa: E402
 import dmscale  # noqa: E402
 from dmscale.app.zoo import BasicBlock  # noqa: E402
 from dmscale.mup import mup_optimizer, set_base, upscale, upscale_optimizer_state  # noqa: E402
+from dmscale.recipes.loop import NonFiniteError, train_loop  # noqa: E402
+from dmscale.recipes.tasks import LossFunction  # noqa: E402
 
 PARAMS = ("mup", "base_small", "sp")
 LRS = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # fixed proxy base / μP relative to the small model / standard
@@ -203,19 +205,15 @@ def val_loss(model: nn.Module, d: Any, bs: int, n: int) -> float:
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, d: Any, steps: int, bs: int, seed: int) -> list[float]:
-    """Minibatch training; returns the train losses (stops at a non-finite loss)."""
+    """Minibatch training with the recipes' loop; returns the train losses (inf appended where it diverged)."""
     g = torch.Generator().manual_seed(seed)
     model.train()
-    losses = []
-    for _ in range(steps):
-        loss = loss_of(model, *d.batch("train", bs, g))
-        if not torch.isfinite(loss):
-            losses.append(float("inf"))
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses: list[float] = []
+    try:
+        train_loop(model, lambda step: d.batch("train", bs, g), LossFunction(lambda m, b: loss_of(m, *b)), steps,
+                   weight_optimizer=opt, on_step=lambda rec: losses.append(rec["loss"]), desc="hp_transfer")
+    except NonFiniteError:
+        losses.append(float("inf"))
     return losses
 
 

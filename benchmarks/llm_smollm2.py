@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     fast, log = L.dms_fast(model, train_ids, target, steps=cfg["search_fast"], lr_structure=cfg["lr_structure"],
                            **common)
     evaluate("dms_fast", fast, {"search_steps": cfg["search_fast"], "seconds": log["seconds"],
-                                "enforce_scale": log["enforce_scale"],
+                                "projection": log["projection"],
                                 "final_resource": log["history"][-1]["resource"]})
     del fast
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                             distill=args.distill, teacher=teacher, **common)
     del student
     evaluate("dms_p", p_model, {"search_steps": cfg["search_p"], "finetune_steps": ft_steps - cfg["search_p"],
-                                "seconds": plog["seconds"], "enforce_scale": plog["enforce_scale"],
+                                "seconds": plog["seconds"], "projection": plog["projection"],
                                 "final_resource": plog["history"][-1]["resource"]})
 
     result = {

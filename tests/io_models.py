@@ -171,3 +171,66 @@ class SharedStorage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(x * self.a) + self.b.sum()
+
+
+def local_scale(x: torch.Tensor, factor: float = 2.0) -> torch.Tensor:
+    """A module-level function of this package (loading a partial of it needs trust=["io_models"])."""
+    return x * factor
+
+
+class PartialActs(nn.Module):
+    """Activations held as ``functools.partial`` of allowlisted functions (as HF ``GELUTanh`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import functools
+
+        self.fc = nn.Linear(5, 7)
+        self.gelu = functools.partial(F.gelu, approximate="tanh")
+        self.softmax = functools.partial(F.softmax, dim=-1)
+        self.scale = functools.partial(local_scale, factor=0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.softmax(self.gelu(self.fc(x))))
+
+
+class RecurrentClassifier(nn.Module):
+    """LSTM (bidirectional, projected) + GRU + linear head: RNN flat weights are rebuilt on load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 10, num_layers=2, batch_first=True, bidirectional=True, proj_size=4)
+        self.gru = nn.GRU(8, 5, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(x)
+        g, _ = self.gru(h)
+        return self.head(g[:, -1])
+
+
+class OddSizes(nn.Module):
+    """Odd-sized tensors, so most tensors start at offsets of the weights file that are not 64-byte aligned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(37, 129)
+        self.n = nn.LayerNorm(129)
+        self.b = nn.Linear(129, 67)
+        self.c = nn.Conv1d(3, 5, 3)
+        self.register_buffer("odd", torch.randn(13))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.n(torch.relu(self.a(x)))) + self.odd.sum()
+
+
+class EinsumDense(nn.Module):
+    """A user's layer whose sizes live in attributes (``dmscale.register_layer`` tells load how to check them)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        self.kernel = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ni,io->no", x, self.kernel)

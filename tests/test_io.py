@@ -13,14 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import dmscale
 import io_models as zoo
+from dmscale.serialization import dirs
 from dmscale.serialization import format as dio
+from dmscale.serialization.errors import ForeignDirectoryError, LoadError, ModelNotFoundError
+
+TRUST = ["io_models"]  # the test models' own package: loading them needs the caller's trust
+
+
+def _load(path: Path, **kw: Any) -> nn.Module:
+    return dio.load(path, trust=TRUST, **kw)
 
 
 def _roundtrip(model: nn.Module, path: Path, *inputs: Any, **kw: Any) -> nn.Module:
     """Save, load and check that outputs and state are identical; returns the loaded model."""
     dio.save(model, path, meta={"note": "test"})
-    loaded = dio.load(path)
+    loaded = _load(path)
     assert type(loaded) is type(model)
     assert loaded is not model
     sd0, sd1 = model.state_dict(), loaded.state_dict()
@@ -106,7 +115,7 @@ def test_training_flags_and_requires_grad_kept(tmp_path: Path) -> None:
     m.blocks[0].eval()
     m.head.bias.requires_grad_(False)
     dio.save(m, tmp_path / "m")
-    m2 = dio.load(tmp_path / "m")
+    m2 = _load(tmp_path / "m")
     _assert_same_tree(m, m2)
     assert m2.training and not m2.blocks[0].training
     assert not m2.head.bias.requires_grad and m2.head.weight.requires_grad
@@ -116,21 +125,119 @@ def test_training_flags_and_requires_grad_kept(tmp_path: Path) -> None:
 def test_overwrite_existing_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m"
     dio.save(zoo.MLP(hidden=16), path)
+    assert dirs.dir_kind(path) == "model"
     dio.save(zoo.MLP(hidden=9), path)
-    assert dio.load(path).fc1.out_features == 9
-    monkeypatch.setattr(dio, "_rename_exchange", lambda a, b: False)  # two-rename fallback path
+    assert _load(path).fc1.out_features == 9
+    monkeypatch.setattr(dirs, "rename_exchange", lambda a, b: False)  # two-rename fallback path
     dio.save(zoo.MLP(hidden=7), path)
-    assert dio.load(path).fc1.out_features == 7
+    assert _load(path).fc1.out_features == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in path.iterdir()) == [".dmscale", "model.safetensors", "structure.json"]
 
 
 def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
     d = tmp_path / "precious"
     d.mkdir()
     (d / "thesis.txt").write_text("do not delete")
-    with pytest.raises(FileExistsError, match="precious"):
+    with pytest.raises(ForeignDirectoryError, match="precious.*not created by dmscale"):
         dio.save(zoo.MLP(), d)
     assert (d / "thesis.txt").read_text() == "do not delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
+
+
+def test_replaces_a_format_1_save_without_marker(tmp_path: Path) -> None:
+    """Directories saved before markers existed (structure.json + weights only) are still dmscale's."""
+    path = tmp_path / "m"
+    dio.save(zoo.MLP(hidden=5), path)
+    (path / dirs.MARKER_FILE).unlink()
+    dio.save(zoo.MLP(hidden=6), path)
+    assert _load(path).fc1.out_features == 6
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+
+def test_loaded_tensors_are_fresh_aligned_allocations(tmp_path: Path) -> None:
+    """Tensors are copied out of the file into torch's own (64-byte aligned) memory: never views of a mapped file."""
+    torch.manual_seed(0)
+    m = zoo.OddSizes().eval()
+    path = tmp_path / "odd"
+    dio.save(m, path)
+    header_len = int.from_bytes((path / dio.WEIGHTS_FILE).read_bytes()[:8], "little")
+    offsets = json.loads((path / dio.WEIGHTS_FILE).read_bytes()[8:8 + header_len])
+    assert any((8 + header_len + v["data_offsets"][0]) % 64 for k, v in offsets.items() if k != "__metadata__")
+    m2 = _load(path)
+    storages = set()
+    for t in list(m2.parameters()) + list(m2.buffers()):
+        assert t.data_ptr() % 64 == 0 and t.is_contiguous()
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # owns exactly its data
+        storages.add(t.untyped_storage().data_ptr())
+    assert len(storages) == len(list(m2.parameters())) + len(list(m2.buffers()))
+    x = torch.randn(9, 37)
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+
+
+@pytest.mark.parametrize("make,inputs", [
+    (lambda: zoo.OddSizes(), lambda: (torch.randn(33, 37),)),
+    (lambda: zoo.SmallCNN(), lambda: (torch.randn(4, 3, 8, 8),)),
+    (lambda: zoo.TinyTransformer(), lambda: (torch.randint(0, 50, (3, 9)),)),
+    (lambda: zoo.RecurrentClassifier(), lambda: (torch.randn(4, 7, 6),)),
+    (lambda: zoo.PartialActs(), lambda: (torch.randn(4, 5),)),
+    (lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 40, batch_first=True), 2,
+                                   enable_nested_tensor=False), lambda: (torch.randn(2, 5, 16),)),
+    (lambda: zoo.OddSizes().double(), lambda: (torch.randn(5, 37, dtype=torch.float64),)),
+    (lambda: zoo.OddSizes().bfloat16(), lambda: (torch.randn(5, 37).bfloat16(),)),
+])
+def test_bit_identical_outputs(tmp_path: Path, make: Any, inputs: Any) -> None:
+    torch.manual_seed(0)
+    m = make().eval()
+    x = inputs()
+    dio.save(m, tmp_path / "m")
+    m2 = _load(tmp_path / "m")
+    with torch.no_grad():
+        a, b = m(*x), m2(*x)
+    assert torch.equal(a, b), (a - b).abs().max()
+    _assert_same_tree(m, m2)
+
+
+def test_partial_activations_roundtrip(tmp_path: Path) -> None:
+    import functools
+
+    m = zoo.PartialActs().eval()
+    m2 = _roundtrip(m, tmp_path / "p", torch.randn(3, 5))
+    assert isinstance(m2.gelu, functools.partial) and m2.gelu.func is torch.nn.functional.gelu
+    assert m2.gelu.keywords == {"approximate": "tanh"} and m2.softmax.keywords == {"dim": -1}
+    assert m2.scale.func is zoo.local_scale  # a function of the trusted package
+    s = dio.read_structure(tmp_path / "p")
+    assert s["module"]["attributes"]["gelu"] == {"$partial": {"func": "torch.nn.functional:gelu", "args": [],
+                                                              "keywords": {"approximate": "tanh"}}}
+    m.bad = functools.partial(torch.nn.functional.gelu, approximate=torch.ones(1))
+    with pytest.raises(TypeError, match="'bad'.*partial arguments must be plain data"):
+        dio.save(m, tmp_path / "q")
+    del m.bad
+    m.bad = functools.partial(lambda x: x)
+    with pytest.raises(TypeError, match="'bad'.*not importable"):
+        dio.save(m, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+def test_registered_layer_sizes_are_checked_at_load(tmp_path: Path) -> None:
+    """A user's layer registered with dmscale.register_layer(size_attrs=...) has its sizes checked by load too."""
+    from dmscale.layers import LayerSpec, unregister_layer
+
+    path = tmp_path / "e"
+    dio.save(zoo.EinsumDense(3, 5), path)
+    _edit(path, lambda s: s["module"]["attributes"].update(n_out=6))
+    assert _load(path).n_out == 6  # unknown layer: nothing to compare with
+    dmscale.register_layer(zoo.EinsumDense, LayerSpec("einsum_dense", out_dims={"kernel": 1}, params=("kernel",),
+                                                      size_attrs=lambda m: {"n_in": m.kernel.shape[0],
+                                                                            "n_out": m.kernel.shape[1]}))
+    try:
+        with pytest.raises(LoadError, match=r"\(EinsumDense\): has n_out=6 but its weights imply n_out=5"):
+            _load(path)
+    finally:
+        unregister_layer(zoo.EinsumDense)
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face
@@ -210,78 +317,114 @@ def saved(tmp_path: Path) -> Path:
     return path
 
 
+def _edit(path: Path, fn: Any, rechecksum: bool = True) -> None:
+    """Edit structure.json; with ``rechecksum`` also recompute its checksum (as a deliberate tamperer would)."""
+    f = path / dio.STRUCTURE_FILE
+    s = json.loads(f.read_text())
+    fn(s)
+    if rechecksum:
+        s["checksum"] = {"sha256": dio.structure_checksum(s)}
+    f.write_text(json.dumps(s))
+
+
 def test_flipped_byte_rejected(saved: Path) -> None:
     w = saved / dio.WEIGHTS_FILE
     data = bytearray(w.read_bytes())
     data[-5] ^= 0x01
     w.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupted or was modified"):
-        dio.load(saved)
+    with pytest.raises(LoadError, match="corrupted or was modified"):
+        _load(saved)
 
 
 def test_truncated_file_rejected(saved: Path) -> None:
     w = saved / dio.WEIGHTS_FILE
     w.write_bytes(w.read_bytes()[:-16])
-    with pytest.raises(ValueError, match="truncated"):
-        dio.load(saved)
+    with pytest.raises(LoadError, match="truncated"):
+        _load(saved)
+
+
+def test_any_structure_edit_breaks_its_checksum(saved: Path) -> None:
+    _edit(saved, lambda s: s["meta"].update(note="x"), rechecksum=False)
+    with pytest.raises(LoadError, match=r"structure.json.*modified or is corrupted.*checksum"):
+        _load(saved)
+    _load(saved, verify=False)  # the caller may skip the checks for a file it trusts
 
 
 def test_edited_shape_rejected(saved: Path) -> None:
-    f = saved / dio.STRUCTURE_FILE
-    s = json.loads(f.read_text())
-    s["tensors"]["fc1.weight"]["shape"] = [15, 8]
-    f.write_text(json.dumps(s))
-    with pytest.raises(ValueError, match=r"fc1\.weight.*\[15, 8\].*\[16, 8\]"):
-        dio.load(saved)
+    _edit(saved, lambda s: s["tensors"]["fc1.weight"].update(shape=[15, 8]))
+    with pytest.raises(LoadError, match=r"fc1\.weight.*\[15, 8\].*\[16, 8\]"):
+        _load(saved)
 
 
 def test_missing_weights_file(saved: Path) -> None:
     (saved / dio.WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        dio.load(saved)
+        _load(saved)
+    with pytest.raises(LoadError):
+        _load(saved)
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nowhere"):
-        dio.load(tmp_path / "nowhere")
+    with pytest.raises(ModelNotFoundError, match="nowhere"):
+        _load(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="structure.json"):
         dio.read_structure(tmp_path)
 
 
 def test_bad_class_path_rejected(saved: Path) -> None:
-    f = saved / dio.STRUCTURE_FILE
-    s = json.loads(f.read_text())
-    s["module"]["children"]["fc1"]["class"] = "io_models:NotAModule"
-    f.write_text(json.dumps(s))
-    with pytest.raises(TypeError, match="io_models:NotAModule.*not a subclass of torch.nn.Module"):
-        dio.load(saved)
-    s["module"]["children"]["fc1"]["class"] = "os:system"
-    f.write_text(json.dumps(s))
-    with pytest.raises(TypeError, match="os:system"):
-        dio.load(saved)
-    s["module"]["children"]["fc1"]["class"] = "no_such_pkg_xyz:Thing"
-    f.write_text(json.dumps(s))
-    with pytest.raises(ImportError, match="no_such_pkg_xyz"):
-        dio.load(saved)
+    def set_class(spec: str) -> None:
+        _edit(saved, lambda s: s["module"]["children"]["fc1"].update({"class": spec}))
+
+    set_class("io_models:NotAModule")
+    with pytest.raises(LoadError, match="io_models:NotAModule.*not a subclass of torch.nn.Module"):
+        _load(saved)
+    set_class("os:system")
+    with pytest.raises(LoadError, match="'os:system' is not in the load allowlist"):
+        _load(saved)
+    set_class("no_such_pkg_xyz:Thing")
+    with pytest.raises(LoadError, match="no_such_pkg_xyz.*not in the load allowlist"):
+        _load(saved)
+    set_class("io_models:torch.load")  # a walk through a module attribute of an allowed module
+    with pytest.raises(LoadError, match="only nested classes may be named"):
+        _load(saved)
+    set_class("torch.nn.modules.linear:Linear.forward")  # a method, not a class
+    with pytest.raises(LoadError, match="not a subclass of torch.nn.Module"):
+        _load(saved)
+    set_class("torch.nn:Linear")  # re-exported alias: names must be exact
+    with pytest.raises(LoadError, match="alias of torch.nn.modules.linear:Linear"):
+        _load(saved)
 
 
 def test_untrusted_function_reference_rejected(saved: Path) -> None:
-    f = saved / dio.STRUCTURE_FILE
-    s = json.loads(f.read_text())
-    assert s["module"]["attributes"]["act"] == {"$ref": "torch._C._nn:gelu"}
-    s["module"]["attributes"]["act"] = {"$ref": "os:system"}
-    f.write_text(json.dumps(s))
-    with pytest.raises(ValueError, match="os:system"):
-        dio.load(saved)
+    s = json.loads((saved / dio.STRUCTURE_FILE).read_text())
+    assert s["module"]["attributes"]["act"] == {"$ref": "torch.nn.functional:gelu"}
+    for ref in ("os:system", "io_models:zoo_helper_that_does_not_exist", "torch:load", "builtins:eval",
+                "torch.nn.functional:_canonical_mask"):
+        _edit(saved, lambda s: s["module"]["attributes"].update(act={"$ref": ref}))
+        with pytest.raises(LoadError, match=ref.replace(".", r"\.")):
+            _load(saved)  # trusting io_models allows its functions, nothing else beyond the explicit list
+
+
+def test_old_function_spelling_still_loads(saved: Path) -> None:
+    """Saves of format 1 wrote F.gelu as torch._C._nn:gelu: the allowlist knows both spellings."""
+    _edit(saved, lambda s: s["module"]["attributes"].update(act={"$ref": "torch._C._nn:gelu"}))
+    assert _load(saved).act is torch.nn.functional.gelu
 
 
 def test_unknown_format_version(saved: Path) -> None:
-    f = saved / dio.STRUCTURE_FILE
-    s = json.loads(f.read_text())
-    s["format_version"] = 99
-    f.write_text(json.dumps(s))
-    with pytest.raises(ValueError, match="unsupported format_version 99"):
-        dio.load(saved)
+    _edit(saved, lambda s: s.update(format_version=99))
+    with pytest.raises(LoadError, match="unsupported format_version 99"):
+        _load(saved)
+
+
+def test_format_1_needs_verify_false(saved: Path) -> None:
+    def downgrade(s: dict[str, Any]) -> None:
+        s["format_version"] = 1
+        s.pop("checksum")
+    _edit(saved, downgrade, rechecksum=False)
+    with pytest.raises(LoadError, match="format 1.*no structure checksum.*verify=False"):
+        _load(saved)
+    assert _load(saved, verify=False).fc1.out_features == 16
 
 
 # ------------------------------------------------------------------------------------------------ save-time errors
@@ -326,18 +469,16 @@ def test_local_class_and_hooks_rejected(tmp_path: Path) -> None:
 
 
 def test_failed_save_keeps_previous(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
-
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
 
     def boom(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(Path, "write_text", boom)  # fails after the weights are written into the temp dir
     with pytest.raises(OSError, match="simulated"):
         dio.save(zoo.MLP(hidden=3), saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
-    assert dio.load(saved).fc1.out_features == 16
+    assert _load(saved).fc1.out_features == 16
     assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]  # no temp dirs left
 
 
@@ -359,7 +500,7 @@ def test_shared_storage_views_and_compile_wrapper(tmp_path: Path) -> None:
     assert torch.equal(m2.b, m.b)
     wrapped = torch.compile(zoo.MLP().eval())  # not run: only the wrapper is unwrapped on save
     dio.save(wrapped, tmp_path / "compiled")
-    assert type(dio.load(tmp_path / "compiled")) is zoo.MLP
+    assert type(_load(tmp_path / "compiled")) is zoo.MLP
 
 
 _scalars = st.one_of(
@@ -383,7 +524,7 @@ _values = st.recursive(
 def test_attribute_encoding_roundtrips(value: Any) -> None:
     """Every supported attribute value survives encode -> JSON -> decode exactly (types included)."""
     enc = dio._Saver(nn.Module()).encode(value, "attr")
-    dec = dio._Loader({"tensors": {}, "objects": []}, {}).decode(json.loads(json.dumps(enc)), "attr")
+    dec = dio._Loader({"tensors": {}, "objects": []}, {}, dio.Allowlist(TRUST)).decode(json.loads(json.dumps(enc)), "attr")
     assert _same(dec, value)
 
 
@@ -396,3 +537,41 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(_same(k, j) and _same(a[k], b[j]) for k, j in zip(a, b))
     return a == b
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2", "bert", "t5"])
+def test_hf_bit_identical_after_reload(tmp_path: Path, name: str) -> None:
+    """Several HF families, including Gemma2, whose GELUTanh holds a functools.partial activation."""
+    torch.manual_seed(0)
+    small = dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=48, vocab_size=64)
+    if name == "gpt2":
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64,
+                                                                 n_positions=16, bos_token_id=0, eos_token_id=0))
+    elif name == "llama":
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=2, bos_token_id=0,
+                                                                   eos_token_id=0, **small))
+    elif name == "gemma2":
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(num_key_value_heads=2, head_dim=8, bos_token_id=0,
+                                                                     eos_token_id=0, pad_token_id=0, **small))
+    elif name == "bert":
+        m = transformers.BertModel(transformers.BertConfig(**small))
+    else:
+        m = transformers.T5ForConditionalGeneration(transformers.T5Config(num_layers=1, d_model=32, num_heads=4, d_kv=8,
+                                                                          d_ff=48, vocab_size=64))
+    m.eval()
+    ids = torch.randint(0, 64, (2, 11))
+    kw = {"input_ids": ids}
+    if name == "t5":
+        kw["decoder_input_ids"] = ids[:, :5]
+    dio.save(m, tmp_path / name)
+    m2 = dio.load(tmp_path / name)  # HF classes need no trust=
+    with torch.no_grad():
+        a, b = m(**kw), m2(**kw)
+    a = a.logits if hasattr(a, "logits") else a.last_hidden_state
+    b = b.logits if hasattr(b, "logits") else b.last_hidden_state
+    assert torch.equal(a, b)
+    if name == "gemma2":
+        import functools
+
+        act = m2.model.layers[0].mlp.act_fn
+        assert type(act).__name__ == "GELUTanh" and isinstance(act.act, functools.partial)

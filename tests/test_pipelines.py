@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,145 @@ def test_baselines_compare_at_the_same_budget(tmp_path: Path) -> None:
         r = rows[f"baseline: {m}"]
         assert r["flops"] <= goal * 1.0001 and r["acc"] is not None
     assert "baseline: taylor" in (out / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- run directory safety
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Runs interrupted in the search after step 5 (checkpoint at 4): seed 0, seed 1, other widths."""
+    root = tmp_path_factory.mktemp("crashed")
+    out = {}
+    for name, extra in {"a": [], "seed1": ["run.seed=1"], "wide": ["model.widths=[6,8]"]}.items():
+        with pytest.raises(_Crash):
+            pipelines.run(tiny(root / name, "dms", *extra), callback=_crash_at("search", 5))
+        out[name] = root / name
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_run_directory_is_marked_and_locked_while_a_command_runs(tmp_path: Path) -> None:
+    from dmscale.app.runs import is_run_dir, lock_run_dir
+    from dmscale.serialization.dirs import MARKER_FILE, dir_kind, lock_dir
+    from dmscale.serialization.errors import DirLockedError
+
+    out = tmp_path / "run"
+    seen = []
+
+    def probe(phase: str, step: int) -> None:
+        if not seen:  # inside the command: the directory is marked and its lock is taken
+            for take in (lock_run_dir, lock_dir):  # another command, or any other holder, in this process too
+                with pytest.raises(DirLockedError, match=f"in use .*PID {os.getpid()}"):
+                    take(out)
+            seen.append(phase)
+    pipelines.run(tiny(out, "pretrain"), callback=probe)
+    assert seen and (out / MARKER_FILE).is_file() and dir_kind(out) == "run" and is_run_dir(out)
+    with lock_run_dir(out):  # released when the command ended
+        with pytest.raises(DirLockedError):
+            pipelines.run(pipelines.load_run_config(out), resume=True)
+
+
+def test_run_of_the_previous_layout_resumes_and_is_marked(crashed: dict[str, Path], tmp_path: Path) -> None:
+    """A run directory of dmscale < 0.2 (config.yaml + state.json, no marker) resumes, and is marked then."""
+    from dmscale.app.runs import check_output_path, is_run_dir
+    from dmscale.serialization.dirs import MARKER_FILE, dir_kind
+
+    d = _copy(crashed["a"], tmp_path / "legacy")
+    (d / MARKER_FILE).unlink()
+    assert dir_kind(d) is None and is_run_dir(d)
+    with pytest.raises(ConfigError, match="inside the run directory"):
+        check_output_path(d / "model")  # unmarked, it is still a run: its outputs are its own
+    s = pipelines.run(pipelines.load_run_config(d), resume=True)
+    assert "found, retrained" in [r["name"] for r in s["rows"]] and dir_kind(d) == "run"
+    # a directory that only looks like one (a marker of another kind) is not a run
+    other = _copy(crashed["a"], tmp_path / "model-marked")
+    (other / MARKER_FILE).write_text('{"dmscale": "model"}\n')
+    assert not is_run_dir(other)
+    with pytest.raises(FileExistsError, match="not a dmscale run directory"):
+        pipelines.run(pipelines.load_run_config(other), resume=True)
+
+
+def test_tampered_or_foreign_checkpoints_are_refused_by_name(crashed: dict[str, Path], tmp_path: Path) -> None:
+    from dmscale.recipes.loop import CheckpointError
+
+    ck_name = Path("checkpoints") / "search.pt"
+    # a tampered step (it used to skip the search)
+    d = _copy(crashed["a"], tmp_path / "step")
+    ck = torch.load(d / ck_name, weights_only=True)
+    for bad, why in ((999, r"step 999 is not a step of this phase \(1\.\.6\)"), (2, "disagrees")):
+        ck["step"] = bad
+        torch.save(ck, d / ck_name)
+        with pytest.raises(CheckpointError, match=why):
+            pipelines.run(pipelines.load_run_config(d), resume=True)
+    # the checkpoint of another seed (it used to be mixed in)
+    d = _copy(crashed["a"], tmp_path / "seed")
+    (d / ck_name).write_bytes((crashed["seed1"] / ck_name).read_bytes())
+    with pytest.raises(CheckpointError, match="another seed"):
+        pipelines.run(pipelines.load_run_config(d), resume=True)
+    # the checkpoint of another architecture, same seed
+    d = _copy(crashed["a"], tmp_path / "arch")
+    (d / ck_name).write_bytes((crashed["wide"] / ck_name).read_bytes())
+    with pytest.raises(CheckpointError, match="another architecture"):
+        pipelines.run(pipelines.load_run_config(d), resume=True)
+    # corrupt, empty, not a dict
+    for content in (b"garbage", b""):
+        (d / ck_name).write_bytes(content)
+        with pytest.raises(CheckpointError, match="search.pt"):
+            pipelines.run(pipelines.load_run_config(d), resume=True)
+    torch.save([1, 2, 3], d / ck_name)
+    with pytest.raises(CheckpointError, match="does not hold a dict"):
+        pipelines.run(pipelines.load_run_config(d), resume=True)
+    # the untouched copy resumes to the end
+    s = pipelines.run(pipelines.load_run_config(_copy(crashed["a"], tmp_path / "ok")), resume=True)
+    assert "found, retrained" in [r["name"] for r in s["rows"]]
+
+
+def test_corrupt_run_files_are_named(crashed: dict[str, Path], tmp_path: Path) -> None:
+    from dmscale.app.cli import main
+    d = _copy(crashed["a"], tmp_path / "state")
+    (d / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="state.json' is corrupted"):
+        pipelines.run(pipelines.load_run_config(d), resume=True)
+    (d / "state.json").write_text("[]")
+    with pytest.raises(ConfigError, match="state.json' is corrupted: expected a JSON dict"):
+        pipelines.run(pipelines.load_run_config(d), resume=True)
+    d = _copy(crashed["a"], tmp_path / "cfg")
+    (d / "config.yaml").write_text("search: [unclosed\n")
+    with pytest.raises(ConfigError, match="config.yaml' does not parse"):
+        pipelines.load_run_config(d)
+    (d / "config.yaml").write_text("- a list\n")
+    assert main(["search", "--resume", str(d), "-q"]) == 2
+
+
+def test_clean_run_dir_refuses_what_dmscale_did_not_create(tmp_path: Path) -> None:
+    from dmscale.app.runs import clean_run_dir, lock_run_dir
+    from dmscale.serialization.dirs import claim_dir
+    from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(ForeignDirectoryError, match="not created by dmscale"):
+        clean_run_dir(legacy)
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ForeignDirectoryError, match="is not a directory"):
+        clean_run_dir(f)
+    link = tmp_path / "link"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    claim_dir(mine, "run")
+    link.symlink_to(mine)
+    with pytest.raises(ForeignDirectoryError, match="symbolic link"):
+        clean_run_dir(link)
+    with lock_run_dir(mine):
+        with pytest.raises(DirLockedError, match="in use"):
+            clean_run_dir(mine)
+    clean_run_dir(mine)
+    assert not mine.exists() and legacy.exists() and f.exists()
+    clean_run_dir(tmp_path / "never-existed")  # nothing to do

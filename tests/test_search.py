@@ -90,7 +90,7 @@ def test_search_export_equal_flops_saveload(name, tmp_path):
     assert c["flops"] < full["flops"]
     # save / load round trip
     dmscale.save(small, tmp_path / "out")
-    again = dmscale.load(tmp_path / "out")
+    again = dmscale.load(tmp_path / "out", trust=["models"])  # the test models' own package
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(_logits(again(x)), got)
@@ -198,8 +198,9 @@ def test_structure_only_search_reaches_flops_target():
     """DMS_fast-style: frozen trained weights, only ratios learn, target reached within 2%."""
     frac, small, x, y = _structure_only_search(adaptive_weight=1.0)
     assert abs(frac - 0.4) <= 0.02 * 0.4, frac
-    assert dmscale.count(small, (x[:2],))["flops"] / dmscale.count(MLP(64, 64, 10), (x[:2],))["flops"] == \
-        pytest.approx(frac, rel=1e-6)
+    # export() projects onto the budget: within 1% below it, measured on the export itself
+    got = dmscale.count(small, (x[:2],))["flops"] / dmscale.count(MLP(64, 64, 10), (x[:2],))["flops"]
+    assert 0.4 * 0.99 <= got <= 0.4, got
     acc = (small(x).argmax(1) == y).float().mean()
     assert acc > 0.6, float(acc)  # frozen weights, no fine-tuning: far above chance (0.1)
     # with a fixed weight of 1 the task loss of a trained, frozen model holds the resource above target
@@ -353,7 +354,7 @@ def test_declared_depth_blocks(tmp_path):
     small = dms.export()
     assert sum(isinstance(m, dmscale.export.SkipBlock) for m in small.modules()) == 1
     dmscale.save(small, tmp_path / "m")
-    torch.testing.assert_close(dmscale.load(tmp_path / "m")(x), small(x))
+    torch.testing.assert_close(dmscale.load(tmp_path / "m", trust=["test_search"])(x), small(x))
     with pytest.raises(ValueError, match="nope"):
         dmscale.DMS(model, (x,), dmscale.Target(flops=0.5), total_steps=10, depth_blocks=[["nope"]])
     with pytest.raises(ValueError, match="changes the shape"):
@@ -398,3 +399,90 @@ def test_folded_masks_equal_activation_masks():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(imps[0], imps[1], atol=1e-7, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ DMSConfig and input validation
+def test_dmsconfig_or_keywords():
+    torch.manual_seed(0)
+    x = torch.randn(2, 16)
+    cfg = dmscale.DMSConfig(target=dmscale.Target(flops=0.5), total_steps=10, divisor=4, exclude=["fc1"])
+    dms = dmscale.DMS(MLP(), (x,), config=cfg)
+    assert dms.config is cfg and dms.schedule.total_steps == 10
+    assert [g.name for g in dms.groups if g.kind == "width"] == ["fc2"]
+    # keywords override the config's fields (a new config; the given one is unchanged)
+    dms = dmscale.DMS(MLP(), (x,), config=cfg, total_steps=20, exclude=())
+    assert dms.schedule.total_steps == 20 and cfg.total_steps == 10 and len(dms.groups) == 2
+    # the positional form keeps working
+    dms = dmscale.DMS(MLP(), (x,), dmscale.Target(params=0.6), 30, min_ratio=0.25)
+    assert dms.config.min_ratio == 0.25 and dms.target.kind == "params"
+    with pytest.raises(TypeError, match="did you mean 'divisor'"):
+        dmscale.DMS(MLP(), (x,), dmscale.Target(flops=0.5), 10, divisr=2)
+    with pytest.raises(TypeError, match="needs a target"):
+        dmscale.DMS(MLP(), (x,), total_steps=10)
+    with pytest.raises(TypeError, match="total_steps"):
+        dmscale.DMS(MLP(), (x,), dmscale.Target(flops=0.5))
+    with pytest.raises(TypeError, match="DMSConfig"):
+        dmscale.DMS(MLP(), (x,), config={"total_steps": 10})
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"divisor": 2.5}, "divisor must be an integer"),
+    ({"divisor": 0}, "divisor must be >= 1"),
+    ({"total_steps": 1.7}, "total_steps must be an integer"),
+    ({"total_steps": True}, "total_steps must be an integer"),
+    ({"total_steps": 0}, "total_steps must be >= 1"),
+    ({"resource_weight": float("nan")}, "resource_weight"),
+    ({"resource_weight": float("inf")}, "resource_weight"),
+    ({"resource_weight": -1.0}, "resource_weight"),
+    ({"adaptive_weight": 101}, "adaptive_weight"),
+    ({"decay_fraction": 0.0}, "decay_fraction"),
+    ({"importance_decay": 1.0}, "importance_decay"),
+    ({"min_ratio": 1.5}, "min_ratio"),
+    ({"min_ratio": float("nan")}, "min_ratio"),
+    ({"tolerance": 0.0}, "tolerance"),
+    ({"recover_below": 0.005}, "recover_below"),
+    ({"importance": "tylor"}, "did you mean 'taylor'"),
+    ({"prune_depth": 1}, "prune_depth must be True or False"),
+    ({"exclude": ["nope"]}, "'nope'.*match.* nothing"),
+    ({"exclude": ["fc"]}, "did you mean"),
+    ({"exclude": [3]}, "exclude"),
+    ({"bounds": {"nope": {"min_ratio": 0.5}}}, "bounds: 'nope'"),
+    ({"bounds": {"fc1": {"divisor": 2.5}}}, r"bounds\['fc1'\]: divisor must be an integer"),
+    ({"bounds": {"fc1": {"min_ratio": 0.9, "max_ratio": 0.5}}}, r"bounds\['fc1'\]"),
+    ({"latency_repeats": 0}, "latency_repeats"),
+    ({"latency_timer": 3}, "latency_timer"),
+])
+def test_bad_options_are_named(kw, match):
+    kw = {"total_steps": 10, **kw}
+    with pytest.raises((ValueError, TypeError), match=match):
+        dmscale.DMS(MLP(), (torch.randn(2, 16),), dmscale.Target(flops=0.5), **kw)
+
+
+def test_exclude_string_is_one_name():
+    dms = dmscale.DMS(MLP(), (torch.randn(2, 16),), dmscale.Target(flops=0.8), total_steps=10, exclude="fc1")
+    assert [g.name for g in dms.groups] == ["fc2"]
+    with pytest.raises(ValueError, match="no prunable group"):  # a glob string is one pattern too
+        dmscale.DMS(MLP(), (torch.randn(2, 16),), dmscale.Target(flops=0.8), total_steps=10, exclude="fc*")
+
+
+def test_empty_batch_and_bad_task_loss():
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is empty \(shape \(0, 16\)\)"):
+        dmscale.DMS(MLP(), (torch.randn(0, 16),), dmscale.Target(flops=0.5), total_steps=10)
+    model = MLP()
+    x = torch.randn(2, 16)
+    dms = dmscale.DMS(model, (x,), dmscale.Target(flops=0.5), total_steps=10)
+    with pytest.raises(TypeError, match="task_loss must be the task's scalar loss tensor, got int"):
+        dms.loss(5)
+    with pytest.raises(ValueError, match=r"scalar, got shape \(2, 5\)"):
+        dms.loss(model(x))
+    assert dms.loss(model(x).mean()).dim() == 0
+
+
+def test_failed_construction_leaves_the_model_unmasked():
+    model = MLP()
+    x = torch.randn(2, 16)
+    ref = model(x)
+    with pytest.raises(ValueError, match="minimum widths"):
+        dmscale.DMS(model, (x,), dmscale.Target(flops=0.01), total_steps=10, min_ratio=0.5)
+    assert type(model) is MLP and not model._forward_pre_hooks
+    torch.testing.assert_close(model(x), ref)

@@ -140,7 +140,7 @@ def test_tied_plain_model_uses_output_multiplier(tmp_path) -> None:
     torch.testing.assert_close(_out(big, ids), _out(small, ids))
     torch.testing.assert_close(_out(copy.deepcopy(big), ids), _out(small, ids))
     dmscale.save(big, tmp_path / "big")  # the multiplier is a module attribute: save/load keep it
-    again = dmscale.load(tmp_path / "big")
+    again = dmscale.load(tmp_path / "big", trust=["test_upscale"])
     torch.testing.assert_close(_out(again, ids), _out(small, ids))
     assert width_info(again)["fold"] == "readout:out"
     bigger = upscale(big, 2, example_inputs=ids)  # composes: 1/6 in total
@@ -359,8 +359,8 @@ def test_cli_upscales_saved_module_and_hf_dir(tmp_path) -> None:
     small = zoo.MLP()
     src, dst = tmp_path / "small", tmp_path / "big"
     dmscale.save(small, src)
-    assert main(["upscale", str(src), "--width", "2", "--noise", "0", "--out", str(dst)]) == 0
-    big = dmscale.load(dst)
+    assert main(["upscale", str(src), "--width", "2", "--noise", "0", "--out", str(dst), "--trust", "upscale_models"]) == 0
+    big = dmscale.load(dst, trust=["upscale_models"])
     x = torch.randn(4, 10)
     torch.testing.assert_close(_out(big, x), _out(small, x))
     assert big.net[0].out_features == 32

@@ -16,22 +16,26 @@ import sys
 from .export import ExportError
 from .resources import count
 from .schedule import Schedule, Target
-from .search import DMS
+from .search import DMS, DMSConfig
 from .space import GroupBounds
 from .topk import differentiable_topk
 from .trace import TraceError
+from .layers import LayerSpec, register_layer
+from . import families  # noqa: F401  (Hugging Face model families and the layer specs they register)
 from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, set_base, upscale,
                   upscale_optimizer_state, width_info)
-from .serialization import load, save
+from .serialization import LoadError, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["DMS", "Target", "Schedule", "GroupBounds", "count", "save", "load", "differentiable_topk",
+__all__ = ["DMS", "DMSConfig", "recalibrate_bn", "Target", "Schedule", "GroupBounds", "count", "save", "load",
+           "LoadError", "differentiable_topk",
            "ExportError", "TraceError", "__version__", "upscale", "width_info", "upscale_optimizer_state",
-           "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info", "set_base"]
+           "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info", "register_layer",
+           "LayerSpec", "set_base"]
 
 # Names that live in upper layers (recipes, app): imported lazily so that `import dmscale` stays light.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {"recalibrate_bn": "dmscale.recipes.bn"}
 
 # Modules that moved in 0.2: the old import paths keep working for one release.
 _MOVED = {

@@ -9,29 +9,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from .errors import ExportError
+from .layers.spec import spec_for
 from .trace.tracer import Space
 
 if TYPE_CHECKING:
     from .search import DMS
 
 __all__ = ["export_model", "ExportError", "SkipBlock"]
-
-
-class ExportError(RuntimeError):
-    """The exported model does not compute what the hard-masked supernet computes."""
-
-
-# which dim of each known layer's parameters is its output dim (where the mask is folded)
-_OUT_DIM = {
-    "linear": {"weight": 0, "bias": 0},
-    "conv": {"weight": 0, "bias": 0},
-    "batchnorm": {"weight": 0, "bias": 0},
-    "layernorm": {"weight": 0, "bias": 0},
-    "rmsnorm": {"weight": 0},
-    "groupnorm": {"weight": 0, "bias": 0},
-    "embedding": {"weight": 1},
-    "hf_conv1d": {"weight": 1, "bias": 0},
-}
 
 
 def _along(v: torch.Tensor, d: int, ndim: int) -> torch.Tensor:
@@ -76,19 +61,19 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         new = copy.deepcopy(dms.model)
     modules = dict(new.named_modules())
 
-    # 1. fold surviving soft mask values into each layer's output side, and into raw parameters
+    # 1. fold surviving soft mask values into each layer's output side (its spec's out_dims), and into
+    #    raw parameters
     for name, rec in tr.layers.items():
         mod = modules[name]
         if rec.tied:
             continue  # shared weight: the hard-masked supernet uses 0/1 masks here
+        spec = rec.spec if rec.spec is not None else spec_for(mod)
+        if spec is None:
+            continue
         for _, s in rec.out_dims.items():
             m = mask_of(s)
-            if m is None:
-                continue
-            for pname, d in _OUT_DIM.get(rec.kind, {}).items():
-                p = getattr(mod, pname, None)
-                if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
-                    p.mul_(_along(m.to(p.dtype), d, p.dim()))
+            if m is not None:
+                spec.fold(mod, m)
     for rec in tr.params.values():
         if not rec.raw or rec.is_buffer:
             continue
@@ -130,14 +115,28 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
                 if t is not None and id(t) in sliced and sliced[id(t)][0] is t:
                     store[attr] = sliced[id(t)][1]
 
-    # 3. fix the size attributes of every known layer (tied ones too: they have no layer record)
-    from .trace.tracer import layer_kind
+    # 3. fix the size attributes of every known layer (tied ones too: they have no layer record): attributes
+    #    the trace tied to a space (a grouped conv's groups) first, then what the spec derives from the weights
+    for rec in getattr(tr, "size_attrs", ()):
+        k = keep_of(rec.space)
+        mod = modules.get(rec.module)
+        if k is not None and mod is not None:
+            setattr(mod, rec.attr, int(k.sum()))
+    for mname, mod in new.named_modules():
+        lrec = tr.layers.get(mname)
+        spec = lrec.spec if lrec is not None and lrec.spec is not None else spec_for(mod)
+        if spec is None or spec.size_attrs is None and spec.update_attrs is None and spec.refresh is None:
+            continue
+        if not spec.maskable or isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
+            spec.update(mod)
+    #    and the attributes that hold sizes of searched dims: by meaning for a model with a family
+    #    (dmscale.families), else the ints a module used in a view / reshape of a pruned dim, by value
+    from .families.base import check_export_config, post_export_fixups, start_export
+    from .families.generic import update_export
 
-    for mod in new.modules():
-        kind = layer_kind(mod)
-        if kind is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
-            _update_layer_attrs(mod, kind)
-    _update_reshape_attrs(dms, modules, keep_of)
+    ctx = start_export(dms, new, keep_of, depth_keep)
+    if ctx.family is None:
+        _update_reshape_attrs(dms, modules, keep_of)
 
     # 4. drop removed blocks
     for g in dms.groups:
@@ -157,12 +156,13 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             if drop:
                 _drop_children(new, cname, drop)
 
-    from .adapters import post_export_fixups
-
-    post_export_fixups(dms, new)
+    # 5. the family's (or generic) updates after blocks were dropped: layer indices, config sizes
+    update_export(ctx)
+    post_export_fixups(dms, new)  # fix-ups registered with the deprecated dmscale.adapters
     new.train(dms.model.training)
     if check:
         verify_export(dms, new, atol=atol, rtol=rtol)
+    check_export_config(ctx)  # the edited config loads, and says whether it rebuilds the export
     return new
 
 
@@ -186,40 +186,6 @@ def _assign(mod: nn.Module, attr: str, t: torch.Tensor, is_buffer: bool) -> None
         setattr(mod, attr, t)
 
 
-def _update_layer_attrs(mod: nn.Module, kind: str) -> None:
-    """Make a sliced layer's size attributes agree with its weights."""
-    w = getattr(mod, "weight", None)
-    if kind == "linear":
-        mod.out_features, mod.in_features = w.shape[0], w.shape[1]
-    elif kind == "conv":
-        out_c, in_per_group = w.shape[0], w.shape[1]
-        if mod.groups > 1 and in_per_group == 1 and mod.groups == mod.in_channels == mod.out_channels:
-            mod.groups = out_c
-            mod.in_channels = out_c
-        else:
-            mod.in_channels = in_per_group * mod.groups
-        mod.out_channels = out_c
-    elif kind == "batchnorm":
-        mod.num_features = (w if w is not None else mod.running_mean).shape[0]
-    elif kind == "layernorm":
-        if w is not None:
-            mod.normalized_shape = (w.shape[0],)
-    elif kind == "rmsnorm":
-        if isinstance(mod, getattr(nn, "RMSNorm", ())) and w is not None:
-            mod.normalized_shape = (w.shape[0],)
-        elif w is not None and hasattr(mod, "hidden_size") and isinstance(mod.hidden_size, int):
-            mod.hidden_size = w.shape[0]
-    elif kind == "groupnorm":
-        c = w.shape[0]
-        if mod.num_groups == mod.num_channels:
-            mod.num_groups = c
-        mod.num_channels = c
-    elif kind == "embedding":
-        mod.embedding_dim = w.shape[1]
-    elif kind == "hf_conv1d":
-        mod.nf = w.shape[1]
-
-
 # attribute-name hints when several int attributes hold the same old value (num_heads == head_dim)
 _ATTR_HINTS = {
     "heads": lambda a: "head" in a and "dim" not in a and "size" not in a,
@@ -228,7 +194,12 @@ _ATTR_HINTS = {
 
 
 def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> None:
-    """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim."""
+    """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim.
+
+    The fallback for models without a family (:mod:`dmscale.families`): attributes are found by
+    their value, so an unrelated attribute with the same value may be changed too; the export
+    check catches a wrong guess.
+    """
     done: set[tuple[str, int]] = set()  # (module, space) already handled (q, k and v reshape alike)
     updated: set[tuple[str, str]] = set()  # (module, attribute) already given its new value
     for rec in dms.trace.reshapes:

@@ -10,11 +10,17 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .space import Group, SearchSpace
-from .trace.tracer import LayerRecord, Space, TraceResult
+from .layers.spec import LayerSpec, spec_for
+from .trace.tracer import LayerRecord, Space, TraceError, TraceResult
+from .trace.registry import first_tensor, tensors
 
-__all__ = ["Masker", "MODES"]
+__all__ = ["Masker", "MODES", "MaskingError", "install_checked"]
 
-MODES = ("soft", "hard", "off")
+MODES = ("soft", "hard", "off", "full")  # full: every mask exactly 1 (the user's model, through the masks)
+
+
+class MaskingError(TraceError):
+    """The model with every mask at 1 does not compute what the user's model computes."""
 
 
 def _along(mask: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
@@ -77,7 +83,7 @@ class Masker:
         self.handles: list[Any] = []
         self.raw: list[tuple[nn.Module, str]] = []
         self.installed = False
-        self.fold = True  # conv/BN masks go through their weights (see _fold_into_weights)
+        self.fold = True  # masks of layers whose spec says so go through their weights (see _fold_into_weights)
 
     # ------------------------------------------------------------------ masks
     def prunable(self, s: Space) -> bool:
@@ -91,6 +97,12 @@ class Masker:
         self.current.clear()
         self.current_keep.clear()
         if self.mode == "off":
+            return
+        if self.mode == "full":
+            for g in self.groups:
+                ratio = self.space.ratio(g)
+                self.current[g.key] = torch.ones(g.size, dtype=ratio.dtype, device=ratio.device)
+                self.current_keep[g.key] = torch.ones(g.size, dtype=torch.bool, device=ratio.device)
             return
         for g in self.groups:
             soft = self.space.soft_mask(g)
@@ -159,9 +171,10 @@ class Masker:
             if not dims and norm is None:
                 continue
             mod = modules[name]
-            if self.fold and self._fold_into_weights(mod, rec, dims, norm):
+            spec = _spec(rec, mod)
+            if self.fold and self._fold_into_weights(mod, rec, spec, dims, norm):
                 continue
-            self.handles.append(mod.register_forward_hook(self._layer_hook(rec, dims, norm)))
+            self.handles.append(mod.register_forward_hook(self._layer_hook(rec, spec, dims, norm), with_kwargs=True))
         for bname, (g, i) in self.block_gate.items():
             blk = g.blocks[i]
             self.handles.append(modules[bname].register_forward_hook(self._block_hook(g, i, blk.input_spec),
@@ -175,29 +188,59 @@ class Masker:
             mod = modules[rec.module]
             parametrize.register_parametrization(mod, rec.attr, _RawMask(self, dims), unsafe=True)
             self.raw.append((mod, rec.attr))
+        self._refresh_hooks(modules)
         self.installed = True
 
-    def _fold_into_weights(self, mod: nn.Module, rec: LayerRecord, dims: list[tuple[int, Space]],
+    def _refresh_hooks(self, modules: dict[str, nn.Module]) -> None:
+        """Layers that cache references to their parameters (RNNs) re-read them before each forward, and
+        fused fast paths that would bypass the masks (``nn.MultiheadAttention`` in eval) are switched off."""
+        self.refreshed = []
+        for mod in dict.fromkeys(m for m, _ in self.raw):
+            spec = spec_for(mod)
+            if spec is not None and spec.refresh is not None:
+                self.refreshed.append((mod, spec.refresh))
+                self.handles.append(mod.register_forward_pre_hook(lambda m, args, fn=spec.refresh: fn(m)))
+        if any(isinstance(m, nn.MultiheadAttention) for m in modules.values()):
+            self.handles.append(self.model.register_forward_pre_hook(lambda mod, args: self._fastpath(False)))
+            self.handles.append(self.model.register_forward_hook(lambda mod, args, out: self._fastpath(True),
+                                                                 always_call=True))
+
+    def _fastpath(self, restore: bool) -> None:
+        """Switch torch's fused MultiheadAttention / TransformerEncoderLayer eval path off for a masked
+        forward (it reads the weights directly and skips the masks' hooks), then restore the setting."""
+        mha = getattr(torch.backends, "mha", None)
+        if mha is None:
+            return
+        if not restore:
+            self._fastpath_was = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+        elif getattr(self, "_fastpath_was", None) is not None:
+            mha.set_fastpath_enabled(self._fastpath_was)
+            self._fastpath_was = None
+
+    def _fold_into_weights(self, mod: nn.Module, rec: LayerRecord, spec: LayerSpec, dims: list[tuple[int, Space]],
                            norm: Space | None) -> bool:
-        """Mask a conv / BatchNorm through its output-side weight and bias instead of its activation.
+        """Mask a layer whose spec has ``fold_into_weights`` (conv, BatchNorm) through its output-side
+        parameters instead of its activation.
 
         ``m * (W x + b) = (m W) x + m b`` and ``m * BN(x) = BN_{m gamma, m beta}(x)`` exactly, and a
         weight is far smaller than a conv activation (batch x H x W per channel), so this removes
         most of the masking cost on CNNs. Linear layers keep the activation hook (a language
         model's weights outweigh its activations).
         """
-        if rec.kind not in ("conv", "batchnorm") or rec.tied or norm is not None or len(dims) != 1:
+        if not spec.fold_into_weights or rec.tied or norm is not None or len(dims) != 1:
             return False
         space = dims[0][1]
-        targets = [a for a in ("weight", "bias") if isinstance(getattr(mod, a, None), nn.Parameter)]
-        if "weight" not in targets:
+        targets = [a for a in spec.out_dims if isinstance(getattr(mod, a, None), nn.Parameter)]
+        if spec.out_param not in targets:
             return False
         for attr in targets:
             p = getattr(mod, attr)
-            if p.shape[0] != space.find().size:
+            if p.shape[spec.out_dims[attr]] != space.find().size:
                 return False
         for attr in targets:
-            parametrize.register_parametrization(mod, attr, _RawMask(self, [(0, space)]), unsafe=True)
+            parametrize.register_parametrization(mod, attr, _RawMask(self, [(spec.out_dims[attr], space)]),
+                                                 unsafe=True)
             self.raw.append((mod, attr))
         return True
 
@@ -210,6 +253,9 @@ class Masker:
             if parametrize.is_parametrized(mod, attr):
                 parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         self.raw.clear()
+        for mod, fn in getattr(self, "refreshed", ()):
+            fn(mod)  # drop the references to masked tensors
+        self.refreshed = []
         self.installed = False
 
     @contextlib.contextmanager
@@ -225,7 +271,7 @@ class Masker:
 
     @contextlib.contextmanager
     def use_mode(self, mode: str) -> Iterator[None]:
-        """Run forwards with 'soft', 'hard' (export-equivalent) or 'off' masks."""
+        """Run forwards with 'soft', 'hard' (export-equivalent), 'off' or 'full' (all ones) masks."""
         if mode not in MODES:
             raise ValueError(f"mask mode must be one of {MODES}, got {mode!r}")
         old = self.mode
@@ -237,15 +283,17 @@ class Masker:
             self.current.clear()
             self._composite.clear()
 
-    def _layer_hook(self, rec: LayerRecord, dims: list[tuple[int, Space]], norm: Space | None):
-        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+    def _layer_hook(self, rec: LayerRecord, spec: LayerSpec, dims: list[tuple[int, Space]], norm: Space | None):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if self.mode == "off" or not isinstance(out, torch.Tensor):
                 return None
             y = out
             if norm is not None:
                 keep = self.keep_for(norm)
                 if keep is not None:
-                    y = _masked_norm(mod, rec.kind, args[0], keep)
+                    x = args[0] if args and isinstance(args[0], torch.Tensor) else \
+                        next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+                    y = spec.masked_norm(mod, x, keep)
             for d, s in dims:
                 if rec.tied and self.mode == "hard":  # export cannot fold into a shared weight
                     k = self.keep_for(s)
@@ -278,28 +326,94 @@ class Masker:
         return hook
 
 
-def _masked_norm(mod: nn.Module, kind: str, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """LayerNorm / RMSNorm whose statistics use only the kept channels (as the exported layer will)."""
-    h = keep.to(torch.float32)
-    n = h.sum().clamp_min(1.0)
-    xf = x.to(torch.float32)
-    if kind == "layernorm":
-        mean = (xf * h).sum(-1, keepdim=True) / n
-        var = (((xf - mean) ** 2) * h).sum(-1, keepdim=True) / n
-        y = (xf - mean) * torch.rsqrt(var + mod.eps)
-        y = y.to(x.dtype)
-        if mod.weight is not None:
-            y = y * mod.weight
-        if getattr(mod, "bias", None) is not None:
-            y = y + mod.bias
-        return y
-    # RMSNorm (torch's and Hugging Face style)
-    eps = getattr(mod, "variance_epsilon", None)
-    if eps is None:
-        eps = getattr(mod, "eps", None)
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    var = ((xf * xf) * h).sum(-1, keepdim=True) / n
-    y = (xf * torch.rsqrt(var + eps)).to(x.dtype)
-    w = getattr(mod, "weight", None)
-    return y * w if w is not None else y
+def _spec(rec: LayerRecord, mod: nn.Module) -> LayerSpec:
+    """The spec a layer record was traced with (looked up for records made without one)."""
+    spec = rec.spec if rec.spec is not None else spec_for(mod)
+    if spec is None:
+        raise ValueError(f"layer '{rec.module}' ({type(mod).__name__}) has no LayerSpec")
+    return spec
+
+
+# --------------------------------------------------------------------------- construction check
+def _tolerance(t: torch.Tensor) -> float:
+    return 1e-4 if t.dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [t for t in tensors(out) if t.is_floating_point()]
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Max abs difference when ``b`` is not within tolerance of ``a`` (None when it is)."""
+    if a.shape != b.shape:
+        return float("inf")
+    if a.numel() == 0:
+        return None
+    af, bf = a.detach().to(torch.float32), b.detach().to(torch.float32)
+    tol = _tolerance(a)
+    scale = max(1.0, float(af.abs().max()))
+    diff = (af - bf).abs()
+    ok = bool((diff <= tol * scale + tol * af.abs()).all()) and bool((torch.isfinite(af) == torch.isfinite(bf)).all())
+    return None if ok else float(diff.nan_to_num(float("inf")).max())
+
+
+@torch.no_grad()
+def _run(model: nn.Module, inputs: tuple, kwargs: dict, capture: bool) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Outputs of one eval forward (same seed every time), and optionally every module's first output."""
+    seen: dict[str, Any] = {}
+    handles = []
+    if capture:
+        for name, mod in model.named_modules():
+            def hook(m, a, out, name=name):
+                y = first_tensor(out)
+                if y is not None and name not in seen and y.is_floating_point():
+                    seen[name] = (type(m).__name__, y.detach().clone())
+            handles.append(mod.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = _outputs(model(*inputs, **kwargs))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return [t.detach().clone() for t in out], seen
+
+
+def install_checked(masker: Masker, inputs: tuple, kwargs: dict) -> None:
+    """Install the masks, then check that with every mask at 1 the model computes what it did before.
+
+    Raises :class:`MaskingError` naming the first module whose output changed (the masks are taken
+    out again first), so a layer dmscale models wrongly is caught before any search runs. Only
+    the model's outputs are kept; module outputs are compared (one more pair of forwards) when
+    they differ.
+    """
+    model = masker.model
+    ref, _ = _run(model, inputs, kwargs, capture=False)
+    masker.install()
+    try:
+        with masker.use_mode("full"):
+            got, _ = _run(model, inputs, kwargs, capture=False)
+        bad = [(i, d) for i, (a, b) in enumerate(zip(ref, got)) if (d := _differs(a, b)) is not None]
+        if len(ref) != len(got) or bad:
+            with masker.use_mode("off"):  # masks installed but inactive: the model as it was
+                _, ref_mods = _run(model, inputs, kwargs, capture=True)
+            with masker.use_mode("full"):
+                _, got_mods = _run(model, inputs, kwargs, capture=True)
+            where = next(((n, got_mods[n][0], d) for n, (_, y) in ref_mods.items()
+                          if n in got_mods and (d := _differs(y, got_mods[n][1])) is not None), None)
+            what = f"output {bad[0][0]} differs by {bad[0][1]:.3g}" if bad else \
+                f"it returns {len(got)} tensors instead of {len(ref)}"
+            at = f"; the first module whose output changed is '{where[0] or 'model'}' ({where[1]}, max difference " \
+                 f"{where[2]:.3g})" if where is not None else ""
+            raise MaskingError(
+                f"dmscale: with every mask at 1 the wrapped model does not compute what the model computes "
+                f"({what}){at}. dmscale models a layer of this model wrongly: register a LayerSpec for it "
+                f"(dmscale.register_layer) or exclude it (exclude=[...]).")
+    except BaseException:
+        masker.remove()
+        raise

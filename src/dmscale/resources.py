@@ -1,4 +1,4 @@
-"""Differentiable resource accounting (FLOPs, params) from the masks, and exact counting of a model.
+"""Differentiable resource accounting (FLOPs, params, latency) from the masks, and exact counting of a model.
 
 FLOPs follow ``torch.utils.flop_counter``: 2 FLOPs per multiply-add, matmul-like ops only
 (linear, conv, matmul/bmm, attention); norms, activations and additions count 0. Every traced
@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .masking import Masker
 from .space import Group
+from .trace.flops import FLOP_FORMULAS
 from .trace.tracer import Space, TraceResult
 
 __all__ = ["Resources", "count"]
@@ -28,7 +29,7 @@ def count(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as fc:  # + fused RNN/MHA
             model(*example_inputs, **example_kwargs)
     finally:
         model.train(was)
@@ -82,7 +83,13 @@ class Resources:
             if names.get(id(p)) not in seen_names:
                 other += p.numel()
         self.params_const = float(other)
+        self.latency: Any = None  # a dmscale.latency.LatencyModel once a latency target is measured
         self.full = {"flops": tr.total_flops, "params": self.evaluate(hard_full=True)["params"]}
+
+    def attach_latency(self, model: Any) -> None:
+        """Use ``model`` (``value(frac, gates)``) as the latency resource; sets ``full['latency']``."""
+        self.latency = model
+        self.full["latency"] = float(self.evaluate(hard_full=True)["latency"])
 
     # --------------------------------------------------------------- evaluation
     def _frac(self, s: Space, kept: dict[int, torch.Tensor], cache: dict[int, Any]) -> Any:
@@ -127,27 +134,35 @@ class Resources:
                     kept[g.index] = ste / g.size
         return kept, gates
 
-    def evaluate(self, *, hard_full: bool = False, soft: bool = True) -> dict[str, Any]:
-        """Current FLOPs and params (tensors with gradients to the ratios when soft=True)."""
-        kept, gates = self.kept_fractions(hard_full=hard_full, soft=soft)
-        cache: dict[int, Any] = {}
-        flops: Any = self.flops_const
-        for coef, dims, blocks in self.op_terms:
+    def _total(self, kind: str, kept: dict[int, Any], gates: dict[str, Any], cache: dict[int, Any]) -> Any:
+        if kind == "latency":
+            if self.latency is None:
+                raise ValueError("no latency model: use Target(latency=...) to measure one")
+            return self.latency.value(lambda s: self._frac(s, kept, cache), gates)
+        terms = self.op_terms if kind == "flops" else self.param_terms
+        total: Any = self.flops_const if kind == "flops" else self.params_const
+        for coef, dims, blocks in terms:
             term: Any = coef
             for s in dims:
                 term = term * self._frac(s, kept, cache)
             for b in blocks:
                 term = term * gates[b]
-            flops = flops + term
-        params: Any = self.params_const
-        for coef, dims, blocks in self.param_terms:
-            term = coef
-            for s in dims:
-                term = term * self._frac(s, kept, cache)
-            for b in blocks:
-                term = term * gates[b]
-            params = params + term
-        return {"flops": flops, "params": params}
+            total = total + term
+        return total
+
+    def kinds(self) -> tuple[str, ...]:
+        """The resources this object computes: flops, params (and latency once a model is attached)."""
+        return ("flops", "params") + (("latency",) if self.latency is not None else ())
+
+    def evaluate(self, *, hard_full: bool = False, soft: bool = True) -> dict[str, Any]:
+        """Current FLOPs and params (and latency) (tensors with gradients to the ratios when soft=True)."""
+        kept, gates = self.kept_fractions(hard_full=hard_full, soft=soft)
+        cache: dict[int, Any] = {}
+        return {k: self._total(k, kept, gates, cache) for k in self.kinds()}
+
+    def value(self, kind: str, kept: dict[int, float], gates: dict[str, float]) -> float:
+        """The resource for explicit kept fractions (group index -> fraction) and block gates (name -> 0/1)."""
+        return float(self._total(kind, kept, gates, {}))
 
     def minimum(self, kind: str) -> float:
         """The resource with every group at its smallest allowed size (to reject impossible targets)."""
@@ -160,14 +175,4 @@ class Resources:
                     gates[b.name] = 1.0 if i >= g.size - c else 0.0
             else:
                 kept[g.index] = c / g.size
-        cache: dict[int, Any] = {}
-        terms = self.op_terms if kind == "flops" else self.param_terms
-        total = self.flops_const if kind == "flops" else self.params_const
-        for coef, dims, blocks in terms:
-            term = coef
-            for s in dims:
-                term = term * self._frac(s, kept, cache)
-            for b in blocks:
-                term = term * gates[b]
-            total += float(term)
-        return total
+        return self.value(kind, kept, gates)

@@ -3,32 +3,181 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
+import fnmatch
 import math
+import os
 import warnings
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
-from .importance import ImportanceTracker
-from .masking import Masker
+from . import budget
+from .budget import Projection
+from .export import export_model
+from .importance import METHODS, ImportanceTracker
+from .latency import build_latency_model
+from .masking import Masker, install_checked
 from .resources import Resources
-from .schedule import Schedule, Target
-from .space import GroupBounds, SearchSpace, build_search_space
+from .schedule import Schedule, Target, check_float, check_int
+from .space import GroupBounds, SearchSpace, build_search_space, leaf_index
 from .trace.tracer import TraceError, trace
 
-__all__ = ["DMS"]
+__all__ = ["DMS", "DMSConfig"]
 
 
-def _as_bounds(b: Any) -> GroupBounds:
+def _str_list(name: str, value: Any) -> tuple[str, ...]:
+    """A string or an iterable of non-empty strings, as a tuple (a single string is one name)."""
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of module names, got {value!r}") from None
+    for v in out:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{name} must hold non-empty module names (strings), got {v!r}")
+    return out
+
+
+@dataclass
+class DMSConfig:
+    """Every option of a DMS search. ``DMS(model, x, config=DMSConfig(...))``; keyword arguments override.
+
+    * ``target`` (``Target``) and ``total_steps``: the budget and the search length (both required).
+    * ``importance`` ('taylor' | 'fisher' | 'snip' | 'l1'), ``importance_decay``: element importance.
+    * ``resource_weight``: w of ``task + w * resource loss``; ``adaptive_weight``: rate of its multiplier
+      update (0 = fixed weight); ``decay_fraction``: part of the search over which the target decays.
+    * ``exclude``: module names (or glob patterns) whose dimensions stay unpruned; every one must match.
+    * ``bounds``: ``{group name or pattern: {"min_ratio", "max_ratio", "divisor"}}``; ``divisor`` and
+      ``min_ratio`` are the defaults for every group.
+    * ``prune_width / prune_heads / prune_head_dim / prune_depth``: which kinds of dimension are searched;
+      ``depth_containers`` limits block discovery, ``depth_blocks`` declares stages by module name.
+    * ``fold_masks``: mask conv/BN through their weights (same values, less overhead).
+    * ``project_refine``: land on the budget when the refine phase starts; ``project_export``: ``export()``
+      lands on it (``budget.project``) unless told otherwise; ``tolerance``: the band below the target.
+    * ``recover_below``: when the exported resource falls more than this fraction below the current
+      target during the search (momentum, a task loss that does not resist pruning), the widths are
+      projected back up to it; 0 disables.
+    * ``latency_cache``: directory for latency measurement tables (``Target(latency=...)``);
+      ``latency_repeats``: timed runs per measurement (median); ``latency_timer``: a callable
+      ``(module, args, kwargs) -> seconds`` replacing the wall-clock timer (tests, other devices).
+    * ``warn``: warnings about unsupported ops.
+    """
+
+    target: Target | None = None
+    total_steps: int | None = None
+    importance: str = "taylor"
+    importance_decay: float = 0.99
+    resource_weight: float = 1.0
+    adaptive_weight: float = 1.0
+    decay_fraction: float = 0.8
+    exclude: Sequence[str] = ()
+    bounds: dict[str, Any] | None = None
+    divisor: int = 1
+    min_ratio: float = 0.0
+    prune_width: bool = True
+    prune_heads: bool = True
+    prune_head_dim: bool = False
+    prune_depth: bool = True
+    depth_containers: Sequence[str] | None = None
+    depth_blocks: Sequence[Sequence[str]] | None = None
+    fold_masks: bool = True
+    warn: bool = True
+    project_refine: bool = True
+    project_export: bool = True
+    tolerance: float = 0.01
+    recover_below: float = 0.05
+    latency_cache: str | None = None
+    latency_repeats: int = 20
+    latency_timer: Callable[..., float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is not None and not isinstance(self.target, Target):
+            raise TypeError("target must be dmscale.Target(flops=...), Target(params=...) or Target(latency=...), "
+                            f"got {type(self.target).__name__}")
+        if self.total_steps is not None:
+            self.total_steps = check_int("total_steps", self.total_steps, 1)
+        if self.importance not in METHODS:
+            hint = difflib.get_close_matches(str(self.importance), METHODS, 1)
+            raise ValueError(f"importance must be one of {METHODS}, got {self.importance!r}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        self.importance_decay = check_float("importance_decay", self.importance_decay, 0.0, 1.0, hi_open=True)
+        self.resource_weight = check_float("resource_weight", self.resource_weight, 0.0, lo_open=True)
+        self.adaptive_weight = check_float("adaptive_weight", self.adaptive_weight, 0.0, 100.0)
+        self.decay_fraction = check_float("decay_fraction", self.decay_fraction, 0.0, 1.0, lo_open=True)
+        self.exclude = _str_list("exclude", self.exclude)
+        if self.bounds is not None:
+            if not isinstance(self.bounds, dict) or not all(isinstance(k, str) for k in self.bounds):
+                raise ValueError(f"bounds must be a dict {{group name or pattern: bounds}}, got {self.bounds!r}")
+            self.bounds = {k: _as_bounds(v, k) for k, v in self.bounds.items()}
+        self.divisor = check_int("divisor", self.divisor, 1)
+        self.min_ratio = check_float("min_ratio", self.min_ratio, 0.0, 1.0)
+        for name in ("prune_width", "prune_heads", "prune_head_dim", "prune_depth", "fold_masks", "warn",
+                     "project_refine", "project_export"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.depth_containers is not None:
+            self.depth_containers = _str_list("depth_containers", self.depth_containers)
+        if self.depth_blocks is not None:
+            if isinstance(self.depth_blocks, str):
+                raise ValueError("depth_blocks must be a list of stages, each a list of block names")
+            self.depth_blocks = tuple(_str_list("depth_blocks stage", st) for st in self.depth_blocks)
+        self.tolerance = check_float("tolerance", self.tolerance, 0.0, 0.5, lo_open=True)
+        self.recover_below = check_float("recover_below", self.recover_below, 0.0, 1.0, hi_open=True)
+        if self.recover_below and self.recover_below <= self.tolerance:
+            raise ValueError(f"recover_below={self.recover_below} must be 0 (off) or larger than "
+                             f"tolerance={self.tolerance}")
+        if self.latency_cache is not None:
+            if not isinstance(self.latency_cache, (str, os.PathLike)):
+                raise ValueError(f"latency_cache must be a directory path, got {self.latency_cache!r}")
+            self.latency_cache = os.fspath(self.latency_cache)
+        self.latency_repeats = check_int("latency_repeats", self.latency_repeats, 1)
+        if self.latency_timer is not None and not callable(self.latency_timer):
+            raise ValueError(f"latency_timer must be callable (module, args, kwargs) -> seconds, "
+                             f"got {self.latency_timer!r}")
+
+
+_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(DMSConfig))
+
+
+def _as_bounds(b: Any, key: str = "") -> GroupBounds:
+    where = f"bounds[{key!r}]: " if key else ""
     if isinstance(b, GroupBounds):
         return b
     if isinstance(b, dict):
         unknown = set(b) - {"min_ratio", "max_ratio", "divisor"}
         if unknown:
-            raise ValueError(f"unknown bound key(s) {sorted(unknown)}; use min_ratio, max_ratio, divisor")
-        return GroupBounds(**b)
-    raise TypeError(f"bounds must be a GroupBounds or a dict, got {type(b).__name__}")
+            raise ValueError(f"{where}unknown bound key(s) {sorted(unknown)}; use min_ratio, max_ratio, divisor")
+        try:
+            return GroupBounds(**b)
+        except ValueError as exc:
+            raise ValueError(f"{where}{exc}") from None
+    raise TypeError(f"{where}bounds must be a GroupBounds or a dict, got {type(b).__name__}")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def _check_patterns(what: str, patterns: Iterable[str], names: list[str]) -> None:
+    """Refuse patterns that match none of ``names``, suggesting near misses."""
+    bad = [p for p in patterns if not any(_matches(n, p) for n in names)]
+    if bad:
+        hints = {p: difflib.get_close_matches(p, names, 3) for p in bad}
+        txt = "; ".join(f"{p!r}" + (f" (did you mean {', '.join(map(repr, h))}?)" if h else "")
+                        for p, h in hints.items())
+        raise ValueError(f"{what}: {txt} match(es) nothing in this model")
+
+
+def _check_inputs(example_inputs: tuple, example_kwargs: dict) -> None:
+    for where, t in [(f"example_inputs[{i}]", v) for i, v in enumerate(example_inputs)] + \
+            [(f"example_kwargs[{k!r}]", v) for k, v in example_kwargs.items()]:
+        if isinstance(t, torch.Tensor) and t.numel() == 0:
+            raise ValueError(f"{where} is empty (shape {tuple(t.shape)}): the example batch needs at least one sample")
 
 
 class DMS:
@@ -38,82 +187,134 @@ class DMS:
 
         dms = DMS(model, example_inputs=(x,), target=Target(flops=0.5), total_steps=2000)
         loss = dms.loss(task_loss); loss.backward(); opt.step(); dms.step()
-        small = dms.export()
+        small = dms.export()          # lands within 1% below the budget (dms.summary() shows how)
+
+    Options are the fields of ``DMSConfig``: pass ``config=DMSConfig(...)`` and/or keyword arguments
+    (keywords override the config's fields); ``target`` and ``total_steps`` may be positional.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: tuple | torch.Tensor, target: Target,
-                 total_steps: int, *, example_kwargs: dict | None = None, importance: str = "taylor",
-                 importance_decay: float = 0.99, resource_weight: float = 1.0, decay_fraction: float = 0.8,
-                 exclude: Iterable[str] = (), bounds: dict[str, Any] | None = None, divisor: int = 1,
-                 min_ratio: float = 0.0, prune_width: bool = True, prune_heads: bool = True,
-                 prune_head_dim: bool = False, prune_depth: bool = True,
-                 depth_containers: Iterable[str] | None = None,
-                 depth_blocks: Iterable[Iterable[str]] | None = None, adaptive_weight: float = 1.0,
-                 fold_masks: bool = True, warn: bool = True) -> None:
+    def __init__(self, model: nn.Module, example_inputs: tuple | torch.Tensor, target: Target | None = None,
+                 total_steps: int | None = None, *, config: DMSConfig | None = None,
+                 example_kwargs: dict | None = None, **options: Any) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(target, Target):
-            raise TypeError("target must be dmscale.Target(flops=...) or Target(params=...)")
+        if config is None:
+            config = DMSConfig()
+        elif not isinstance(config, DMSConfig):
+            raise TypeError(f"config must be a dmscale.DMSConfig, got {type(config).__name__}")
+        unknown = [k for k in options if k not in _CONFIG_FIELDS]
+        if unknown:
+            hints = {k: difflib.get_close_matches(k, _CONFIG_FIELDS, 1) for k in unknown}
+            raise TypeError("DMS got unknown option(s) " + ", ".join(
+                f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items()))
+        if target is not None:
+            options["target"] = target
+        if total_steps is not None:
+            options["total_steps"] = total_steps
+        cfg = dataclasses.replace(config, **options) if options else config
+        if cfg.target is None:
+            raise TypeError("DMS needs a target: DMS(model, x, Target(flops=0.5), total_steps=...) or "
+                            "config=DMSConfig(target=...)")
+        if cfg.total_steps is None:
+            raise TypeError("DMS needs total_steps (the number of search steps)")
+        self.config = cfg
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
         if not isinstance(example_inputs, (tuple, list)):
             raise TypeError("example_inputs must be a tuple of the model's positional inputs")
+        if example_kwargs is not None and not isinstance(example_kwargs, dict):
+            raise TypeError(f"example_kwargs must be a dict, got {type(example_kwargs).__name__}")
+        _check_inputs(tuple(example_inputs), dict(example_kwargs or {}))
+        module_names = [n for n, _ in model.named_modules() if n]
+        _check_patterns("exclude", cfg.exclude, module_names)
         self.model = model
         self.model_class = type(model)  # parametrizations swap the class while masks are in
         self.example_inputs = tuple(example_inputs)
         self.example_kwargs = dict(example_kwargs or {})
-        self.target = target
-        self.schedule = Schedule(int(total_steps), decay_fraction)
-        self.resource_weight = float(resource_weight)
-        if self.resource_weight <= 0:
-            raise ValueError(f"resource_weight must be positive, got {resource_weight}")
-        if not 0.0 <= adaptive_weight <= 100.0:
-            raise ValueError(f"adaptive_weight must be in [0, 100], got {adaptive_weight}")
-        self.adaptive_weight = float(adaptive_weight)
+        self.target = cfg.target
+        self.schedule = Schedule(cfg.total_steps, cfg.decay_fraction)
+        self.resource_weight = cfg.resource_weight
+        self.adaptive_weight = cfg.adaptive_weight
         self.weight = self.resource_weight  # current (adaptive) weight of the resource loss
         try:
-            self.trace = trace(model, self.example_inputs, self.example_kwargs, depth_containers, depth_blocks)
+            self.trace = trace(model, self.example_inputs, self.example_kwargs, cfg.depth_containers,
+                               cfg.depth_blocks)
         except (TraceError, ValueError):
             raise
         except Exception as exc:
             raise TraceError(f"running the model on example_inputs failed while tracing: {exc}") from exc
-        default = GroupBounds(min_ratio=min_ratio, divisor=divisor)
+        default = GroupBounds(min_ratio=cfg.min_ratio, divisor=cfg.divisor)
+        bounds = dict(cfg.bounds or {})
         self.groups = build_search_space(
-            self.trace, exclude=exclude, bounds={k: _as_bounds(v) for k, v in (bounds or {}).items()},
-            default_bounds=default, prune_width=prune_width, prune_heads=prune_heads,
-            prune_head_dim=prune_head_dim, prune_depth=prune_depth)
+            self.trace, exclude=cfg.exclude, bounds=bounds, default_bounds=default, prune_width=cfg.prune_width,
+            prune_heads=cfg.prune_heads, prune_head_dim=cfg.prune_head_dim, prune_depth=cfg.prune_depth)
         if not self.groups:
             raise ValueError("no prunable group found in the model: every dimension is an input/output or "
                              "fixed by an unsupported op" + self._unsupported_text())
+        if bounds:
+            names = [g.name for g in self.groups]
+            _check_patterns("bounds", bounds, names + [n.rsplit("[", 1)[0].rstrip("'") for n in names])
         p0 = next(iter(model.parameters()), None)
         self.space = SearchSpace(self.groups, device=p0.device if p0 is not None else None)
         self.masker = Masker(model, self.trace, self.space, self.groups)
         l1 = {}
-        if importance == "l1":
+        if cfg.importance == "l1":
             l1 = self._l1_sources()
-        self.importance = ImportanceTracker(self.space, importance, importance_decay, l1)
+        self.importance = ImportanceTracker(self.space, cfg.importance, cfg.importance_decay, l1)
         self.masker.on_mask = self.importance.attach
-        self.masker.fold = bool(fold_masks)
+        self.masker.fold = cfg.fold_masks
         self.resources = Resources(self.trace, self.masker, self.groups, model)  # before masks rename params
-        self.masker.install()
-        self.step_count = 0
-        self.nonfinite_steps = 0
-        self._skipped_seen = 0
-        self._scaler: Any = None
-        self._last_scale: float | None = None
-        self.last: dict[str, float] = {}
-        self._refine_started = False
-        lo = self.resources.minimum(target.kind) / self.resources.full[target.kind]
-        if target.fraction < lo - 1e-9:
-            raise ValueError(f"target {target.kind}={target.fraction} is below what the minimum widths allow "
-                             f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
-        if warn and self.trace.unsupported:
-            warnings.warn("dmscale: these ops have no channel rule, the dimensions they touch are left "
-                          "unpruned:" + self._unsupported_text(), stacklevel=2)
-        self.importance.refresh_l1()
-        self.distributed = False
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._setup_distributed()
+        install_checked(self.masker, self.example_inputs, self.example_kwargs)  # full masks == the model
+        try:
+            self.step_count = 0
+            self.nonfinite_steps = 0
+            self._skipped_seen = 0
+            self._scaler: Any = None
+            self._last_scale: float | None = None
+            self.last: dict[str, float] = {}
+            self._refine_started = False
+            self.projections: list[tuple[str, Projection]] = []  # (when, what) for every projection made
+            self.recoveries = 0  # times the search fell recover_below under its current target and was lifted
+            self.last_recovery: Projection | None = None
+            self.latency_model: Any = None
+            if self.target.kind == "latency":
+                self.latency_model = build_latency_model(self)
+                self.resources.attach_latency(self.latency_model)
+            kind = self.target.kind
+            if self.resources.full[kind] <= 0:
+                raise ValueError(f"the model has no {kind} on example_inputs (0 counted): use another Target")
+            lo = self.resources.minimum(kind) / self.resources.full[kind]
+            if self.target_fraction < lo - 1e-9:
+                raise ValueError(f"target {self._target_text()} is below what the minimum widths allow "
+                                 f"({lo:.4f} of the supernet); lower min_ratio/divisor or raise the target")
+            if cfg.warn and self.trace.lost:
+                warnings.warn("dmscale: these dimensions could be searched but are fixed (an op with no channel rule, "
+                              "or what the model does with them):" + self.trace.lost_text(), stacklevel=2)
+            self.importance.refresh_l1()
+            self.distributed = False
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                self._setup_distributed()
+            self._snapshot()
+        except BaseException:
+            self.masker.remove()  # the user's model is left as it was
+            raise
+
+    @property
+    def target_fraction(self) -> float:
+        """The budget as a fraction of the supernet's resource (a latency target over the predicted latency)."""
+        if self.target.kind != "latency":
+            return self.target.fraction
+        frac = float(self.target.latency) / self.resources.full["latency"]
+        if frac > 1.0 + 1e-9:
+            raise ValueError(f"Target(latency={self.target.latency:.6g}) is above the supernet's own predicted "
+                             f"latency {self.resources.full['latency']:.6g} s on {self.latency_model.device}: "
+                             "nothing to prune")
+        return min(frac, 1.0)
+
+    def _target_text(self) -> str:
+        if self.target.kind == "latency":
+            return f"latency={self.target.latency:.6g} s ({self.target_fraction:.4f} of the supernet)"
+        return f"{self.target.kind}={self.target.fraction}"
 
     # ------------------------------------------------------------------ distributed / AMP
     def _setup_distributed(self) -> None:
@@ -160,14 +361,15 @@ class DMS:
     # ------------------------------------------------------------------ training
     def current_target(self) -> float:
         """Target fraction of the supernet resource at the current step."""
-        return self.schedule.target(self.step_count, self.target.fraction)
+        return self.schedule.target(self.step_count, self.target_fraction)
 
     def resource(self, soft: bool = True) -> dict[str, Any]:
-        """Current FLOPs/params of the masked supernet (fractions under 'flops_frac', 'params_frac')."""
+        """Current resources of the masked supernet, absolute and as fractions ('flops_frac', 'params_frac',
+        and 'latency' / 'latency_frac' under a latency target)."""
         r = self.resources.evaluate(soft=soft)
         full = self.resources.full
-        r["flops_frac"] = r["flops"] / full["flops"]
-        r["params_frac"] = r["params"] / full["params"]
+        for k in self.resources.kinds():
+            r[f"{k}_frac"] = r[k] / full[k]
         return r
 
     def resource_loss(self) -> torch.Tensor:
@@ -183,15 +385,22 @@ class DMS:
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """Task loss plus the weighted resource loss on the current target."""
+        if not isinstance(task_loss, torch.Tensor):
+            raise TypeError("dms.loss(task_loss): task_loss must be the task's scalar loss tensor, got "
+                            f"{type(task_loss).__name__} {task_loss!r}"[:200])
+        if task_loss.numel() != 1:
+            raise ValueError(f"dms.loss(task_loss): task_loss must be a scalar, got shape {tuple(task_loss.shape)} "
+                             "(reduce it, e.g. .mean())")
         res = self.resource_loss().to(task_loss.device)
         self.last["task_loss"] = float(task_loss.detach())
         self.last["resource_loss"] = float(res.detach())
         self.last["resource_weight"] = self.weight
-        return task_loss + self.weight * res
+        return task_loss.reshape(()) + self.weight * res
 
     @torch.no_grad()
     def step(self) -> None:
-        """Advance the schedule by one step: clamp ratios; freeze depth in the refine phase."""
+        """Advance the schedule by one step: clamp ratios. When the refine phase starts: land on the budget
+        (``config.project_refine``), then freeze depth and attention heads (as the official code does)."""
         for p in self.structure_parameters():
             if not bool(torch.isfinite(p).all()):
                 raise FloatingPointError("a structure ratio became non-finite; lower the structure learning rate "
@@ -202,12 +411,55 @@ class DMS:
         self._adapt_weight()
         self.step_count += 1
         if self.schedule.refining(self.step_count) and not self._refine_started:
+            if self.config.project_refine:
+                self.project(when="refine", warn=False)
             self._refine_started = True
-            for g in self.groups:
-                if g.kind == "depth":
-                    self.space.ratio(g).requires_grad_(False)
-                    self.space.ratio(g).grad = None
+            self._freeze_refined()
+        elif self.config.recover_below and "resource" in self.last:
+            self._recover()
         self.importance.refresh_l1()
+        self._snapshot()
+
+    def _recover(self) -> None:
+        """Widths back up to the current target when the search fell far below it.
+
+        The paper's resource loss is zero below the target, so nothing pulls the ratios back: momentum
+        (SGD or Adam) and a task loss that does not resist pruning carry them down, and a layer can
+        collapse to one channel. The last step's resource (its forward value is the exact hard
+        count) decides; the projection moves the free width groups only.
+        """
+        tgt = self.current_target()
+        if self.last["resource"] >= tgt * (1.0 - self.config.recover_below):
+            return
+        p = budget.project(self, tgt, warn=False, fallback=False, tolerance=self.config.tolerance)
+        self.recoveries += 1
+        self.last_recovery = p
+
+    def _freeze_refined(self) -> None:
+        """Depth and heads are fixed in the refine phase; the widths keep learning."""
+        for g in self.groups:
+            if g.kind in ("depth", "heads"):
+                self.space.ratio(g).requires_grad_(not self._refine_started)
+                if self._refine_started:
+                    self.space.ratio(g).grad = None
+
+    def project(self, fraction: float | None = None, *, when: str = "manual", warn: bool = True,
+                **kwargs: Any) -> Projection:
+        """Land the hard resource within ``config.tolerance`` below the target (``budget.project``).
+
+        The projection is recorded (``dms.projections``, shown by ``summary()``)."""
+        kwargs.setdefault("tolerance", self.config.tolerance)
+        p = budget.project(self, fraction, warn=warn, **kwargs)
+        self.projections.append((when, p))
+        self._snapshot()
+        return p
+
+    def _snapshot(self) -> None:
+        self._ratio_snapshot = [p.detach().clone() for p in self.structure_parameters()]
+
+    def _ratios_as_left(self) -> bool:
+        """True when the ratios are those the search (or a projection) left: nobody set them by hand."""
+        return all(torch.equal(a.detach(), b) for a, b in zip(self.structure_parameters(), self._ratio_snapshot))
 
     def _nonfinite_this_step(self) -> bool:
         """Inf/nan task loss, a skipped importance update, inf/nan ratio gradients or a GradScaler backoff."""
@@ -237,7 +489,7 @@ class DMS:
 
     @property
     def refining(self) -> bool:
-        """True once the target is reached and depth is frozen."""
+        """True once the target is reached and depth (and heads) are frozen."""
         return self._refine_started
 
     # ------------------------------------------------------------------ modes
@@ -267,14 +519,23 @@ class DMS:
                 out[g.name] = (g.size, int(self.space.keep(g).sum()))
         return out
 
-    def export(self, check: bool = True, atol: float = 1e-4, rtol: float = 1e-4) -> nn.Module:
-        """A physically smaller copy of the model (same classes) that computes the hard-masked supernet."""
-        from .export import export_model
+    def export(self, check: bool = True, atol: float = 1e-4, rtol: float = 1e-4,
+               project: bool | None = None) -> nn.Module:
+        """A physically smaller copy of the model (same classes) that computes the hard-masked supernet.
 
+        ``project``: land on the budget first (``budget.project``; the ratios change in place, so
+        ``dms.hard()`` computes the export afterwards). The default (None) projects when
+        ``config.project_export`` is on and the ratios are those the search left; ratios set by hand
+        after the last ``step()`` (one-shot pruning, fixed architectures) are exported as they are.
+        """
+        if project is None:
+            project = self.config.project_export and self._ratios_as_left()
+        if project:
+            self.project(when="export")
         return export_model(self, check=check, atol=atol, rtol=rtol)
 
     def summary(self) -> str:
-        """Table: each group, full width -> kept width, depth per stage, and the resources."""
+        """Table: each group, full width -> kept width, depth per stage; resources, target and projections."""
         rows = [("group", "kind", "full", "kept", "ratio")]
         kept_all = self.kept()
         for g in self.groups:
@@ -291,8 +552,23 @@ class DMS:
                      f"({float(r['flops_frac']):.3f} of supernet)")
         lines.append(f"params {_human(full['params'])} -> {_human(float(r['params']))} "
                      f"({float(r['params_frac']):.3f} of supernet)")
-        lines.append(f"target {self.target.kind} {self.target.fraction:.3f}; step {self.step_count}/"
-                     f"{self.schedule.total_steps}")
+        if "latency" in full:
+            lines.append(f"latency {full['latency'] * 1e3:.3f} ms -> {float(r['latency']) * 1e3:.3f} ms predicted "
+                         f"({float(r['latency_frac']):.3f} of supernet) on {self.latency_model.device}, "
+                         f"batch {self.latency_model.batch_size}")
+        kind = self.target.kind
+        got = float(r[f"{kind}_frac"])
+        tgt = self.target_fraction
+        lines.append(f"target {self._target_text()}; achieved {got:.4f} of the supernet ({got / tgt - 1:+.2%} of "
+                     f"target); step {self.step_count}/{self.schedule.total_steps}")
+        if self.recoveries:
+            lines.append(f"the search fell more than {self.config.recover_below:.0%} below its current target "
+                         f"{self.recoveries} time(s); the widths were projected back up each time")
+        for when, p in self.projections:
+            lines.append(f"projection at {when}: {p.before:.4f} -> {p.after:.4f} (resource moved {p.moved:+.2%}; "
+                         f"{len(p.changes)} group(s) changed, mean width shift {p.shift:.1%}, offset {p.offset:+.4f}, "
+                         f"{p.fine_steps} fine step(s)" + ("" if p.tier == "width" else f", moved {p.tier} too")
+                         + ("" if p.ok else "; NOT within tolerance: search space too coarse") + ")")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state
@@ -304,10 +580,12 @@ class DMS:
             "weight": self.weight,
             "last": dict(self.last),
             "refine_started": self._refine_started,
-            "target": {"kind": self.target.kind, "fraction": self.target.fraction},
+            "target": {"kind": self.target.kind, "fraction": self.target_fraction},
             "groups": [g.name for g in self.groups],
             "importance_skipped": self.importance.skipped,
             "nonfinite_steps": self.nonfinite_steps,
+            "projections": [(when, dataclasses.asdict(p)) for when, p in self.projections],
+            "recoveries": self.recoveries,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -324,9 +602,10 @@ class DMS:
         self.importance.skipped = int(state.get("importance_skipped", 0))
         self._skipped_seen = self.importance.skipped
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        for g in self.groups:
-            if g.kind == "depth":
-                self.space.ratio(g).requires_grad_(not self._refine_started)
+        self.projections = [(str(w), Projection(**p)) for w, p in state.get("projections", [])]
+        self.recoveries = int(state.get("recoveries", 0))
+        self._freeze_refined()
+        self._snapshot()
 
     # ------------------------------------------------------------------ helpers
     def _unsupported_text(self) -> str:
@@ -348,25 +627,9 @@ class DMS:
                     if s.find() is leaf:
                         out.setdefault(g.key, []).append((getattr(mods[rec.module], rec.attr), d, None))
                     elif any(x is leaf for x in s.leaves()):
-                        idx = _leaf_index(s, leaf)
+                        idx = leaf_index(s, leaf)
                         out.setdefault(g.key, []).append((getattr(mods[rec.module], rec.attr), d, idx))
         return out
-
-
-def _leaf_index(space: Any, leaf: Any) -> torch.Tensor:
-    """For each flat position of a composite space, the element of ``leaf`` it belongs to (-1: none)."""
-    root = space.find()
-    if root is leaf:
-        return torch.arange(root.size)
-    if root.kind == "atomic":
-        return torch.full((root.size,), -1, dtype=torch.long)
-    parts = [_leaf_index(c, leaf) for c in root.children]
-    if root.kind == "concat":
-        return torch.cat(parts)
-    out = parts[0]
-    for p in parts[1:]:  # row-major product: combine the (at most one) factor that holds the leaf
-        out = torch.maximum(out[:, None].expand(-1, p.numel()), p[None, :].expand(out.numel(), -1)).reshape(-1)
-    return out
 
 
 def _human(x: float) -> str:

@@ -10,10 +10,20 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .schedule import check_float, check_int
 from .topk import hard_keep, mask_from_ranks
 from .trace.tracer import BlockRecord, Space, TraceResult
 
-__all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space"]
+__all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space", "depth_lambda", "leaf_index"]
+
+
+def depth_lambda(n_blocks: int) -> float:
+    """Sharpness of a stage's block mask: 4N, and 8 for a stage with one removable block.
+
+    As in the official code: with N = 1 the normalised rank is 0.5 and the mask is
+    ``sigmoid(lam * (ratio - 0.5))``; 4 would leave it at 0.88 for a fully kept block.
+    """
+    return 8.0 if n_blocks == 1 else 4.0 * n_blocks
 
 
 @dataclass
@@ -25,10 +35,11 @@ class GroupBounds:
     divisor: int = 1
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_ratio <= self.max_ratio <= 1.0:
+        self.min_ratio = check_float("min_ratio", self.min_ratio, 0.0, 1.0)
+        self.max_ratio = check_float("max_ratio", self.max_ratio, 0.0, 1.0)
+        if self.min_ratio > self.max_ratio:
             raise ValueError(f"bounds need 0 <= min_ratio <= max_ratio <= 1, got {self.min_ratio}, {self.max_ratio}")
-        if int(self.divisor) < 1:
-            raise ValueError(f"divisor must be a positive integer, got {self.divisor}")
+        self.divisor = check_int("divisor", self.divisor, 1)
 
 
 @dataclass
@@ -36,7 +47,7 @@ class Group:
     """A searchable dimension: N elements (channels, heads or blocks) sharing one kept ratio."""
 
     name: str
-    kind: str  # 'width' | 'heads' | 'head_dim' | 'depth'
+    kind: str  # 'width' | 'heads' | 'head_dim' | 'groups' | 'depth'
     size: int
     lam: float
     bounds: GroupBounds
@@ -75,7 +86,11 @@ class Group:
 
     def hard_count(self, soft_mask: torch.Tensor) -> int:
         """Number of kept elements: soft mask >= 0.5, rounded to the divisor."""
-        c = int((soft_mask.detach() >= 0.5).sum().item())
+        return self.count_from_raw(int((soft_mask.detach() >= 0.5).sum().item()))
+
+    def count_from_raw(self, raw: int) -> int:
+        """The kept count for ``raw`` elements at or above the mask threshold (at least one, divisor-rounded)."""
+        c = int(raw)
         if self.kind != "depth":
             c = max(c, 1)
         return self._round(c)
@@ -118,6 +133,10 @@ class SearchSpace(nn.Module):
         self._rank_cache[g.key] = (imp._version, imp, ranks, order)
         return ranks, order
 
+    def order(self, g: Group) -> torch.Tensor:
+        """Indices of g's elements from least to most important (ties by index, as the ranks)."""
+        return self._sorted(g)[1]
+
     def soft_mask(self, g: Group, ratio: torch.Tensor | None = None) -> torch.Tensor:
         """Differentiable mask of group g from its ratio and importance (``differentiable_topk``)."""
         r = self.ratio(g) if ratio is None else ratio
@@ -126,7 +145,7 @@ class SearchSpace(nn.Module):
     def keep(self, g: Group, soft: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean mask of the elements the export keeps (the most important ones)."""
         soft = self.soft_mask(g) if soft is None else soft
-        return hard_keep(self.importance(g), g.hard_count(soft), order=self._sorted(g)[1])
+        return hard_keep(self.importance(g), g.hard_count(soft), order=self.order(g))
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -169,7 +188,11 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
         if leaf.fixed or leaf.size < min_width or "act" not in leaf.tags:
             continue
         if "split" in leaf.tags:
-            if "heads" in leaf.tags and "head_dim" not in leaf.tags:
+            if "conv_groups" in leaf.tags:  # whole groups of a grouped convolution
+                kind = "groups"
+            elif "group_channels" in leaf.tags:  # channels per group of a grouped convolution
+                kind = "width"
+            elif "heads" in leaf.tags and "head_dim" not in leaf.tags:
                 kind = "heads"
             elif "head_dim" in leaf.tags and "heads" not in leaf.tags:
                 kind = "head_dim"
@@ -177,7 +200,7 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
                 continue  # a split factor that is not an attention dim: unprunable
         else:
             kind = "width"
-        if (kind == "width" and not prune_width) or (kind == "heads" and not prune_heads) or \
+        if (kind in ("width", "groups") and not prune_width) or (kind == "heads" and not prune_heads) or \
                 (kind == "head_dim" and not prune_head_dim):
             continue
         base = members[0].split(":")[0].rsplit(".", 1)[0] if "." in members[0] else members[0].split(":")[0]
@@ -198,6 +221,35 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
             name = f"{cname or 'model'}[depth]"
             b = next((bv for pat, bv in bounds.items() if _match(name, [pat]) or _match(cname, [pat])),
                      GroupBounds(default_bounds.min_ratio, default_bounds.max_ratio, 1))
-            groups.append(Group(name, "depth", len(blks), 4.0 * len(blks), b, blocks=blks,
+            groups.append(Group(name, "depth", len(blks), depth_lambda(len(blks)), b, blocks=blks,
                                 members=[bk.name for bk in blks]))
     return groups
+
+
+def leaf_index(space: Space, leaf: Space) -> torch.Tensor:
+    """For each flat position of ``space``, the element of ``leaf`` it belongs to, or -1 (a LongTensor).
+
+    ``space`` may be composite: a concatenation lays its parts end to end, a product is row-major,
+    exactly as the masker composes masks (``Masker._compose``). Both are resolved to their union-find
+    roots first, so any member of the leaf's class may be passed. In a product, a position belongs
+    to the element of the first (outermost) factor that holds the leaf: position ``(i, j)`` of
+    ``leaf x other`` is element ``i``; of ``other x leaf`` element ``j``. Only a product of the leaf
+    with itself has two candidates; the first factor is taken, so that every element owns the same
+    number of positions (taking the larger index, as an older copy did, gave element ``k`` of an
+    ``n x n`` product ``2k + 1`` positions and biased L1 importance towards high indices).
+    """
+    target = leaf.find()
+    root = space.find()
+    if root is target:
+        return torch.arange(root.size)
+    if root.kind == "atomic":
+        return torch.full((root.size,), -1, dtype=torch.long)
+    parts = [leaf_index(c, target) for c in root.children]
+    if root.kind == "concat":
+        return torch.cat(parts)
+    out = parts[0]
+    for p in parts[1:]:
+        a = out[:, None].expand(-1, p.numel())
+        b = p[None, :].expand(out.numel(), -1)
+        out = torch.where(a >= 0, a, b).reshape(-1)
+    return out

@@ -1,48 +1,26 @@
-"""Per-family knowledge that tracing cannot infer: fix-ups applied to an exported model.
+"""Deprecated: per-family export knowledge moved to :mod:`dmscale.families` (one file per HF model type).
 
-An adapter is a function ``fixup(dms, exported_model) -> None`` that edits the export in place
-(e.g. a Hugging Face config's sizes, per-layer indices after layers were removed). Adapters
-register themselves with ``register_post_export``; ``export_model`` runs every one whose
-``applies(model)`` is true, before the export is checked against the hard-masked supernet.
+``register_post_export`` still registers a fix-up ``fixup(dms, exported_model)`` that export runs on
+models for which ``applies(original_model)`` is true (after the family's updates, before the export
+check); ``dmscale.adapters.hf_llm`` re-exports the layer helpers from :mod:`dmscale.families.generic`.
+This module goes away in 0.3.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch.nn as nn
 
-__all__ = ["register_post_export", "post_export_fixups"]
+from ..families import base as _base
+from ..families.base import _FIXUPS, post_export_fixups  # noqa: F401  (the registry lives in families now)
 
-_FIXUPS: list[tuple[Callable[[nn.Module], bool], Callable[[Any, nn.Module], None]]] = []
+__all__ = ["register_post_export", "post_export_fixups"]
 
 
 def register_post_export(applies: Callable[[nn.Module], bool], fixup: Callable[[Any, nn.Module], None]) -> None:
-    """Register a fix-up run on exported models for which ``applies(original_model)`` is true."""
-    _FIXUPS.append((applies, fixup))
-
-
-def post_export_fixups(dms: Any, exported: nn.Module) -> None:
-    """Run the registered fix-ups that apply to this model."""
-    _load_builtin()
-    for applies, fixup in _FIXUPS:
-        if applies(dms.model):
-            fixup(dms, exported)
-
-
-_loaded = False
-
-
-def _load_builtin() -> None:
-    """Import the built-in adapters (optional dependencies stay optional)."""
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    import importlib
-
-    for mod in ("dmscale.adapters.hf_llm",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    """Deprecated: register a fix-up run on exports of models for which ``applies(original_model)`` is true."""
+    warnings.warn("dmscale.adapters.register_post_export is deprecated: write a family "
+                  "(dmscale.families.register_family) instead", DeprecationWarning, stacklevel=2)
+    _base.register_post_export(applies, fixup)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from dmscale.app.config import ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
+from dmscale.app.config import SEED_MAX, ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
 
 __all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
 
@@ -55,6 +57,8 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False) -> None
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     if pretrained:
         p.add_argument("--pretrained", help="model.pretrained: a dmscale.save directory or a run directory")
+    p.add_argument("--allow-over-budget", action="store_true",
+                   help="keep a search that ends over budget (by default the run fails with exit code 1)")
 
 
 def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
@@ -154,7 +158,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
         validate(cfg)
     t0 = time.time()
     print(f"dmscale {a.command}: pipeline {pipeline}, run directory {cfg.run.out}", flush=True)
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     _print_result(summary, t0)
     return 0
 
@@ -162,7 +166,7 @@ def cmd_pipeline(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """The default DMS pipeline end to end on the best offline dataset; prints the table."""
     from dmscale.app import pipelines
-    from dmscale.app.datasets import available_datasets
+    from dmscale.app.datasets import availability_report
 
     preset = dict(DEMO)
     if a.quick:
@@ -174,11 +178,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
         else:
             raise ConfigError(f"run.out={cfg.run.out!r} already holds a run; pass --fresh to replace it, "
                               f"--resume {cfg.run.out} to continue it, or --out DIR")
-    avail = available_datasets(cfg.data.root or None)
     print("dmscale demo: DMS (enlarged supernet -> search -> export -> retrain)")
-    print("datasets on this machine: " + ", ".join(f"{k} ({'yes' if ok else 'no'})" for k, (ok, _) in avail.items()))
+    print(availability_report(cfg.data.root or None), flush=True)
     t0 = time.time()
-    summary = pipelines.run(cfg, resume=bool(a.resume))
+    summary = pipelines.run(cfg, resume=bool(a.resume), allow_over_budget=a.allow_over_budget)
     print(f"\nusing dataset {summary['dataset'].get('name')}: {summary['dataset'].get('selection')}")
     if a.baselines:
         summary = pipelines.run_baselines(cfg, resume=True)
@@ -190,11 +193,28 @@ def cmd_report(a: argparse.Namespace) -> int:
     """Rebuild summary.json, report.md and plots of a run directory and print the tables."""
     from dmscale.app.pipelines import summarize
     from dmscale.app.report import render, write_report
+    from dmscale.app.runs import is_run_dir, lock_run_dir
 
-    s = summarize(a.run_dir)
-    write_report(a.run_dir, s)
+    if not is_run_dir(a.run_dir):
+        raise FileNotFoundError(f"{a.run_dir!r} is not a run directory (no .dmscale run marker, no config.yaml and "
+                                "state.json)")
+    with lock_run_dir(a.run_dir):  # it rewrites summary.json / report.md: not while a command runs there
+        s = summarize(a.run_dir)
+        write_report(a.run_dir, s)
     print(render(s))
     return 0
+
+
+_MAX_INPUT_ELEMENTS = 1 << 26
+
+
+def _input_dims(dims: Any, what: str) -> list[int]:
+    """Positive integer dimensions of one input (C,H,W), bounded so a typo cannot allocate gigabytes."""
+    if not (isinstance(dims, list) and dims and all(type(v) is int and v >= 1 for v in dims)):
+        raise ConfigError(f"{what}: expected positive integers such as 3,32,32")
+    if math.prod(dims) > _MAX_INPUT_ELEMENTS:
+        raise ConfigError(f"{what}: {math.prod(dims):,} elements per input is more than {_MAX_INPUT_ELEMENTS:,}")
+    return dims
 
 
 def _example_input(model_dir: Path, shape: str | None) -> torch.Tensor | None:
@@ -204,12 +224,37 @@ def _example_input(model_dir: Path, shape: str | None) -> torch.Tensor | None:
     if shape:
         try:
             dims = [int(v) for v in shape.split(",")]
-        except ValueError as exc:
-            raise ConfigError(f"--input-shape {shape!r}: expected C,H,W integers") from exc
-        return torch.randn(1, *dims)
+        except ValueError:
+            raise ConfigError(f"--input-shape {shape!r}: expected C,H,W integers, e.g. 3,32,32") from None
+        return torch.randn(1, *_input_dims(dims, f"--input-shape {shape!r}"))
     if meta.get("input_shape"):
-        return torch.randn(1, *meta["input_shape"])
+        return torch.randn(1, *_input_dims(meta["input_shape"], f"{model_dir}/structure.json meta.input_shape"))
     return None
+
+
+def _trust(a: argparse.Namespace) -> list[str]:
+    """The ``--trust`` packages, checked (a package that would allow arbitrary code is refused)."""
+    from dmscale.serialization.allowlist import Allowlist
+
+    try:
+        Allowlist(a.trust)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--trust: {exc}") from None
+    return list(a.trust)
+
+
+def _check_accepts(model: torch.nn.Module, x: torch.Tensor, shape: str | None, model_dir: Path) -> None:
+    """Run the model once on ``x``; an input it cannot take is a ConfigError naming the flag and the shape."""
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as exc:
+        src = f"--input-shape {shape!r}" if shape else f"the input shape saved with {str(model_dir)!r}"
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{src}: the model does not accept an input of shape {tuple(x.shape)}: {msg}") from None
+    finally:
+        model.train(was)
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -227,9 +272,11 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(render(json.loads((path / "summary.json").read_text("utf-8"))))
         print()
     model_dir = resolve_model_dir(path)
-    model = load(model_dir)
+    model = load(model_dir, trust=_trust(a))
     meta = read_structure(model_dir).get("meta") or {}
     x = _example_input(model_dir, a.input_shape)
+    if x is not None:
+        _check_accepts(model, x, a.input_shape, model_dir)
     print(f"model: {model_dir} ({type(model).__name__}; {meta.get('kind', '')} {meta.get('dataset', '')})")
     nparams = sum(p.numel() for p in model.parameters())
     if x is None:
@@ -261,12 +308,16 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     """Widen a saved model, a run's exported model or a Hugging Face model directory x width and save it."""
     from dmscale.serialization.format import load, read_structure, save
     from dmscale.app.pipelines import resolve_model_dir
+    from dmscale.app.runs import check_output_path
     from dmscale.mup.upscale import upscale
 
-    if a.width != int(a.width) or a.width < 1:
-        raise ConfigError(f"--width {a.width}: must be a positive integer factor")
-    if a.noise < 0:
-        raise ConfigError(f"--noise {a.noise}: must be >= 0")
+    if not math.isfinite(a.width) or a.width != int(a.width) or not 1 <= a.width <= 64:
+        raise ConfigError(f"--width {a.width}: must be a positive integer factor (at most 64)")
+    if not math.isfinite(a.noise) or a.noise < 0:
+        raise ConfigError(f"--noise {a.noise}: must be a finite number >= 0")
+    if not 0 <= a.seed <= SEED_MAX:
+        raise ConfigError(f"--seed {a.seed}: must be in [0, {SEED_MAX}]")
+    check_output_path(a.out)
     kw = dict(width=int(a.width), noise=a.noise_form, sigma=a.noise, seed=a.seed, attention=a.attention)
     hf_dir = Path(a.model).expanduser()
     if (hf_dir / "config.json").is_file() and not (hf_dir / "structure.json").is_file():
@@ -278,9 +329,12 @@ def cmd_upscale(a: argparse.Namespace) -> int:
         big.save_pretrained(out)
     else:
         src = resolve_model_dir(a.model)
-        model = load(src)
+        model = load(src, trust=_trust(a))
         meta = dict(read_structure(src).get("meta") or {})
-        big = upscale(model, example_inputs=_example_input(src, a.input_shape), **kw)
+        x = _example_input(src, a.input_shape)
+        if x is not None:
+            _check_accepts(model, x, a.input_shape, src)
+        big = upscale(model, example_inputs=x, **kw)
         meta.update({"kind": "upscaled", "upscaled_from": str(src), "width": int(a.width), "noise": a.noise,
                      "noise_form": a.noise_form, "attention": a.attention})
         save(big, a.out, meta=meta)
@@ -306,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with all subcommands."""
     ap = argparse.ArgumentParser(prog="dmscale", description="Differentiable Model Scaling: search, prune, "
                                  "baselines, reports. See docs/cli.md.")
+    ap.add_argument("--debug", action="store_true",
+                    help="print the full traceback of an error (accepted anywhere on the command line)")
     sub = ap.add_subparsers(dest="command", required=True)
     helps = {
         "search": "DMS (default): random-init enlarged supernet -> search weights+structure -> export -> retrain",
@@ -329,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="groups, FLOPs/params and structure of a saved model or run directory")
     p.add_argument("path", help="a dmscale.save directory or a run directory")
     p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
+    p.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
+                   help="also load model classes from this package (dmscale.load(..., trust=[...])); repeatable")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("report", help="rebuild report.md, summary.json and the plots of a run directory")
     p.add_argument("run_dir")
@@ -345,10 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
     p.add_argument("--out", required=True, help="output directory (dmscale.save, or save_pretrained for a HF model)")
+    p.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
+                   help="also load model classes from this package (dmscale.load(..., trust=[...])); repeatable")
     p.set_defaults(func=cmd_upscale)
     # listed for --help; main() hands their arguments to dmscale.eval
     sub.add_parser("eval-ppl", help="perplexity of a language model on a text file (sliding window)", add_help=False)
     sub.add_parser("eval-mc", help="zero-shot multiple-choice accuracy of a language model on a JSONL file",
+                   add_help=False)
+    sub.add_parser("prune-llm", help="prune a causal LM to a budget on a calibration text (see docs/llm.md)",
                    add_help=False)
     return ap
 
@@ -356,33 +418,72 @@ def build_parser() -> argparse.ArgumentParser:
 _PASSTHROUGH = {
     "eval-ppl": ("dmscale.eval.perplexity", "eval_ppl_main"),
     "eval-mc": ("dmscale.eval.multiple_choice", "eval_mc_main"),
+    "prune-llm": ("dmscale.app.prune_llm", "prune_llm_main"),
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``dmscale`` script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+def _error_exit(exc: BaseException) -> tuple[int, str]:
+    """(exit code, message) of an error: 2 for bad input (config, files, paths, locks), 1 for a failed run."""
+    from dmscale.recipes.loop import TrainingError
+    from dmscale.recipes.pipelines import OverBudgetError
+    from dmscale.serialization.checkpoint import CheckpointError
+    from dmscale.serialization.errors import DirLockedError, ForeignDirectoryError, LoadError
+
+    msg = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (ConfigError, LoadError, CheckpointError, ForeignDirectoryError, DirLockedError)):
+        return 2, msg
+    if isinstance(exc, (TrainingError, OverBudgetError)):  # the run failed: non-finite training, over budget
+        return 1, msg
+    if isinstance(exc, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return 2, msg
+    return 1, f"{type(exc).__name__}: {msg}"
+
+
+def _run(args: list[str], state: dict[str, Any]) -> int:
     if args and args[0] in _PASSTHROUGH:  # language-model evaluation has its own argument parser
         import importlib
 
         mod, fn = _PASSTHROUGH[args[0]]
+        state["command"] = args[0]
         return int(getattr(importlib.import_module(mod), fn)(args[1:]) or 0)
-    ap = build_parser()
-    a = ap.parse_args(args)
+    a = build_parser().parse_args(args)
+    state["args"] = a
+    state["command"] = a.command
+    return int(a.func(a) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dmscale`` script.
+
+    Errors end as one line ``dmscale: error: <what, which file/key/value>`` with exit code 2 for bad
+    input (config, files, paths, a locked run directory), 1 for a run that failed, 130 on Ctrl-C;
+    ``--debug`` (anywhere on the command line) also prints the traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [x for x in args if x != "--debug"]
+    state: dict[str, Any] = {}
     try:
-        return int(a.func(a) or 0)
-    except ConfigError as exc:
-        print(f"dmscale: config error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"dmscale: {exc}", file=sys.stderr)
-        return 2
+        return _run(args, state)
     except KeyboardInterrupt:
+        a = state.get("args")
+        command = state.get("command")
+        if a is None or command not in PIPELINE_OF:
+            print("\ndmscale: interrupted", file=sys.stderr)
+            return 130
         out = (_CURRENT_RUN or [getattr(a, "resume", None) or "RUN_DIR"])[0]
-        how = f"--out {out}" if a.command == "baseline" else f"--resume {out}"
-        print(f"\ndmscale: interrupted; continue from the last checkpoint with: dmscale {a.command} {how}",
+        how = f"--out {out}" if command == "baseline" else f"--resume {out}"
+        print(f"\ndmscale: interrupted; continue from the last checkpoint with: dmscale {command} {how}",
               file=sys.stderr)
         return 130
+    except Exception as exc:
+        code, msg = _error_exit(exc)
+        if debug:
+            traceback.print_exc()
+        print(f"dmscale: error: {msg}", file=sys.stderr)
+        if code == 1 and not debug:
+            print("dmscale: run again with --debug for the full traceback", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":  # pragma: no cover

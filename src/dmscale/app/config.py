@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,13 +24,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ConfigError", "RunConfig", "RunSection", "DataConfig", "ModelConfig", "TrainConfig", "SearchConfig",
-           "BaselineConfig", "PIPELINES", "default_config", "load_config", "from_dict", "to_dict",
-           "apply_overrides", "validate", "dump_yaml", "flatten"]
+           "BaselineConfig", "PIPELINES", "default_config", "load_config", "from_dict", "from_file", "read_file",
+           "to_dict", "apply_overrides", "validate", "dump_yaml", "flatten", "INT_MAX", "SEED_MAX"]
 
 PIPELINES = ("dms", "dms_p", "dms_fast", "baseline", "pretrain")
 DATASETS = ("auto", "digits", "mnist5k", "fashion-mnist", "cifar10")
 IMPORTANCE = ("taylor", "fisher", "snip", "l1")
 BASELINES = ("uniform", "l1", "taylor")
+INT_MAX = 2**31 - 1  # every integer key (steps, sizes, limits) must fit a 32-bit signed int
+SEED_MAX = 2**32 - 1  # run.seed is in [0, 2**32 - 1] (numpy's range)
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_SUPERNET_MULT = 16.0
+MAX_WIDTH = 65536
+MAX_DEPTH = 1024
 
 
 class ConfigError(ValueError):
@@ -186,23 +193,39 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        num: Any = value
         if isinstance(value, str):
             try:
                 return int(value)
             except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r}: expected an integer")
+                try:
+                    num = float(value)
+                except ValueError:
+                    pass
+        if isinstance(num, float) and math.isfinite(num) and num.is_integer() and abs(num) < 2**53:
+            return int(num)
+        why = "expected an integer" + (", not a fraction" if isinstance(num, float) and math.isfinite(num) else "")
+        raise ConfigError(f"{key}={value!r}: {why}")
     if isinstance(default, float):
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        out: float | None = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                out = float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}={value!r:.40}: number out of range") from None
+        elif isinstance(value, str):
+            yaml_special = {".nan": math.nan, ".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf}
+            try:
+                out = yaml_special.get(value.strip().lower(), None) or float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if out is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(out):
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        return out
     if isinstance(default, str):
         if value is None:
             return ""
@@ -253,25 +276,45 @@ def from_dict(data: Mapping[str, Any], pipeline: str | None = None) -> RunConfig
 
 
 def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a TOML (.toml) or YAML (.yaml/.yml) or JSON (.json) config file into a nested dict."""
+    """Parse a TOML (.toml) or YAML (.yaml/.yml) or JSON (.json) config file into a nested dict.
+
+    Every failure names the file: missing, not a regular file (a FIFO never blocks), binary or not
+    UTF-8, not parseable, or not a table at the top level.
+    """
+    from dmscale.serialization.atomic import read_regular_file
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text("utf-8")
+    if p.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
+    raw = read_regular_file(p, what="config file", max_bytes=MAX_CONFIG_BYTES, exc=ConfigError, missing=ConfigError)
+    if b"\x00" in raw:
+        raise ConfigError(f"config file {str(p)!r} is binary (contains NUL bytes), not a text config")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}): is it a binary file?") from None
     try:
         if p.suffix == ".toml":
             data = tomllib.loads(text)
         elif p.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif p.suffix == ".json":
-            data = json.loads(text)
+            data = yaml.safe_load(text)
+            data = {} if data is None else data
         else:
-            raise ConfigError(f"config file {str(p)!r}: use a .toml, .yaml/.yml or .json file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {str(p)!r} does not parse: {exc}") from exc
+            data = json.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"config file {str(p)!r} does not parse: {str(exc)[:300]}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r}: top level must be a table/mapping")
+        raise ConfigError(f"config file {str(p)!r}: top level must be a table/mapping, got {type(data).__name__}")
     return data
+
+
+def from_file(path: str | os.PathLike[str], pipeline: str | None = None) -> RunConfig:
+    """:func:`from_dict` of :func:`read_file` (not validated); errors name the file and the key."""
+    data = read_file(path)
+    try:
+        return from_dict(data, pipeline)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
 
 
 def _parse_value(text: str) -> Any:
@@ -311,11 +354,55 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value!r}: {why}")
 
 
+def _check_types(cfg: RunConfig) -> None:
+    """Every key has its field's type: integers are ints (never a fraction or a bool), numbers are finite,
+    flags are booleans, lists hold their element type; integers fit ``INT_MAX``."""
+    defaults = RunConfig()
+    for sec in dataclasses.fields(cfg):
+        cur, ref = getattr(cfg, sec.name), getattr(defaults, sec.name)
+        if not isinstance(cur, type(ref)):
+            raise ConfigError(f"{sec.name}: expected a {type(ref).__name__} section, got {type(cur).__name__}")
+        for f in dataclasses.fields(ref):
+            key, v, d = f"{sec.name}.{f.name}", getattr(cur, f.name), getattr(ref, f.name)
+            _check_value(key, v, d)
+
+
+def _check_value(key: str, v: Any, d: Any) -> None:
+    if isinstance(d, bool):
+        _check(type(v) is bool, key, v, "expected true or false")
+    elif isinstance(d, int):
+        _check(type(v) is int, key, v, "expected an integer")
+        if key != "run.seed":
+            _check(-INT_MAX - 1 <= v <= INT_MAX, key, v, f"out of range (at most {INT_MAX})")
+    elif isinstance(d, float):
+        _check(type(v) in (int, float), key, v, "expected a number")
+        _check(math.isfinite(v), key, v, "must be a finite number")
+    elif isinstance(d, str):
+        _check(isinstance(v, str), key, v, "expected a string")
+        _check("\x00" not in v, key, v, "must not contain NUL characters")
+    elif isinstance(d, list):
+        _check(isinstance(v, list), key, v, "expected a list")
+        elem = d[0] if d else ""
+        for i, x in enumerate(v):
+            _check_value(f"{key}[{i}]", x, elem)
+
+
 def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
-    """Range and consistency checks; raises ``ConfigError`` naming the key before anything runs."""
+    """Type, range and consistency checks; raises ``ConfigError`` naming the key before anything runs."""
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"expected a RunConfig, got {type(cfg).__name__}")
+    _check_types(cfg)
     r, d, m, s = cfg.run, cfg.data, cfg.model, cfg.search
     _check(r.pipeline in PIPELINES, "run.pipeline", r.pipeline, f"choose one of {PIPELINES}")
     _check(bool(r.out), "run.out", r.out, "needs a directory")
+    _check(0 <= r.seed <= SEED_MAX, "run.seed", r.seed, f"must be in [0, {SEED_MAX}]")
+    if check_paths:
+        out = Path(r.out).expanduser()
+        _check(not out.exists() or out.is_dir(), "run.out", r.out, "exists and is a file, not a directory")
+        from dmscale.serialization.dirs import enclosing_dmscale_dir
+
+        outer = enclosing_dmscale_dir(out.parent, "run") if out.parent != out else None
+        _check(outer is None, "run.out", r.out, f"is inside the run directory {str(outer)!r}; choose a path outside it")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", r.checkpoint_every, "must be >= 1")
     _check(r.eval_every >= 0, "run.eval_every", r.eval_every, "must be >= 0 (0 = end of phase only)")
     _check(r.threads >= 0, "run.threads", r.threads, "must be >= 0 (0 = torch default)")
@@ -327,12 +414,14 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "must be >= 1")
     _check(m.family == "resnet", "model.family", m.family, "only 'resnet' (dmscale.app.zoo) is available")
-    _check(len(m.widths) >= 1 and all(w >= 1 for w in m.widths), "model.widths", m.widths, "positive integers")
-    _check(len(m.depths) == len(m.widths) and all(x >= 1 for x in m.depths), "model.depths", m.depths,
-           "positive integers, one per width")
+    _check(len(m.widths) >= 1 and all(1 <= w <= MAX_WIDTH for w in m.widths), "model.widths", m.widths,
+           f"positive integers up to {MAX_WIDTH}")
+    _check(len(m.depths) == len(m.widths) and all(1 <= x <= MAX_DEPTH for x in m.depths), "model.depths", m.depths,
+           f"positive integers up to {MAX_DEPTH}, one per width")
     _check(m.stem_stride in (1, 2, 4), "model.stem_stride", m.stem_stride, "must be 1, 2 or 4")
-    _check(m.supernet_width_mult >= 1.0, "model.supernet_width_mult", m.supernet_width_mult, "must be >= 1")
-    _check(m.supernet_depth_mult >= 1.0, "model.supernet_depth_mult", m.supernet_depth_mult, "must be >= 1")
+    for k in ("supernet_width_mult", "supernet_depth_mult"):
+        _check(1.0 <= getattr(m, k) <= MAX_SUPERNET_MULT, f"model.{k}", getattr(m, k),
+               f"must be in [1, {MAX_SUPERNET_MULT:g}]")
     if m.pretrained and check_paths:
         _check(Path(m.pretrained).expanduser().exists(), "model.pretrained", m.pretrained, "path does not exist")
     for sec in ("pretrain", "retrain"):
@@ -370,8 +459,7 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
                 pipeline: str | None = None, check_paths: bool = True) -> RunConfig:
     """File (optional) + overrides on the pipeline's defaults, validated."""
-    data = read_file(path) if path else {}
-    cfg = from_dict(data, pipeline)
+    cfg = from_file(path, pipeline) if path else from_dict({}, pipeline)
     apply_overrides(cfg, overrides)
     if pipeline is not None:
         cfg.run.pipeline = pipeline

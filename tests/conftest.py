@@ -1,0 +1,49 @@
+"""Shared fixtures (so far those of tests/recipes/): seeded tiny models from the test zoo and synthetic batches."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import MLP, ResNetCNN
+
+
+@pytest.fixture
+def net() -> Callable[..., nn.Module]:
+    """``net(seed=0, d_in=8, hidden=16, n_out=4)``: a seeded three-layer MLP (fc1, fc2, fc3)."""
+    def make(seed: int = 0, d_in: int = 8, hidden: int = 16, n_out: int = 4) -> nn.Module:
+        torch.manual_seed(seed)
+        return MLP(d_in, hidden, n_out)
+    return make
+
+
+@pytest.fixture
+def cnn() -> Callable[..., nn.Module]:
+    """``cnn(seed=0)``: a seeded tiny ResNet (BatchNorm, residual stages) for 1x8x8 inputs, 3 classes."""
+    def make(seed: int = 0, widths=(4, 8), depths=(1, 2)) -> nn.Module:
+        torch.manual_seed(seed)
+        return ResNetCNN(widths, depths, n_classes=3, in_ch=1)
+    return make
+
+
+def make_batches(shape: tuple[int, ...], n_classes: int, seed: int = 0, n: int = 64,
+                 batch: int = 16) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``batches(step)``: a pure function of the step over a fixed seeded dataset (learnable labels)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    w = torch.randn(x[0].numel(), n_classes, generator=g)
+    y = (x.reshape(n, -1) @ w).argmax(1)
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = (step * batch) % n
+        return x[i:i + batch], y[i:i + batch]
+    return batches
+
+
+@pytest.fixture
+def data() -> Callable[..., Callable[[int], tuple[torch.Tensor, torch.Tensor]]]:
+    """``data(shape, n_classes, seed=0)`` -> ``batches(step)`` (see :func:`make_batches`)."""
+    return make_batches

@@ -1,0 +1,226 @@
+"""Tiny Hugging Face models for the coverage matrix (built offline from small configs).
+
+Each builder returns ``(model, args, kwargs)``: the model in eval mode and example inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+VOCAB = 96
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription.
+
+    A test module that imports this fixture uses it for all its tests."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def image(size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _t():
+    import transformers
+
+    return transformers
+
+
+def _lm(cfg_cls: str, model_cls: str, **cfg):
+    t = _t()
+    return getattr(t, model_cls)(getattr(t, cfg_cls)(vocab_size=VOCAB, **cfg)), (ids(),), {}
+
+
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2)
+ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def bert():
+    return _lm("BertConfig", "BertForSequenceClassification", max_position_embeddings=32, **ENCODER)
+
+
+def roberta():
+    return _lm("RobertaConfig", "RobertaForSequenceClassification", max_position_embeddings=40, **ENCODER)
+
+
+def xlm_roberta():
+    return _lm("XLMRobertaConfig", "XLMRobertaForSequenceClassification", max_position_embeddings=40, **ENCODER)
+
+
+def electra():
+    return _lm("ElectraConfig", "ElectraForSequenceClassification", embedding_size=16, max_position_embeddings=32,
+               **ENCODER)
+
+
+def distilbert():
+    return _lm("DistilBertConfig", "DistilBertForSequenceClassification", dim=32, n_layers=2, n_heads=4,
+               hidden_dim=64, max_position_embeddings=32)
+
+
+def t5():
+    t = _t()
+    model = t.T5ForConditionalGeneration(t.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                    eos_token_id=1))
+    return model, (ids(),), {"decoder_input_ids": ids(2, 6, seed=3)}
+
+
+def phi3():
+    return _lm("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, eos_token_id=1, bos_token_id=1, **DECODER)
+
+
+def gemma():
+    return _lm("GemmaConfig", "GemmaForCausalLM", head_dim=8, **{**DECODER, "num_key_value_heads": 1})
+
+
+def gemma2():
+    return _lm("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, sliding_window=4, **DECODER)
+
+
+def mistral():
+    """A sliding window (4) shorter than the example sequence (12)."""
+    return _lm("MistralConfig", "MistralForCausalLM", sliding_window=4, **DECODER)
+
+
+def llama():
+    return _lm("LlamaConfig", "LlamaForCausalLM", **DECODER)
+
+
+def qwen2():
+    return _lm("Qwen2Config", "Qwen2ForCausalLM", use_sliding_window=True, sliding_window=4, max_window_layers=1,
+               **DECODER)
+
+
+def qwen3():
+    return _lm("Qwen3Config", "Qwen3ForCausalLM", head_dim=8, **DECODER)
+
+
+def qwen2_moe():
+    return _lm("Qwen2MoeConfig", "Qwen2MoeForCausalLM", moe_intermediate_size=32, shared_expert_intermediate_size=32,
+               num_experts=4, num_experts_per_tok=2, **DECODER)
+
+
+def opt():
+    return _lm("OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+               word_embed_proj_dim=32, max_position_embeddings=32)
+
+
+def gpt_neox():
+    return _lm("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=32)
+
+
+def gpt2():
+    return _lm("GPT2Config", "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_positions=32)
+
+
+def gptj():
+    return _lm("GPTJConfig", "GPTJForCausalLM", n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=32)
+
+
+def falcon():
+    """Multi-query attention (one key/value head) in a fused query_key_value."""
+    return _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               new_decoder_architecture=False, multi_query=True)
+
+
+def falcon_grouped():
+    """The new decoder architecture: query_key_value viewed as (kv heads, q per kv + 2, head_dim)."""
+    return _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               new_decoder_architecture=True, num_kv_heads=2)
+
+
+def falcon_alibi():
+    return _lm("FalconConfig", "FalconForCausalLM", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               alibi=True, multi_query=False)
+
+
+def bloom():
+    return _lm("BloomConfig", "BloomForCausalLM", hidden_size=32, n_layer=2, n_head=4)
+
+
+def mpt():
+    return _lm("MptConfig", "MptForCausalLM", d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
+
+
+def swin():
+    t = _t()
+    cfg = t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return t.SwinForImageClassification(cfg), (image(),), {}
+
+
+def efficientnet():
+    t = _t()
+    cfg = t.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.4, hidden_dim=320)
+    return t.EfficientNetForImageClassification(cfg), (image(),), {}
+
+
+def convnextv2():
+    t = _t()
+    cfg = t.ConvNextV2Config(num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], image_size=32)
+    return t.ConvNextV2ForImageClassification(cfg), (image(),), {}
+
+
+def convnext():
+    t = _t()
+    cfg = t.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[2, 2], image_size=32)
+    return t.ConvNextForImageClassification(cfg), (image(),), {}
+
+
+def dinov2():
+    t = _t()
+    cfg = t.Dinov2Config(image_size=32, patch_size=8, **ENCODER)
+    return t.Dinov2ForImageClassification(cfg), (image(),), {}
+
+
+def vit():
+    t = _t()
+    return t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=8, **ENCODER)), (image(),), {}
+
+
+def vit_mae():
+    """ViT-MAE masks patches with random noise: the noise is an input so that every run is the same."""
+    t = _t()
+    cfg = t.ViTMAEConfig(image_size=32, patch_size=8, mask_ratio=0.25, **ENCODER)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(4))
+    return t.ViTMAEModel(cfg), (image(),), {"noise": noise}
+
+
+def clip_vision():
+    t = _t()
+    cfg = t.CLIPVisionConfig(image_size=32, patch_size=8, **ENCODER)
+    return t.CLIPVisionModel(cfg), (image(),), {}
+
+
+def whisper_encoder():
+    t = _t()
+    cfg = t.WhisperConfig(num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=16,
+                          vocab_size=VOCAB)
+    return t.WhisperForAudioClassification(cfg), (torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1)),), {}
+
+
+def bart():
+    t = _t()
+    cfg = t.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32)
+    return t.BartForConditionalGeneration(cfg), (ids(),), {"decoder_input_ids": ids(2, 6, seed=3)}
+
+
+def build(fn: Callable, seed: int = 0):
+    torch.manual_seed(seed)
+    model, args, kwargs = fn()
+    return model.eval(), args, kwargs

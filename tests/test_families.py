@@ -1,0 +1,301 @@
+"""Model families (``dmscale.families``): attributes by meaning, config edits and checks, per-family fixes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import dmscale
+import hf_models as H
+from hf_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from dmscale.families import (Family, config_describes_model, family_for, register_family, registered_families,
+                              unregister_family)
+from dmscale.families.common import llama_like
+
+transformers = pytest.importorskip("transformers")
+
+
+def _dms(model, args, kwargs=None, target=0.6, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dmscale.DMS(model, args, dmscale.Target(flops=target), total_steps=10, example_kwargs=kwargs or {},
+                           **kw)
+
+
+@torch.no_grad()
+def _force(dms, ratios: dict[str, float] | None = None, default: float = 1.0, seed: int = 2):
+    """Random importance; ratio per group (by name prefix match), ``default`` for the others."""
+    gen = torch.Generator().manual_seed(seed)
+    for g in dms.groups:
+        dms.space.importance(g).add_(torch.rand(g.size, generator=gen))
+        r = next((v for k, v in (ratios or {}).items() if g.name.startswith(k) or k == g.kind), default)
+        dms.space.ratio(g).fill_(r)
+
+
+def _greedy(model, ids, use_cache, n=5):
+    model.generation_config.eos_token_id = None
+    return model.generate(ids, max_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0,
+                          attention_mask=torch.ones_like(ids))
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_and_lookup():
+    fams = registered_families()
+    for t in ("llama", "bert", "t5", "phi3", "qwen2_moe", "gpt_neox", "swin", "clip_vision_model", "xlm-roberta"):
+        assert t in fams and isinstance(fams[t], Family) and fams[t].describe()
+    model, _, _ = H.build(H.llama)
+    assert family_for(model) is fams["llama"]
+    assert family_for(torch.nn.Linear(2, 2)) is None
+    with pytest.raises(ValueError, match="already has a family"):
+        register_family(llama_like("llama"))
+    with pytest.raises(ValueError, match="model_types is empty"):
+        register_family(Family())
+    with pytest.raises(TypeError):
+        register_family(object())
+
+
+def test_a_new_family_is_one_registration():
+    """A model type dmscale does not know, Llama-shaped: one ``register_family`` call covers it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class TinyConfig(LlamaConfig):
+        model_type = "tiny_llama_test"
+
+    class TinyForCausalLM(LlamaForCausalLM):
+        config_class = TinyConfig
+
+    torch.manual_seed(0)
+    model = TinyForCausalLM(TinyConfig(vocab_size=H.VOCAB, **H.DECODER)).eval()
+    assert family_for(model) is None
+    register_family(llama_like("tiny_llama_test"))
+    try:
+        dms = _dms(model, (H.ids(),))
+        _force(dms, {"heads": 0.5, "model.layers.0.mlp": 0.5, "model.layers.1.mlp": 0.5})
+        ex = dms.export()
+        attn = ex.model.layers[0].self_attn
+        assert (attn.num_key_value_groups, attn.head_dim) == (2, 8)
+        assert (ex.config.num_attention_heads, ex.config.num_key_value_heads, ex.config.intermediate_size) == (2, 1, 32)
+        assert config_describes_model(ex)
+    finally:
+        unregister_family("tiny_llama_test")
+    assert "tiny_llama_test" not in registered_families()
+
+
+# ------------------------------------------------------------------ attributes by meaning
+def test_rotary_dim_equal_to_head_count_is_not_rewritten():
+    """GPT-NeoX with rotary_ndims == num_heads == 4: pruning heads changes head counts, never rotary_ndims."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=H.VOCAB, hidden_size=64, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+                                             max_position_embeddings=32)).eval()
+    assert model.gpt_neox.layers[0].attention.rotary_ndims == 4
+    dms = _dms(model, (H.ids(),))
+    _force(dms, {"heads": 0.5})
+    ex = dms.export()
+    attn = ex.gpt_neox.layers[0].attention
+    assert attn.rotary_ndims == 4 and attn.head_size == 16
+    assert attn.query_key_value.out_features == 2 * 3 * 16
+    assert not config_describes_model(ex) and "head_dim" in ex.config.dmscale_inexact
+    assert ex.config.num_attention_heads == 4  # the config keeps the supernet's value: it still loads
+    with torch.no_grad():
+        assert torch.equal(_greedy(ex, H.ids(1, 8), True), _greedy(ex, H.ids(1, 8), False))
+
+
+def test_bert_all_head_size_follows_the_kept_heads(tmp_path):
+    model, args, kw = H.build(H.bert)
+    dms = _dms(model, args)
+    _force(dms, {"heads": 0.5})
+    ex = dms.export()
+    att = ex.bert.encoder.layer[0].attention.self
+    assert (att.num_attention_heads, att.attention_head_size, att.all_head_size) == (2, 8, 16)
+    assert att.query.out_features == 16
+    sizes = ex.config.dmscale_layer_sizes
+    assert [s["num_attention_heads"] for s in sizes] == [2, 2]
+    dmscale.save(ex, tmp_path / "m")
+    loaded = dmscale.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(*args).logits, ex(*args).logits)
+
+
+# ------------------------------------------------------------------ config checks
+def test_config_that_would_not_load_is_an_export_error_naming_the_key():
+    """Llama validates hidden_size % num_attention_heads: 30 hidden channels with 4 heads cannot be a config."""
+    model, args, _ = H.build(H.llama)
+    dms = _dms(model, args)
+    _force(dms, {"model.embed_tokens": 30 / 32})
+    assert dms.kept()["model.embed_tokens"] == (32, 30)
+    with pytest.raises(dmscale.ExportError, match=r"would not load(.|\n)*hidden_size=30(.|\n)*divisor"):
+        dms.export()
+
+
+def test_uniform_sizes_describe_the_export_and_nonuniform_ones_are_listed():
+    model, args, _ = H.build(H.qwen2)
+    dms = _dms(model, args)
+    _force(dms, {"model.layers.0.mlp": 0.5, "model.layers.1.mlp": 0.25, "model.layers[depth]": 1.0})
+    ex = dms.export()
+    assert not config_describes_model(ex)
+    assert "intermediate_size" in ex.config.dmscale_inexact
+    assert [s["intermediate_size"] for s in ex.config.dmscale_layer_sizes] == [32, 16]
+    assert ex.config.intermediate_size == 64  # the supernet's value: the config still loads
+    type(ex.config).from_dict(ex.config.to_dict())
+
+
+def test_sliced_rotary_frequencies_make_the_config_inexact():
+    """Pruned head dims (prune_head_dim) slice the rotary frequencies, which a config would recompute."""
+    model, args, _ = H.build(H.llama)
+    dms = _dms(model, args, target=0.95, prune_head_dim=True, prune_heads=False, prune_width=False,
+               prune_depth=False)
+    assert [g.kind for g in dms.groups] == ["head_dim"]  # one head dim for all layers (shared rotary table)
+    _force(dms, {"head_dim": 0.5})
+    ex = dms.export()
+    assert ex.model.rotary_emb.inv_freq.numel() == 2 and ex.model.layers[0].self_attn.head_dim == 4
+    assert not config_describes_model(ex) and "inv_freq" in ex.config.dmscale_inexact
+    with torch.no_grad():
+        assert torch.equal(_greedy(ex, H.ids(1, 8), True), _greedy(ex, H.ids(1, 8), False))
+
+
+# ------------------------------------------------------------------ family specifics
+def test_phi3_per_layer_heads_get_their_own_config(tmp_path):
+    """Phi-3 reads num_attention_heads from its config at run time: layers that differ get their own copy."""
+    model, args, _ = H.build(H.phi3)
+    dms = _dms(model, args)
+    _force(dms, {"model.layers.0.self_attn": 0.5, "model.layers.0.mlp": 0.5, "model.layers.1.mlp": 0.75})
+    ex = dms.export()
+    a0, a1 = ex.model.layers[0].self_attn, ex.model.layers[1].self_attn
+    assert a0.config is not ex.config and a0.config.num_attention_heads == 2 and a0.config.num_key_value_heads == 1
+    assert a1.config is ex.config and ex.config.num_attention_heads == 4
+    assert [s["num_attention_heads"] for s in ex.config.dmscale_layer_sizes] == [2, 4]
+    assert ex.model.layers[0].mlp.gate_up_proj.out_features == 2 * 32
+    dmscale.save(ex, tmp_path / "m")
+    loaded = dmscale.load(tmp_path / "m")
+    ids = H.ids(1, 8)
+    with torch.no_grad():
+        assert torch.equal(_greedy(loaded, ids, True), _greedy(ex, ids, False))
+
+
+def test_t5_first_block_removed_hands_its_position_bias_to_the_next():
+    model, args, kw = H.build(H.t5)
+    dms = _dms(model, args, kw)
+    depth = [g for g in dms.groups if g.kind == "depth"]
+    assert sorted(g.name for g in depth) == ["decoder.block[depth]", "encoder.block[depth]"]  # whole T5Blocks
+    with torch.no_grad():
+        for g in depth:
+            dms.space.importance(g).copy_(torch.tensor([0.0, 1.0]))  # drop block 0 of both stacks
+            dms.space.ratio(g).fill_(0.5)
+    ex = dms.export()  # exact: the kept block computes the removed block's relative position bias
+    for stack in (ex.encoder, ex.decoder):
+        assert len(stack.block) == 1 and stack.block[0].layer[0].SelfAttention.has_relative_attention_bias
+    assert (ex.config.num_layers, ex.config.num_decoder_layers) == (1, 1)
+    ids = H.ids(1, 6)
+    with torch.no_grad():
+        a = ex.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+        b = ex.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_t5_self_attention_heads_are_shared_by_the_stack_and_follow_the_bias():
+    model, args, kw = H.build(H.t5)
+    dms = _dms(model, args, kw)
+    heads = [g for g in dms.groups if g.kind == "heads"]
+    assert sorted(g.name for g in heads) == ["decoder.block.0.layer.0.SelfAttention.q[heads]",
+                                             "decoder.block.0.layer.1.EncDecAttention.q[heads]",
+                                             "encoder.block.0.layer.0.SelfAttention.q[heads]"]
+    _force(dms, {"heads": 0.5})
+    ex = dms.export()
+    bias = ex.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    assert bias.weight.shape[1] == 2 and ex.encoder.block[1].layer[0].SelfAttention.n_heads == 2
+    assert ex.decoder.block[1].layer[1].EncDecAttention.n_heads == 2  # its zero bias is made from n_heads
+
+
+def test_moe_expert_width_is_searched_and_the_expert_count_is_named():
+    model, args, _ = H.build(H.qwen2_moe)
+    with pytest.warns(UserWarning, match=r"number of experts of Qwen2MoeExperts \(4\) is kept fixed"):
+        dms = dmscale.DMS(model, args, dmscale.Target(flops=0.6), total_steps=10)
+    names = [g.name for g in dms.groups]
+    assert "model.layers.0.mlp.experts" in names and "model.layers.0.mlp.shared_expert.gate_proj" in names
+    _force(dms, {"model.layers.0.mlp.experts": 0.5, "model.layers.1.mlp.experts": 0.5})
+    ex = dms.export()
+    experts = ex.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (4, 32, 32) and experts.down_proj.shape == (4, 32, 16)
+    assert experts.intermediate_dim == 16 and ex.config.moe_intermediate_size == 16
+    assert config_describes_model(ex)
+
+
+@pytest.mark.parametrize("build", [H.bloom, H.mpt, H.falcon_alibi])
+def test_alibi_heads_are_tied_to_the_bias_and_stay_fixed(build):
+    model, args, _ = H.build(build)
+    dms = _dms(model, args)
+    assert not any(g.kind == "heads" for g in dms.groups)
+    assert any(g.kind == "width" and "embed" in g.name or "wte" in g.name for g in dms.groups)
+
+
+def test_falcon_alibi_keeps_the_hidden_size_its_forward_reads():
+    model, args, _ = H.build(H.falcon_alibi)
+    dms = _dms(model, args, exclude=["transformer.rotary_emb"])
+    _force(dms, {"transformer.word_embeddings": 0.75})
+    ex = dms.export()
+    assert ex.config.hidden_size == 32 and "ALiBi" in ex.config.dmscale_inexact
+    assert ex.transformer.word_embeddings.embedding_dim == 24
+
+
+def test_swin_relative_position_bias_follows_the_heads():
+    model, args, _ = H.build(H.swin)
+    dms = _dms(model, args)
+    heads = [g for g in dms.groups if g.kind == "heads"]
+    assert len(heads) == 4
+    _force(dms, {"heads": 0.5})
+    ex = dms.export()
+    blk = ex.swin.encoder.layers[1].blocks[0].attention
+    assert blk.num_attention_heads == 2 and blk.relative_position_bias.relative_position_bias_table.shape[1] == 2
+    assert [s["num_heads"] for s in ex.config.dmscale_layer_sizes] == [1, 1, 2, 2]
+    assert "derives head_dim" in ex.config.dmscale_inexact  # Swin's config: head_dim = stage width / heads
+    model, args, _ = H.build(H.swin)
+    dms = _dms(model, args)
+    _force(dms, {"swin.encoder.layers.1.blocks[depth]": 0.5})
+    ex = dms.export()
+    assert ex.config.depths == [2, 1] and config_describes_model(ex)
+
+
+def test_model_without_family_uses_the_generic_fallback():
+    """OLMo (Llama-shaped, no family file): by-value attribute updates and the generic config edits."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    torch.manual_seed(0)
+    model = OlmoForCausalLM(OlmoConfig(vocab_size=H.VOCAB, **H.DECODER)).eval()
+    assert family_for(model) is None
+    dms = _dms(model, (H.ids(),))
+    _force(dms, {"heads": 0.5, "model.layers.0.mlp": 0.5, "model.layers.1.mlp": 0.5, "model.layers[depth]": 0.5})
+    ex = dms.export()
+    assert ex.config.num_hidden_layers == 1 and ex.config.intermediate_size == 32
+    assert config_describes_model(ex)
+    with torch.no_grad():
+        assert torch.equal(_greedy(ex, H.ids(1, 8), True), _greedy(ex, H.ids(1, 8), False))
+
+
+def test_adapters_path_is_a_deprecated_shim():
+    import importlib
+    import sys
+
+    sys.modules.pop("dmscale.adapters.hf_llm", None)
+    with pytest.warns(DeprecationWarning, match="dmscale.families"):
+        mod = importlib.import_module("dmscale.adapters.hf_llm")
+    from dmscale.families import uniform_sizes
+
+    assert mod.uniform_sizes is uniform_sizes
+    from dmscale import adapters
+
+    seen = []
+    with pytest.warns(DeprecationWarning, match="register_family"):
+        adapters.register_post_export(lambda m: True, lambda dms, ex: seen.append(type(ex).__name__))
+    try:
+        model, args, _ = H.build(H.llama)
+        dms = _dms(model, args)
+        _force(dms, {"model.layers.0.mlp": 0.5})
+        dms.export()
+        assert seen == ["LlamaForCausalLM"]
+    finally:
+        adapters._FIXUPS.clear()
