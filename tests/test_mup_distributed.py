@@ -2,7 +2,7 @@
 
 The width record lives on the model object, so ``mup_optimizer`` on a ``fully_shard``-ed upscaled
 model gives the same per-parameter learning rates as on the unsharded one, also after deepcopy,
-``torch.compile`` wrapping and a state-dict round trip; optimizer state carried into the sharded
+``torch.compile`` wrapping, DDP and a state-dict round trip; optimizer state carried into the sharded
 model is sharded like its parameters and training continues exactly like the small model's.
 """
 
@@ -92,8 +92,9 @@ def _scenario(name: str, rank: int) -> dict:
            "dtensor": all(hasattr(p, "device_mesh") for p in sharded.parameters())}
     sharded.load_state_dict(sharded.state_dict())  # a (sharded) state-dict round trip keeps the record
     out["after_state_dict"] = _groups(sharded)
-    clone = copy.deepcopy(_models(name)[2])  # deepcopy before sharding, then shard the copy
-    out["deepcopy_sharded"] = _groups(_shard(clone, name))
+    fresh = _models(name)[2]
+    out["ddp"] = _groups(torch.nn.parallel.DistributedDataParallel(copy.deepcopy(fresh)))
+    out["deepcopy_sharded"] = _groups(_shard(copy.deepcopy(fresh), name))  # deepcopy, then shard the copy
     # state carried into the sharded model's optimizer; one step each on the global batch stays equal
     opt_b = mup_optimizer(sharded, "adamw", lr=1e-2, weight_decay=0.1, eps=1e-6)
     upscale_optimizer_state(opt_s, opt_b, small, sharded)
@@ -136,7 +137,7 @@ def test_fsdp2_mup_learning_rates_equal_unsharded(name, ranks) -> None:
         res = r[name]
         assert res["dtensor"], "fully_shard did not shard the parameters: the test would be vacuous"
         assert len(set(v[0] for v in res["ref"].values())) > 1  # several distinct μP learning rates
-        for key in ("sharded", "compiled", "after_state_dict", "deepcopy_sharded"):
+        for key in ("sharded", "compiled", "after_state_dict", "ddp", "deepcopy_sharded"):
             assert res[key] == res["ref"], key
 
 
