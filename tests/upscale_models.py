@@ -22,6 +22,21 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class DeepMLP(nn.Module):
+    """MLP with uneven hidden widths: 10 -> h0 -> h1 -> h2 -> 3 (LayerNorm after the first layer)."""
+
+    def __init__(self, hidden: tuple[int, int, int] = (6, 8, 10), d_in: int = 10, d_out: int = 3) -> None:
+        super().__init__()
+        h0, h1, h2 = hidden
+        self.net = nn.Sequential(
+            nn.Linear(d_in, h0), nn.GELU(), nn.LayerNorm(h0),
+            nn.Linear(h0, h1), nn.Tanh(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, d_out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class ResNetCNN(nn.Module):
     """ResNet-style CNN: stem conv+BN, two residual stages, global pool, linear classifier."""
 
@@ -95,12 +110,13 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def hf_gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, vocab: int = 61):
-    """Tiny GPT2LMHeadModel (tied embeddings, Conv1D, fused c_attn), dropout off."""
+def hf_gpt2(hidden: int = 32, heads: int = 4, layers: int = 2, vocab: int = 61, tied: bool = True):
+    """Tiny GPT2LMHeadModel (tied embeddings unless tied=False, Conv1D, fused c_attn), dropout off."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_embd=hidden, n_head=heads, n_layer=layers, vocab_size=vocab, n_positions=32,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                     tie_word_embeddings=tied)
     return GPT2LMHeadModel(cfg)
 
 
@@ -147,3 +163,53 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
     return model
+
+
+def layer_outputs(model: nn.Module, x) -> dict[str, torch.Tensor]:
+    """Output of every module that owns parameters, plus the model output ('<output>'), in eval mode."""
+    outs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if name and any(True for _ in mod.parameters(recurse=False)):
+            def hook(_m, _a, out, name=name):
+                if isinstance(out, torch.Tensor):
+                    outs[name] = out.detach().clone()
+            handles.append(mod.register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            y = model(**x) if isinstance(x, dict) else model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    outs["<output>"] = getattr(y, "logits", y).detach().clone()
+    return outs
+
+
+def layer_diffs(small: nn.Module, big: nn.Module, x) -> dict[str, float]:
+    """Max |difference| per layer between the wide model and the small one's outputs copied by the index maps.
+
+    A folded tied-head multiplier (final norm ÷ k) is divided out of that norm's output.
+    """
+    from dmscale.mup import upscale_maps, width_info
+
+    st, rec, srec = upscale_maps(big), width_info(big), width_info(small)
+    ratio = rec["output_mult"] / (srec["output_mult"] if srec else 1.0)
+    fold = rec["fold"] or ""
+    fold_norm = fold[5:] if fold.startswith("norm:") else None
+    so, bo = layer_outputs(small, x), layer_outputs(big, x)
+    assert set(so) == set(bo)
+    diffs = {}
+    for name, a in so.items():
+        b = bo[name] / ratio if name == fold_norm else bo[name]
+        if a.shape != b.shape:
+            axes = [i for i, (p, q) in enumerate(zip(a.shape, b.shape)) if p != q]
+            assert len(axes) == 1, (name, a.shape, b.shape)
+            pname = next(f"{name}.{pn}" for pn, _ in big.get_submodule(name).named_parameters(recurse=False)
+                         if rec["params"][f"{name}.{pn}"]["dims"][1] is not None)
+            idx = dict(st["maps"][pname])[rec["params"][pname]["dims"][1]]
+            a = a.index_select(axes[0], idx)
+        diffs[name] = float((a - b).abs().max())
+    return diffs

@@ -22,7 +22,7 @@ from .topk import differentiable_topk
 from .trace import TraceError
 from .layers import LayerSpec, register_layer
 from . import families  # noqa: F401  (Hugging Face model families and the layer specs they register)
-from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, upscale,
+from .mup import (UpscaleError, coord_check, infer_width_info, mup_optimizer, mup_param_groups, set_base, upscale,
                   upscale_optimizer_state, width_info)
 from .serialization import LoadError, load, save
 
@@ -32,7 +32,7 @@ __all__ = ["DMS", "DMSConfig", "recalibrate_bn", "Target", "Schedule", "GroupBou
            "LoadError", "differentiable_topk",
            "ExportError", "TraceError", "__version__", "upscale", "width_info", "upscale_optimizer_state",
            "UpscaleError", "mup_optimizer", "mup_param_groups", "coord_check", "infer_width_info", "register_layer",
-           "LayerSpec"]
+           "LayerSpec", "set_base"]
 
 # Names that live in upper layers (recipes, app): imported lazily so that `import dmscale` stays light.
 _LAZY: dict[str, str] = {"recalibrate_bn": "dmscale.recipes.bn"}

@@ -347,7 +347,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 def cmd_upscale(a: argparse.Namespace) -> int:
-    """Widen a saved model (or a run's exported model) x width with dmscale.upscale and save it."""
+    """Widen a saved model, a run's exported model or a Hugging Face model directory x width and save it."""
     from dmscale.serialization.format import load, read_structure, save
     from dmscale.app.pipelines import resolve_model_dir
     from dmscale.app.runs import check_output_path
@@ -360,19 +360,42 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     if not 0 <= a.seed <= SEED_MAX:
         raise ConfigError(f"--seed {a.seed}: must be in [0, {SEED_MAX}]")
     check_output_path(a.out)
-    src = resolve_model_dir(a.model)
-    model = load(src, trust=_trust(a))
-    meta = dict(read_structure(src).get("meta") or {})
-    x = _example_input(src, a.input_shape)
-    if x is not None:
-        _check_accepts(model, x, a.input_shape, src)
-    big = upscale(model, width=int(a.width), noise=a.noise, example_inputs=x, seed=a.seed)
-    meta.update({"kind": "upscaled", "upscaled_from": str(src), "width": int(a.width), "noise": a.noise})
-    save(big, a.out, meta=meta)
+    kw = dict(width=int(a.width), noise=a.noise_form, sigma=a.noise, seed=a.seed, attention=a.attention)
+    hf_dir = Path(a.model).expanduser()
+    if (hf_dir / "config.json").is_file() and not (hf_dir / "structure.json").is_file():
+        out = Path(a.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--out {str(out)!r} exists and is not empty; choose a new directory")
+        model = _load_hf_dir(hf_dir)
+        big = upscale(model, **kw)
+        big.save_pretrained(out)
+    else:
+        src = resolve_model_dir(a.model)
+        model = load(src, trust=_trust(a))
+        meta = dict(read_structure(src).get("meta") or {})
+        x = _example_input(src, a.input_shape)
+        if x is not None:
+            _check_accepts(model, x, a.input_shape, src)
+        big = upscale(model, example_inputs=x, **kw)
+        meta.update({"kind": "upscaled", "upscaled_from": str(src), "width": int(a.width), "noise": a.noise,
+                     "noise_form": a.noise_form, "attention": a.attention})
+        save(big, a.out, meta=meta)
     n0 = sum(p.numel() for p in model.parameters())
     n1 = sum(p.numel() for p in big.parameters())
-    print(f"upscaled x{int(a.width)} (noise {a.noise}): {n0:,} -> {n1:,} parameters, saved to {a.out}")
+    print(f"upscaled x{int(a.width)} (noise {a.noise_form} {a.noise}): {n0:,} -> {n1:,} parameters, saved to {a.out}")
     return 0
+
+
+def _load_hf_dir(path: Path) -> torch.nn.Module:
+    """A Hugging Face model directory (config.json + weights) as its config's architecture; no remote code."""
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ConfigError(f"{str(path)!r}: config.json names architecture {arch!r}, not a transformers model class")
+    return cls.from_pretrained(path, local_files_only=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,12 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("upscale", help="widen a saved model x width (function-preserving) and save it")
-    p.add_argument("model", help="a dmscale.save directory or a run directory (its model/)")
+    p.add_argument("model", help="a dmscale.save directory, a run directory (its model/) or a Hugging Face "
+                   "model directory (config.json; saved with save_pretrained)")
     p.add_argument("--width", type=float, default=2, help="integer width factor (default 2)")
-    p.add_argument("--noise", type=float, default=1e-3, help="symmetry-breaking noise scale (default 1e-3)")
+    p.add_argument("--noise", type=float, default=1e-3, help="symmetry-breaking noise scale sigma (default 1e-3)")
+    p.add_argument("--noise-form", default="auto", choices=["auto", "mlp", "relative", "init"],
+                   help="noise form (default auto: init for transformers, relative for BatchNorm convnets, else mlp)")
+    p.add_argument("--attention", default="duplicate_heads", choices=["duplicate_heads", "grow_head_dim"],
+                   help="widen attention by duplicating heads (default) or growing the head dim (muP 1/d scale)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--input-shape", help="C,H,W of one input when the model has no saved input shape")
-    p.add_argument("--out", required=True, help="output directory (dmscale.save)")
+    p.add_argument("--out", required=True, help="output directory (dmscale.save, or save_pretrained for a HF model)")
     p.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
                    help="also load model classes from this package (dmscale.load(..., trust=[...])); repeatable")
     p.set_defaults(func=cmd_upscale)

@@ -1,7 +1,17 @@
-"""μpscaling: widen a trained model into one computing the same function, and μP optimizer scaling."""
+"""μpscaling: widen a trained model into one computing the same function, with μP relative to a fixed base.
 
-from .upscale import UpscaleError, set_width_info, upscale, upscale_optimizer_state, width_info
-from .optim import coord_check, infer_width_info, mup_factors, mup_optimizer, mup_param_groups
+``set_base`` records each parameter's μP base width on a model; ``upscale`` widens a model and keeps
+its base; ``mup_optimizer`` / ``mup_param_groups`` give μP learning rates from the record;
+``upscale_optimizer_state`` carries optimizer state into the wide model; ``coord_check`` measures
+per-layer activation and update sizes across widths.
+"""
 
-__all__ = ["upscale", "width_info", "set_width_info", "upscale_optimizer_state", "UpscaleError", "mup_optimizer",
-           "mup_param_groups", "mup_factors", "coord_check", "infer_width_info"]
+from .plan import UpscaleError
+from .base import ScaledReadout, infer_width_info, multipliers, set_base, width_info
+from .upscale import NOISE_FORMS, upscale, upscale_maps, upscale_optimizer_state
+from .optim import mup_factors, mup_optimizer, mup_param_groups
+from .coord import coord_check, plot_coord_check
+
+__all__ = ["set_base", "width_info", "multipliers", "upscale", "upscale_optimizer_state", "upscale_maps",
+           "NOISE_FORMS", "UpscaleError", "ScaledReadout", "mup_optimizer", "mup_param_groups", "mup_factors",
+           "coord_check", "plot_coord_check", "infer_width_info"]
