@@ -38,9 +38,17 @@ if TYPE_CHECKING:
     from .search import DMS
     from .space import Group
 
-__all__ = ["bisect_max", "Projection", "project", "hard_fraction"]
+__all__ = ["bisect_max", "Projection", "project", "hard_fraction", "within_budget", "EXACT"]
 
-_EXACT = 1e-9  # relative slack for "not above the target" (float summation order)
+EXACT = 1e-9  # relative slack of "not above the target": float64 summation order only
+
+
+def within_budget(value: float, goal: float) -> bool:
+    """True when a resource fraction is not above ``goal`` (up to the relative slack ``EXACT``).
+
+    Resources are float64 (``dms.resource``) and the projection counts exactly, so the slack only
+    covers the order of summation; every "within budget" decision in dmscale uses this function."""
+    return float(value) <= float(goal) * (1.0 + EXACT)
 
 
 def bisect_max(f: Callable[[float], float], goal: float, lo: float, hi: float, iters: int = 40) -> float:
@@ -91,7 +99,7 @@ class Projection:
     @property
     def ok(self) -> bool:
         """True when the result is within ``tolerance`` below the target (never above it)."""
-        return -self.tolerance - _EXACT <= self.error <= _EXACT
+        return -self.tolerance - EXACT <= self.error <= EXACT
 
     def __str__(self) -> str:
         where = "" if self.tier == "width" else f"; moved {self.tier} too"
@@ -187,7 +195,7 @@ def _search(st: _State, movable: list["Group"], start: dict[str, int], goal: flo
             iters: int, budget: int, tier: str) -> _Result:
     """Offset bisection, then single-element fill, then pair exchanges over ``movable``."""
     low = goal * (1.0 - tolerance)
-    hi_goal = goal * (1.0 + _EXACT)
+    hi_goal = goal * (1.0 + EXACT)
     count = dict(start)
     ratios: dict[str, float] = {}
 
@@ -333,7 +341,7 @@ def _adjust_depth(st: _State, widths: list["Group"], count: dict[str, int], goal
         if not opts:
             break
         c = min(opts, key=lambda o: o[:2])[2]  # the smallest block that helps: least overshoot of the shape
-    while st.value(_extreme(st, widths, c, top=False)) > goal * (1.0 + _EXACT):
+    while st.value(_extreme(st, widths, c, top=False)) > goal * (1.0 + EXACT):
         opts = []
         for g in depth:
             lv = st.levels[g.key]
@@ -406,7 +414,7 @@ def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, 
         return Projection(kind, goal, before, after, 0.0 if res is None else res.offset, tolerance, changes,
                           shift, 0 if res is None else res.fine_steps, "width" if res is None else res.tier)
 
-    if goal * (1.0 - tolerance) <= before <= goal * (1.0 + _EXACT):
+    if goal * (1.0 - tolerance) <= before and within_budget(before, goal):
         return projection(None)
     tiers = [("width", first)]
     if fallback:
@@ -416,7 +424,7 @@ def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, 
         if any(g.kind == "depth" for g in dms.groups):
             tiers.append(("depth", every))
     best: _Result | None = None
-    hi_goal, low = goal * (1.0 + _EXACT), goal * (1.0 - tolerance)
+    hi_goal, low = goal * (1.0 + EXACT), goal * (1.0 - tolerance)
     for n, (tier, movable) in enumerate(tiers):
         start = dict(st.count)
         if tier == "depth":
@@ -434,8 +442,8 @@ def project(dms: "DMS", fraction: float | None = None, kind: str | None = None, 
         return projection(None)
     _apply(dms, st, best)
     out = projection(best)
-    masks = hard_fraction(dms, kind)  # float32 through the masks; out.after is the exact float64 count
-    if abs(masks - out.after) > 1e-5 * max(1.0, abs(out.after)):
+    masks = hard_fraction(dms, kind)  # through the masks (float64); out.after is the projection's own count
+    if abs(masks - out.after) > EXACT * max(1.0, abs(out.after)):
         raise RuntimeError(f"projection bookkeeping disagrees with the masks: {out.after} vs {masks}")
     if warn and not out.ok:
         warnings.warn(f"dmscale: the budget cannot be met within {tolerance:.0%}: {out}. The search space is too "

@@ -4,7 +4,9 @@ FLOPs follow ``torch.utils.flop_counter``: 2 FLOPs per multiply-add, matmul-like
 (linear, conv, matmul/bmm, attention); norms, activations and additions count 0. Every traced
 op's FLOPs at full size are scaled by the kept fraction of each dimension it runs over, so the
 count is exact for the exported network. Kept counts are straight-through: the forward value
-is the hard count (what export keeps), the gradient is that of the soft mask's sum.
+is the hard count (what export keeps), the gradient is that of the soft mask's sum. Resources are
+computed in float64, so the hard value equals the projection's exact count (``budget.within_budget``
+compares it with the target with a relative slack of 1e-9, for summation order only).
 """
 
 from __future__ import annotations
@@ -128,9 +130,10 @@ class Resources:
             else:
                 if m is None:
                     kept[g.index] = 1.0
-                else:
-                    hard = float(g.hard_count(m))
-                    ste = hard + (m.sum() - m.sum().detach()) if soft else torch.tensor(hard)
+                else:  # float64: the hard count's fraction is exact (compared with the target to 1e-9)
+                    dev = m.device if m.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+                    hard = torch.tensor(float(g.hard_count(m)), dtype=torch.float64, device=dev)
+                    ste = hard + (m.sum() - m.sum().detach()).to(dev, torch.float64) if soft else hard
                     kept[g.index] = ste / g.size
         return kept, gates
 

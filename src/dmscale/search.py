@@ -394,7 +394,8 @@ class DMS:
         if task_loss.numel() != 1:
             raise ValueError(f"dms.loss(task_loss): task_loss must be a scalar, got shape {tuple(task_loss.shape)} "
                              "(reduce it, e.g. .mean())")
-        res = self.resource_loss().to(task_loss.device)
+        res = self.resource_loss()  # float64 (exact hard counts); the loss keeps the task's precision (>= float32)
+        res = res.to(task_loss.device, torch.promote_types(task_loss.dtype, torch.float32))
         self.last["task_loss"] = float(task_loss.detach())
         self.last["resource_loss"] = float(res.detach())
         self.last["resource_weight"] = self.weight

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from dmscale.budget import project
+from dmscale.budget import project, within_budget
 from dmscale.export import ExportError
 from dmscale.recipes import oneshot as _oneshot
 from dmscale.recipes import pipelines as _recipes
@@ -141,7 +141,7 @@ def enforce_target(dms: DMS, iters: int = 40) -> Any:
     warnings.warn("dmscale.recipes.llm.enforce_target is deprecated; use dmscale.budget.project",
                   DeprecationWarning, stacklevel=2)
     with torch.no_grad():
-        over = float(dms.resource(soft=False)[f"{dms.target.kind}_frac"]) > dms.target.fraction + 1e-9
+        over = not within_budget(dms.resource(soft=False)[f"{dms.target.kind}_frac"], dms.target.fraction)
     return project(dms, iters=iters, warn=False) if over else None
 
 
@@ -349,7 +349,7 @@ def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
 
             def frac() -> float:
                 return float(dms.resource(soft=False)[f"{kind}_frac"])
-            within = frac() <= goal * (1 + 1e-9)
+            within = within_budget(frac(), goal)
             plan: dict[str, tuple[list, int, int]] = {}
             for cls, groups in _layer_classes(dms).items():
                 sizes = {g.size for g in groups}
@@ -365,7 +365,7 @@ def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
                 _set_uniform_count(dms, groups, k, n)
                 counts[cls] = k
             for cls, (groups, n, floor) in plan.items():
-                if not within or frac() <= goal * (1 + 1e-9):
+                if not within or within_budget(frac(), goal):
                     break
                 if floor < counts[cls]:
                     _set_uniform_count(dms, groups, floor, n)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn as nn
 
-from dmscale.budget import bisect_max, hard_fraction
+from dmscale.budget import EXACT, bisect_max, hard_fraction
 from dmscale.recipes.loop import frozen
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
@@ -98,7 +98,7 @@ def common_ratio(dms: DMS, fraction: float | None = None, kind: str | None = Non
             dms.space.ratio(g).fill_(min(max(r, g.min_ratio()), g.bounds.max_ratio))
         return hard_fraction(dms, kind)
 
-    r = bisect_max(apply, goal * (1 + 1e-9), 0.0, 1.0, iters=iters)
+    r = bisect_max(apply, goal * (1 + EXACT), 0.0, 1.0, iters=iters)
     apply(r)
     return r
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dmscale.budget import project
+from dmscale.budget import project, within_budget
 from dmscale.recipes.loop import cosine_lr, frozen, load_loop_state, loop_state, make_optimizer, train_loop
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
@@ -146,7 +146,7 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
         kind, goal = dms.target.kind, dms.target.fraction
         info.update({"kept": dms.kept(), "summary": dms.summary(), "params_frac": float(r["params_frac"]),
                      "flops_frac": float(r["flops_frac"]), "target": {"kind": kind, "fraction": goal},
-                     "over_budget": float(r[f"{kind}_frac"]) > goal * (1 + 1e-9)})
+                     "over_budget": not within_budget(r[f"{kind}_frac"], goal)})
         exported = dms.export(check=check, atol=atol, rtol=rtol)
     return exported, info
 
