@@ -122,14 +122,36 @@ def test_bert_all_head_size_follows_the_kept_heads(tmp_path):
 
 
 # ------------------------------------------------------------------ config checks
-def test_config_that_would_not_load_is_an_export_error_naming_the_key():
-    """Llama validates hidden_size % num_attention_heads: 30 hidden channels with 4 heads cannot be a config."""
+def test_config_the_class_rejects_keeps_the_supernet_key_and_is_marked_inexact(tmp_path):
+    """Llama validates hidden_size % num_attention_heads: 30 hidden channels with 4 heads cannot be a config.
+    The export is still exact; its config keeps hidden_size=32, says why, and a warning suggests a divisor."""
     model, args, _ = H.build(H.llama)
     dms = _dms(model, args)
     _force(dms, {"model.embed_tokens": 30 / 32})
     assert dms.kept()["model.embed_tokens"] == (32, 30)
-    with pytest.raises(dmscale.ExportError, match=r"would not load(.|\n)*hidden_size=30(.|\n)*divisor"):
-        dms.export()
+    with pytest.warns(UserWarning, match=r"hidden_size=30(.|\n)*dmscale.save(.|\n)*divisor"):
+        ex = dms.export()
+    assert ex.config.hidden_size == 32
+    assert "hidden_size=30" in ex.config.dmscale_inexact
+    assert not config_describes_model(ex)
+    type(ex.config).from_dict(ex.config.to_dict())
+    with torch.no_grad(), dms.hard():
+        ref = dms.model(*args).logits
+    torch.testing.assert_close(ex(*args).logits, ref, atol=1e-5, rtol=1e-5)
+    dmscale.save(ex, tmp_path / "m")
+    loaded = dmscale.load(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(*args).logits, ex(*args).logits)
+
+
+def test_divisor_bound_keeps_the_config_exact():
+    model, args, _ = H.build(H.llama)
+    dms = _dms(model, args, bounds={"model.embed_tokens": {"divisor": 4}})
+    _force(dms, {"model.embed_tokens": 30 / 32})
+    assert dms.kept()["model.embed_tokens"][1] % 4 == 0
+    ex = dms.export()
+    assert ex.config.hidden_size == dms.kept()["model.embed_tokens"][1]
+    assert not getattr(ex.config, "dmscale_inexact", None)
 
 
 def test_uniform_sizes_describe_the_export_and_nonuniform_ones_are_listed():
@@ -223,6 +245,28 @@ def test_moe_expert_width_is_searched_and_the_expert_count_is_named():
     assert experts.gate_up_proj.shape == (4, 32, 32) and experts.down_proj.shape == (4, 32, 16)
     assert experts.intermediate_dim == 16 and ex.config.moe_intermediate_size == 16
     assert config_describes_model(ex)
+
+
+def test_fused_experts_keep_widths_the_grouped_matmul_accepts():
+    """HF runs fused experts with a grouped matmul that needs 16-byte strides: the expert FFN and the hidden
+    size are searched in steps of 8, even at ratios that would otherwise keep an odd count, and export runs."""
+    model, args, _ = H.build(H.qwen2_moe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dms = dmscale.DMS(model, args, dmscale.Target(flops=0.6), total_steps=10, bounds={"model.layers.1": {"divisor": 3}})
+    by = {g.name: g for g in dms.groups}
+    assert by["model.layers.0.mlp.experts"].bounds.divisor == 8
+    assert by["model.layers.1.mlp.experts"].bounds.divisor == 24  # a user's divisor of 3 too: their lcm
+    hidden = next(g for g in dms.groups if any("embed_tokens" in m for m in g.members))
+    assert hidden.bounds.divisor == 8
+    assert by["model.layers.0.mlp.shared_expert.gate_proj"].bounds.divisor == 1  # plain linears: any width
+    _force(dms, {"model.layers.0.mlp.experts": 13 / 32, "model.embed_tokens": 27 / 32})
+    kept = dms.kept()
+    assert kept["model.layers.0.mlp.experts"][1] % 8 == 0 and kept[hidden.name][1] % 8 == 0
+    ex = dms.export()  # runs the exported model on the example inputs (the grouped matmul included)
+    with torch.no_grad(), dms.hard():
+        ref = dms.model(*args).logits
+    torch.testing.assert_close(ex(*args).logits, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("build", [H.bloom, H.mpt, H.falcon_alibi])

@@ -575,6 +575,8 @@ class DMS:
                          f"{len(p.changes)} group(s) changed, mean width shift {p.shift:.1%}, offset {p.offset:+.4f}, "
                          f"{p.fine_steps} fine step(s)" + ("" if p.tier == "width" else f", moved {p.tier} too")
                          + ("" if p.ok else "; NOT within tolerance: search space too coarse") + ")")
+        if self.trace.lost:
+            lines.append("not searched (fixed):" + self.trace.lost_text())
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ state

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .schedule import check_float, check_int
 from .topk import hard_keep, mask_from_ranks
+from .trace.spaces import alignment
 from .trace.tracer import BlockRecord, Space, TraceResult
 
 __all__ = ["Group", "GroupBounds", "SearchSpace", "build_search_space", "depth_lambda", "leaf_index"]
@@ -209,6 +210,9 @@ def build_search_space(tr: TraceResult, *, exclude: Iterable[str] = (), bounds: 
             name = name + "'"
         used_names.add(name)
         b = next((bv for pat, bv in bounds.items() if _match(name, [pat]) or _match(base, [pat])), default_bounds)
+        need = alignment(leaf)  # a kernel's alignment (e.g. fused MoE experts): the divisor honours it too
+        if need > 1 and b.divisor % need:
+            b = GroupBounds(b.min_ratio, b.max_ratio, math.lcm(b.divisor, need))
         lam = float(leaf.size) if kind in ("width", "head_dim") else 4.0 * leaf.size
         groups.append(Group(name, kind, leaf.size, lam, b, space=leaf, members=members))
     if prune_depth:

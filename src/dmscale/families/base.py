@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
@@ -265,12 +266,54 @@ def _check_config(ctx: ExportContext, fam: Family | None) -> None:
     try:
         type(cfg).from_dict(cfg.to_dict())
     except Exception as exc:
+        if _keep_supernet_keys(ctx, fam, exc, reasons):
+            return
         changed = _changed_keys(orig.to_dict(), cfg.to_dict())
         name = type(fam).__name__ if fam is not None else "generic Hugging Face fallback"
         hint = _divisor_hint(ctx)
         raise ExportError(f"the exported model's config would not load: {type(cfg).__name__} rejects the edited "
                           f"keys {', '.join(f'{k}={cfg.to_dict()[k]!r}' for k in changed)} ({_first_line(exc)}) "
                           f"[{name}].{hint}") from exc
+
+
+def _loads(cfg: Any) -> bool:
+    try:
+        type(cfg).from_dict(cfg.to_dict())
+        return True
+    except Exception:
+        return False
+
+
+def _keep_supernet_keys(ctx: ExportContext, fam: Family | None, exc: Exception, reasons: list[str]) -> bool:
+    """A config the class's own validation rejects (e.g. ``hidden_size`` not a multiple of the heads): give the
+    fewest edited size keys back their supernet values (model width first) until it loads, and mark it inexact.
+
+    The exported module is exact either way (it computes what the hard-masked supernet computes); only the
+    config stops describing it, so the export is stored with :func:`dmscale.save`. False: nothing helps."""
+    cfg, orig = ctx.config, ctx.orig_config
+    old = orig.to_dict()
+    changed = _changed_keys(old, cfg.to_dict())
+    hidden = tuple(getattr(fam, "hidden_keys", ())) + ("hidden_size", "d_model", "n_embd", "embed_dim", "dim")
+    structural = ("num_hidden_layers", "num_layers", "n_layer", "n_layers", "layer_types")  # block lists follow these
+    order = [k for k in changed if k in hidden] + [k for k in changed if k not in hidden and k not in structural]
+    edited: dict[str, Any] = {}
+    for k in order:
+        if not hasattr(orig, k):
+            continue
+        edited[k] = copy.deepcopy(getattr(cfg, k))
+        setattr(cfg, k, copy.deepcopy(getattr(orig, k)))
+        if _loads(cfg):
+            reasons.append(f"{type(cfg).__name__} rejects the exported sizes ({_first_line(exc)}): the config keeps "
+                           f"the supernet's {', '.join(edited)} (exported: "
+                           f"{', '.join(f'{k_}={v!r}' for k_, v in edited.items())})")
+            cfg.dmscale_layer_sizes = ctx.layer_sizes
+            cfg.dmscale_inexact = "; ".join(reasons)
+            warnings.warn(f"dmscale: {reasons[-1]}. The export is exact; store it with dmscale.save (save_pretrained "
+                          f"would describe the supernet's sizes).{_divisor_hint(ctx)}", stacklevel=4)
+            return _loads(cfg)
+    for k, v in edited.items():  # nothing helped: the edited values again (the error names them)
+        setattr(cfg, k, v)
+    return False
 
 
 def _first_line(exc: Exception) -> str:
@@ -286,7 +329,7 @@ def _divisor_hint(ctx: ExportContext) -> str:
                                    "embed_in.weight:1")) for m in g.members)), None)
     if hidden is None or not isinstance(heads, int):
         return ""
-    return (f" Keep the hidden size a multiple of {heads}: DMS(..., bounds={{'{hidden.name}': "
+    return (f" To keep the hidden size a multiple of {heads}: DMS(..., bounds={{'{hidden.name}': "
             f"{{'divisor': {heads}}}}}), or prune_width=False for it.")
 
 

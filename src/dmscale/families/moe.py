@@ -18,11 +18,13 @@ import torch.nn as nn
 from ..layers.spec import LayerSpec, register_matcher
 from ..trace.registry import first_tensor
 from ..trace.rules.shape import equal_parts
-from ..trace.spaces import fix, union
+from ..trace.spaces import align, fix, union
 from .base import register_family, set_attrs
 from .common import LLAMA_ATTN, LLAMA_MLP, Mlp, Stack, Transformer, sub
 
-__all__ = ["is_fused_experts", "FUSED_EXPERTS", "Qwen2Moe"]
+__all__ = ["is_fused_experts", "FUSED_EXPERTS", "Qwen2Moe", "GROUPED_MM_ALIGN"]
+
+GROUPED_MM_ALIGN = 8
 
 
 def is_fused_experts(m: nn.Module) -> bool:
@@ -47,6 +49,10 @@ def _experts_unit(tr, mod: nn.Module, name: str, x: torch.Tensor | None, output,
     union(gd[0], dd[0])
     fix(gd[0], reason)
     inter.find().tags.add("act")  # the FFN channels are an activation inside the unit
+    # Hugging Face runs fused experts with a grouped matmul whose strides must be multiples of 16 bytes:
+    # kept FFN and hidden widths stay multiples of 8 (16 bytes in bf16/fp16, 32 in fp32)
+    for s in (inter, xd[-1]):
+        align(s, GROUPED_MM_ALIGN)
     y = first_tensor(output)
     if y is not None and y.dim() == x.dim():
         tr.set(y, xd[:-1] + [dd[1]])

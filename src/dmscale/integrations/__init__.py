@@ -128,10 +128,8 @@ def finish(dms: Any, save_dir: str | Path | None, *, project: bool = True, check
     dms.model.eval()
     try:
         if project:
-            from dmscale.budget import project as _project
-
-            proj = _project(dms)
-        small = dms.export(check=check)
+            proj = dms.project(when="export")  # recorded in dms.projections (and the summary)
+        small = dms.export(check=check, project=False)  # projected here, or not at all
     finally:
         dms.model.train(was)
     if save_dir is not None:

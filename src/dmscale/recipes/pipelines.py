@@ -26,7 +26,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dmscale.budget import project, within_budget
+from dmscale.budget import within_budget
 from dmscale.recipes.loop import cosine_lr, frozen, load_loop_state, loop_state, make_optimizer, train_loop
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
@@ -133,7 +133,7 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
     """
     info: dict[str, Any] = {}
     if project_budget:
-        p = project(dms, warn=False)
+        p = dms.project(when="export", warn=False)  # recorded in dms.projections (and the summary)
         info["projection"] = {"kind": p.kind, "target": p.target, "before": p.before, "after": p.after,
                               "offset": p.offset}
     if recalibrate is not None:
@@ -147,7 +147,7 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
         info.update({"kept": dms.kept(), "summary": dms.summary(), "params_frac": float(r["params_frac"]),
                      "flops_frac": float(r["flops_frac"]), "target": {"kind": kind, "fraction": goal},
                      "over_budget": not within_budget(r[f"{kind}_frac"], goal)})
-        exported = dms.export(check=check, atol=atol, rtol=rtol)
+        exported = dms.export(check=check, atol=atol, rtol=rtol, project=False)  # projected above, or not at all
     return exported, info
 
 

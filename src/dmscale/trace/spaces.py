@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Space", "TraceError", "union", "fix", "split", "tag", "composite"]
+__all__ = ["Space", "TraceError", "union", "fix", "split", "tag", "composite", "ALIGN", "align", "alignment"]
+
+ALIGN = "align:"  # tag prefix: kept counts of this space must be multiples of the number after it
 
 
 class TraceError(RuntimeError):
@@ -129,6 +131,21 @@ def tag(space: Space, name: str) -> None:
     space.find().tags.add(name)
     for leaf in space.leaves():
         leaf.tags.add(name)
+
+
+def align(space: Space, multiple: int) -> None:
+    """Kept counts of ``space`` must be multiples of ``multiple`` (a kernel's alignment, e.g. a grouped matmul's
+    16-byte strides); the group built from it gets a divisor that is a multiple of it."""
+    tag(space, f"{ALIGN}{int(multiple)}")
+
+
+def alignment(space: Space) -> int:
+    """The least common multiple of the alignments tagged on ``space`` (1: none)."""
+    out = 1
+    for t in space.find().tags:
+        if t.startswith(ALIGN):
+            out = math.lcm(out, int(t[len(ALIGN):]))
+    return out
 
 
 def composite(kind: str, parts: list[Space], origin: str) -> Space:

@@ -10,9 +10,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-import numpy as np
 import torch
 
 from dmscale.app.datasets.base import cache_dir, safe_extract
