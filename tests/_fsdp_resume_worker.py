@@ -36,7 +36,7 @@ def _rank(rank: int, init: str, a: argparse.Namespace) -> None:
     from dmscale.distributed import full_state_dict
     from dmscale.serialization.checkpoint import save_checkpoint
     from dmscale.serialization.sharded import load_sharded_checkpoint, save_sharded_checkpoint
-    from models import TinyViT
+    from zoo import TinyViT
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)

@@ -23,7 +23,7 @@ sys.modules["transformers"] = None  # type: ignore[assignment]  # not needed; ke
 
 import dmscale  # noqa: E402
 from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from models import ResNetCNN  # noqa: E402
+from zoo import ResNetCNN  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,14 @@
-"""Shared fixtures (so far those of tests/recipes/): seeded tiny models from the test zoo and synthetic batches."""
+"""Shared fixtures of the whole test suite.
+
+- ``one_thread``: one intra-op thread for a module (tiny models run fastest so, and are immune to a busy
+  machine's oversubscription); a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+- ``restore_threads``: gives other modules their thread count back after a module whose runs set it
+  (``run.threads=1``).
+- ``net``, ``cnn``, ``data``: seeded tiny models from the test zoo (``zoo.py``) and synthetic batches.
+
+This file lives in ``tests/``, so pytest puts ``tests/`` on ``sys.path``: test modules in every sub-folder import
+the zoo as ``import zoo`` / ``from zoo import MLP`` without touching ``sys.path`` themselves.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +18,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import MLP, ResNetCNN
+from zoo import MLP, ResNetCNN
+
+
+def _keep_threads(n: int | None):
+    """Set ``n`` intra-op threads (``None``: leave them) for the duration; restore the count found on entry."""
+    was = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the whole module (module-scoped, so module-scoped fixtures build under it too)."""
+    yield from _keep_threads(1)
+
+
+@pytest.fixture(scope="module")
+def restore_threads():
+    """The thread count found before the module, restored after it (its runs may set their own)."""
+    yield from _keep_threads(None)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import _fsdp_scenarios as S
 import dmscale
-from models import MLP, ResNetCNN, TinyViT
+from zoo import MLP, ResNetCNN, TinyViT
 
 DRY_RUN = os.environ.get("DMSCALE_CUDA_TESTS_ON_CPU") == "1"
 HAVE_CUDA = torch.cuda.is_available()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
@@ -18,8 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-import upscale_models as zoo  # noqa: E402
+import zoo
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -47,7 +45,7 @@ def _models(name: str):
         ids = [torch.randint(0, 61, (4, 8), generator=g) for _ in range(4)]
         batches = [({"input_ids": t}, t) for t in ids]
     else:
-        small = zoo.MLP(hidden=16)
+        small = zoo.NormMLP(hidden=16)
         set_base(small, 8)
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
