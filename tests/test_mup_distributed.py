@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import zoo
@@ -123,10 +122,8 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fsdp_mup")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def ranks(tmp_path_factory, spawn_ranks):
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp_mup"), WORLD)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2"])
