@@ -7,7 +7,7 @@ unwrapped supernet are timed in alternating rounds (eval mode, ``torch.inference
 median of many runs) at batch 1 and batch 64. ``efficiency = speed-up / (FLOPs_super / FLOPs_export)``
 with FLOPs counted on the exported model by ``dmscale.count``; the goal is >= 0.8.
 
-Models: ResNet-style CNN (tests/models.py, widths (32, 64, 128), depths (2, 2, 2), 32x32 input)
+Models (``dmscale.app.zoo``): the ResNet-style CNN (widths (32, 64, 128), depths (2, 2, 2), 32x32 input)
 and TinyViT (dim 192, 6 blocks, 6 heads, 32x32 input, patch 4 -> 65 tokens).
 
     python benchmarks/bench_export_speed.py [--quick] [--threads N] [--device cuda] [--batches 1,64]

@@ -3,7 +3,7 @@
 DMS step  = forward (masks via hooks) + ``dms.loss`` (resource loss) + backward + SGD step + ``dms.step()``.
 plain step = forward + backward + SGD step of an identical, unwrapped copy of the model.
 
-Models: the ResNet-style CNN of ``tests/models.py`` (32x32 input, batch 64) and a small GPT-2
+Models: the ResNet-style CNN of ``dmscale.app.zoo`` (32x32 input, batch 64) and a small GPT-2
 (HF ``GPT2LMHeadModel`` from a config: 4 layers, n_embd 256, 4 heads, seq 128, batch 8; vocab 8192
 so that the transformer blocks, not the LM head, dominate). The two steps are timed in alternating
 rounds (same noise), median over all repeats. The DMS step is then broken down (same run):

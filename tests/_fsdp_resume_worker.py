@@ -22,7 +22,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.modules["transformers"] = None  # type: ignore[assignment]  # not needed; keeps start-up fast
 
 WORLD = 2
@@ -36,7 +35,7 @@ def _rank(rank: int, init: str, a: argparse.Namespace) -> None:
     from dmscale.distributed import full_state_dict
     from dmscale.serialization.checkpoint import save_checkpoint
     from dmscale.serialization.sharded import load_sharded_checkpoint, save_sharded_checkpoint
-    from models import TinyViT
+    from zoo import TinyViT  # this script's folder (tests/) is on sys.path, and so on the spawned ranks'
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)

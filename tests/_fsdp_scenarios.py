@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dmscale
-from models import TinyViT
+from zoo import TinyViT
 
 STEPS = 5
 BATCH = 4

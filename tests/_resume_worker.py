@@ -18,12 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.modules["transformers"] = None  # type: ignore[assignment]  # not needed; keeps start-up fast
 
 import dmscale  # noqa: E402
 from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from models import ResNetCNN  # noqa: E402
+from zoo import ResNetCNN  # noqa: E402  (run as a script: its folder, tests/, is first on sys.path)
 
 
 def main() -> None:

@@ -1,27 +1,17 @@
 """Tiny Hugging Face models for the coverage matrix (built offline from small configs).
 
-Each builder returns ``(model, args, kwargs)``: the model in eval mode and example inputs.
+Each builder returns ``(model, args, kwargs)``: the model in eval mode and example inputs. A module using these
+runs on one thread with ``pytestmark = pytest.mark.usefixtures("one_thread")`` (``conftest.py``). The tiny models
+of the other tests, the μpscaling ones on Hugging Face classes included, are in ``zoo.py``.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-import pytest
 import torch
 
 VOCAB = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription.
-
-    A test module that imports this fixture uses it for all its tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def ids(batch: int = 2, seq: int = 12, seed: int = 1) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import dmscale
-from models import TinyViT
+from zoo import TinyViT
 
 
 class CheckpointedViT(TinyViT):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dmscale
-from models import MLP, ResNetCNN, TinyViT
+from zoo import MLP, ResNetCNN, TinyViT
 
 
 def _setup(build=MLP, shape=(8, 16), n_cls=5, seed=0):

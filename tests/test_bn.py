@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import dmscale
-from models import MLP, ResNetCNN
+from zoo import MLP, ResNetCNN
 
 
 class _BNFirst(nn.Module):

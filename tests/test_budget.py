@@ -12,18 +12,12 @@ import torch.nn.functional as F
 
 import dmscale
 from dmscale.budget import Projection, bisect_max, project
-from models import MLP, MobileNetV2ish, ResNetCNN, TinyViT
+from zoo import MLP, MobileNetV2ish, ResNetCNN, TinyViT
 
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gpt2():

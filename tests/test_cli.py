@@ -16,12 +16,7 @@ TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data
         "retrain.steps=3", "pretrain.steps=3", "run.checkpoint_every=2", "run.threads=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    """Runs set torch's thread count (run.threads=1); give other test modules their default back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def sets(*extra: str) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import dmscale
-from models import MLP, ResNetCNN
+from zoo import MLP, ResNetCNN
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
                                 reason="inductor on CPU needs a C compiler")

@@ -30,11 +30,12 @@ import torch
 
 import dmscale
 import hf_models as H
-from hf_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from dmscale.budget import project
 from dmscale.families import config_describes_model
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRN = ("ConvNeXtV2's GRN (an L2 norm over space divided by its mean over channels) has no rule yet: its FFN "
        "channels stay fixed (norms part of issue 11)")

@@ -30,13 +30,7 @@ STEPS = 40
 EXACT_BUDGET = "fallback" in inspect.signature(project).parameters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster on a busy 2-core machine."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- the models

@@ -14,12 +14,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import _fsdp_scenarios as S
 import dmscale
-from models import MLP, ResNetCNN, TinyViT
+from zoo import MLP, ResNetCNN, TinyViT
 
 DRY_RUN = os.environ.get("DMSCALE_CUDA_TESTS_ON_CPU") == "1"
 HAVE_CUDA = torch.cuda.is_available()
@@ -168,10 +167,8 @@ def test_llm_search_export_generate_on_cuda():
 
 
 # ---------------------------------------------------------------------------------------------- FSDP2
-def _spawn(tmp_path, world: int, backend: str, names=("vit",), extras: bool = True) -> list[dict]:
-    mp.spawn(S.worker, args=(str(tmp_path / "init"), str(tmp_path), world, backend, DEVICE, names, extras),
-             nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+def _spawn(spawn_ranks, tmp_path, world: int, backend: str, names=("vit",), extras: bool = True) -> list[dict]:
+    return spawn_ranks(S.worker, tmp_path, world, world, backend, DEVICE, names, extras)
 
 
 def _check_fsdp(ranks: list[dict], names) -> None:
@@ -191,26 +188,26 @@ def _check_fsdp(ranks: list[dict], names) -> None:
 
 
 @pytest.mark.skipif(N_GPU < 2, reason="needs 2 GPUs (one per rank)")
-def test_fsdp_nccl_one_gpu_per_rank(tmp_path):
+def test_fsdp_nccl_one_gpu_per_rank(tmp_path, spawn_ranks):
     names = ("vit", "llama") if _has_transformers() else ("vit",)
-    ranks = _spawn(tmp_path, 2, "nccl", names)
+    ranks = _spawn(spawn_ranks, tmp_path, 2, "nccl", names)
     _check_fsdp(ranks, names)
     assert ranks[0]["conv_fallback"]["folded_after"] == 0
     S.assert_ranks_agree(ranks[0]["conv_fallback"], ranks[1]["conv_fallback"])
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and not dist.is_nccl_available(), reason="NCCL is not available")
-def test_fsdp_nccl_single_rank(tmp_path):
+def test_fsdp_nccl_single_rank(tmp_path, spawn_ranks):
     """FSDP2 over an NCCL group of one rank on GPU 0: sharding (DTensors), DMS's all-reduces and the export."""
     names = ("vit", "vit@cpu")  # vit@cpu: built on the CPU, search state moved, fully_shard moves the model
-    ranks = _spawn(tmp_path, 1, "nccl" if DEVICE == "cuda" else "gloo", names, extras=False)
+    ranks = _spawn(spawn_ranks, tmp_path, 1, "nccl" if DEVICE == "cuda" else "gloo", names, extras=False)
     _check_fsdp(ranks, names)
 
 
 @pytest.mark.skipif(DEVICE == "cuda" and N_GPU != 1, reason="for a machine with exactly one GPU")
-def test_fsdp_two_processes_share_one_gpu(tmp_path):
+def test_fsdp_two_processes_share_one_gpu(tmp_path, spawn_ranks):
     """Two ranks on the one GPU. NCCL refuses two ranks on one device, so the group is gloo (CUDA tensors)."""
-    ranks = _spawn(tmp_path, 2, "gloo", ("vit",), extras=False)
+    ranks = _spawn(spawn_ranks, tmp_path, 2, "gloo", ("vit",), extras=False)
     _check_fsdp(ranks, ("vit",))
 
 

@@ -13,11 +13,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import dmscale
-from models import MLP, TinyViT
+from zoo import MLP, TinyViT
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -115,11 +114,9 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, spawn_ranks):
     """Run every distributed scenario in one spawn of 2 gloo processes (start-up is the slow part)."""
-    d = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("ddp"), WORLD)
 
 
 @pytest.mark.parametrize("name", ["mlp", "vit"])

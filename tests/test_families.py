@@ -9,12 +9,13 @@ import torch
 
 import dmscale
 import hf_models as H
-from hf_models import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from dmscale.families import (Family, config_describes_model, family_for, register_family, registered_families,
                               unregister_family)
 from dmscale.families.common import llama_like
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dms(model, args, kwargs=None, target=0.6, **kw):

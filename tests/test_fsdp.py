@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 import _fsdp_scenarios as S
@@ -29,11 +28,9 @@ WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, spawn_ranks):
     """Every sharded scenario in one spawn of 2 gloo processes (start-up is the slow part)."""
-    d = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(S.worker, args=(str(d / "init"), str(d), WORLD), nprocs=WORLD, join=True)
-    return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return spawn_ranks(S.worker, tmp_path_factory.mktemp("fsdp"), WORLD, WORLD)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "vit"])
@@ -81,11 +78,9 @@ def test_masks_on_already_sharded_weights_fall_back_to_activation_masks(ranks):
     S.assert_same_as_single(r0, single)
 
 
-def test_single_rank_fsdp_export_leaves_the_model_intact(tmp_path):
+def test_single_rank_fsdp_export_leaves_the_model_intact(tmp_path, spawn_ranks):
     """One rank: the gathered weights are the shard itself; exporting twice must give the same model."""
-    mp.spawn(S.worker, args=(str(tmp_path / "init"), str(tmp_path), 1, "gloo", "cpu", ("vit",), False), nprocs=1,
-             join=True)
-    r = torch.load(tmp_path / "rank0.pt", weights_only=True)["vit"]
+    r = spawn_ranks(S.worker, tmp_path, 1, 1, "gloo", "cpu", ("vit",), False)[0]["vit"]
     assert r["sharded"] and r["dtensor_params"] > 0
     torch.testing.assert_close(r["rank0_probe"], r["probe"])  # a second export, after the first one
     torch.testing.assert_close(r["masked_weight"], r["expected_weight"])

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dmscale
-from models import MLP, ResNetCNN
+from zoo import MLP, ResNetCNN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +162,7 @@ def test_not_a_module_or_not_a_target():
 
 # ---------------------------------------------------------------- save directories
 def _load(path, **kw):
-    return dmscale.load(path, trust=["models"], **kw)  # the test models' package
+    return dmscale.load(path, trust=["zoo"], **kw)  # the test models' package
 
 
 @pytest.fixture()
@@ -342,12 +342,7 @@ _TINY = {"data": {"name": "digits", "limit_train": 64, "limit_test": 32, "batch_
          "run": {"checkpoint_every": 2, "threads": 1, "progress": False}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    """Runs set torch's thread count (run.threads=1); give other test modules their default back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def _cli(capsys, *args):
@@ -540,8 +535,8 @@ def test_cli_info_untrusted_class_names_the_trust_flag(tmp_path, capsys):
     path = tmp_path / "m"
     dmscale.save(MLP(), path, meta={"input_shape": [16]})
     code, err = _cli(capsys, "info", path)
-    _assert_error(code, err, 2, "models:MLP", "trust=['models']")
-    assert main(["info", str(path), "--trust", "models"]) == 0
+    _assert_error(code, err, 2, "zoo:MLP", "trust=['zoo']")
+    assert main(["info", str(path), "--trust", "zoo"]) == 0
 
 
 def test_cli_fresh_never_deletes_a_foreign_directory(tmp_path, capsys):

@@ -13,12 +13,7 @@ import dmscale
 from dmscale.budget import hard_fraction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plain_loop(dms: dmscale.DMS, task, steps: int, lr: float, lr_s: float) -> None:

@@ -14,12 +14,44 @@ from hypothesis import strategies as st
 from torch import nn
 
 import dmscale
-import io_models as zoo
+import zoo
 from dmscale.serialization import dirs
 from dmscale.serialization import format as dio
 from dmscale.serialization.errors import ForeignDirectoryError, LoadError, ModelNotFoundError
 
-TRUST = ["io_models"]  # the test models' own package: loading them needs the caller's trust
+TRUST = ["zoo"]  # the test models' own package: loading them needs the caller's trust
+
+
+def prune_linear(lin: nn.Linear, keep_out: torch.Tensor | None = None, keep_in: torch.Tensor | None = None) -> nn.Linear:
+    """A smaller ``nn.Linear`` with the selected output rows / input columns (what an export produces)."""
+    w = lin.weight.detach()
+    b = lin.bias.detach() if lin.bias is not None else None
+    if keep_out is not None:
+        w = w[keep_out]
+        b = b[keep_out] if b is not None else None
+    if keep_in is not None:
+        w = w[:, keep_in]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def prune_block(block: zoo.TransformerBlock, heads: int, hidden: int) -> None:
+    """Physically shrink a TransformerBlock: keep the first ``heads`` heads and ``hidden`` MLP units."""
+    attn = block.attn
+    keep = torch.arange(heads * attn.head_dim)
+    attn.q = prune_linear(attn.q, keep_out=keep)
+    attn.k = prune_linear(attn.k, keep_out=keep)
+    attn.v = prune_linear(attn.v, keep_out=keep)
+    attn.o = prune_linear(attn.o, keep_in=keep)
+    attn.num_heads = heads
+    attn.meta = {"heads": (heads,), 3: [1.5, None], "$odd": {"x"}}
+    units = torch.arange(hidden)
+    block.fc1 = prune_linear(block.fc1, keep_out=units)
+    block.fc2 = prune_linear(block.fc2, keep_in=units)
 
 
 def _load(path: Path, **kw: Any) -> nn.Module:
@@ -59,13 +91,13 @@ def _assert_same_tree(a: nn.Module, b: nn.Module) -> None:
 
 def test_mlp_roundtrip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    m = zoo.MLP().eval()
+    m = zoo.AttrMLP().eval()
     m2 = _roundtrip(m, tmp_path / "mlp", torch.randn(3, 8))
     assert m2.act is torch.nn.functional.gelu
     assert m2.fc2.bias is None and "bias" in m2.fc2._parameters
     info = dio.read_structure(tmp_path / "mlp")
     assert info["format"] == dio.FORMAT_NAME and info["meta"] == {"note": "test"}
-    assert info["root_class"] == "io_models:MLP"
+    assert info["root_class"] == "zoo:AttrMLP"
     assert info["tensors"]["fc1.weight"]["shape"] == [16, 8]
     assert info["num_parameters"] == sum(p.numel() for p in m.parameters())
 
@@ -87,8 +119,8 @@ def test_cnn_batchnorm_residual_roundtrip(tmp_path: Path) -> None:
 def test_pruned_custom_attention_roundtrip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     m = zoo.TinyTransformer()
-    zoo.prune_block(m.blocks[0], heads=3, hidden=23)
-    zoo.prune_block(m.blocks[1], heads=1, hidden=40)
+    prune_block(m.blocks[0], heads=3, hidden=23)
+    prune_block(m.blocks[1], heads=1, hidden=40)
     m.eval()
     ids = torch.randint(0, 50, (2, 7))
     m2 = _roundtrip(m, tmp_path / "tt", ids)
@@ -124,12 +156,12 @@ def test_training_flags_and_requires_grad_kept(tmp_path: Path) -> None:
 
 def test_overwrite_existing_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "m"
-    dio.save(zoo.MLP(hidden=16), path)
+    dio.save(zoo.AttrMLP(hidden=16), path)
     assert dirs.dir_kind(path) == "model"
-    dio.save(zoo.MLP(hidden=9), path)
+    dio.save(zoo.AttrMLP(hidden=9), path)
     assert _load(path).fc1.out_features == 9
     monkeypatch.setattr(dirs, "rename_exchange", lambda a, b: False)  # two-rename fallback path
-    dio.save(zoo.MLP(hidden=7), path)
+    dio.save(zoo.AttrMLP(hidden=7), path)
     assert _load(path).fc1.out_features == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert sorted(p.name for p in path.iterdir()) == [".dmscale", "model.safetensors", "structure.json"]
@@ -140,7 +172,7 @@ def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
     d.mkdir()
     (d / "thesis.txt").write_text("do not delete")
     with pytest.raises(ForeignDirectoryError, match="precious.*not created by dmscale"):
-        dio.save(zoo.MLP(), d)
+        dio.save(zoo.AttrMLP(), d)
     assert (d / "thesis.txt").read_text() == "do not delete"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
@@ -148,9 +180,9 @@ def test_refuses_to_replace_foreign_directory(tmp_path: Path) -> None:
 def test_replaces_a_format_1_save_without_marker(tmp_path: Path) -> None:
     """Directories saved before markers existed (structure.json + weights only) are still dmscale's."""
     path = tmp_path / "m"
-    dio.save(zoo.MLP(hidden=5), path)
+    dio.save(zoo.AttrMLP(hidden=5), path)
     (path / dirs.MARKER_FILE).unlink()
-    dio.save(zoo.MLP(hidden=6), path)
+    dio.save(zoo.AttrMLP(hidden=6), path)
     assert _load(path).fc1.out_features == 6
 
 
@@ -230,7 +262,8 @@ def test_registered_layer_sizes_are_checked_at_load(tmp_path: Path) -> None:
     dio.save(zoo.EinsumDense(3, 5), path)
     _edit(path, lambda s: s["module"]["attributes"].update(n_out=6))
     assert _load(path).n_out == 6  # unknown layer: nothing to compare with
-    dmscale.register_layer(zoo.EinsumDense, LayerSpec("einsum_dense", out_dims={"kernel": 1}, params=("kernel",),
+    dmscale.register_layer(zoo.EinsumDense, LayerSpec("einsum_dense", out_dims={"kernel": 1, "b": 0},
+                                                      params=("kernel", "b"),
                                                       size_attrs=lambda m: {"n_in": m.kernel.shape[0],
                                                                             "n_out": m.kernel.shape[1]}))
     try:
@@ -287,15 +320,15 @@ def test_hf_llama_pruned_nonuniform_roundtrip(tmp_path: Path) -> None:
     # simulate an exported model: non-uniform MLP widths and a layer with fewer heads
     for layer, width in zip(m.model.layers, (40, 24)):
         keep = torch.arange(width)
-        layer.mlp.gate_proj = zoo.prune_linear(layer.mlp.gate_proj, keep_out=keep)
-        layer.mlp.up_proj = zoo.prune_linear(layer.mlp.up_proj, keep_out=keep)
-        layer.mlp.down_proj = zoo.prune_linear(layer.mlp.down_proj, keep_in=keep)
+        layer.mlp.gate_proj = prune_linear(layer.mlp.gate_proj, keep_out=keep)
+        layer.mlp.up_proj = prune_linear(layer.mlp.up_proj, keep_out=keep)
+        layer.mlp.down_proj = prune_linear(layer.mlp.down_proj, keep_in=keep)
         layer.mlp.intermediate_size = width
     attn = m.model.layers[0].self_attn
-    attn.q_proj = zoo.prune_linear(attn.q_proj, keep_out=torch.arange(16))  # 2 query heads
-    attn.k_proj = zoo.prune_linear(attn.k_proj, keep_out=torch.arange(8))  # 1 kv head
-    attn.v_proj = zoo.prune_linear(attn.v_proj, keep_out=torch.arange(8))
-    attn.o_proj = zoo.prune_linear(attn.o_proj, keep_in=torch.arange(16))
+    attn.q_proj = prune_linear(attn.q_proj, keep_out=torch.arange(16))  # 2 query heads
+    attn.k_proj = prune_linear(attn.k_proj, keep_out=torch.arange(8))  # 1 kv head
+    attn.v_proj = prune_linear(attn.v_proj, keep_out=torch.arange(8))
+    attn.o_proj = prune_linear(attn.o_proj, keep_in=torch.arange(16))
     m.config.intermediate_size = 40  # edited config
     m.eval()
     m2 = _roundtrip(m, tmp_path / "llama", input_ids=torch.randint(0, 64, (2, 9)))
@@ -313,7 +346,7 @@ def test_hf_llama_pruned_nonuniform_roundtrip(tmp_path: Path) -> None:
 def saved(tmp_path: Path) -> Path:
     """A saved small model."""
     path = tmp_path / "m"
-    dio.save(zoo.MLP(), path)
+    dio.save(zoo.AttrMLP(), path)
     return path
 
 
@@ -375,8 +408,8 @@ def test_bad_class_path_rejected(saved: Path) -> None:
     def set_class(spec: str) -> None:
         _edit(saved, lambda s: s["module"]["children"]["fc1"].update({"class": spec}))
 
-    set_class("io_models:NotAModule")
-    with pytest.raises(LoadError, match="io_models:NotAModule.*not a subclass of torch.nn.Module"):
+    set_class("zoo:NotAModule")
+    with pytest.raises(LoadError, match="zoo:NotAModule.*not a subclass of torch.nn.Module"):
         _load(saved)
     set_class("os:system")
     with pytest.raises(LoadError, match="'os:system' is not in the load allowlist"):
@@ -384,7 +417,7 @@ def test_bad_class_path_rejected(saved: Path) -> None:
     set_class("no_such_pkg_xyz:Thing")
     with pytest.raises(LoadError, match="no_such_pkg_xyz.*not in the load allowlist"):
         _load(saved)
-    set_class("io_models:torch.load")  # a walk through a module attribute of an allowed module
+    set_class("zoo:torch.load")  # a walk through a module attribute of an allowed module
     with pytest.raises(LoadError, match="only nested classes may be named"):
         _load(saved)
     set_class("torch.nn.modules.linear:Linear.forward")  # a method, not a class
@@ -398,11 +431,11 @@ def test_bad_class_path_rejected(saved: Path) -> None:
 def test_untrusted_function_reference_rejected(saved: Path) -> None:
     s = json.loads((saved / dio.STRUCTURE_FILE).read_text())
     assert s["module"]["attributes"]["act"] == {"$ref": "torch.nn.functional:gelu"}
-    for ref in ("os:system", "io_models:zoo_helper_that_does_not_exist", "torch:load", "builtins:eval",
+    for ref in ("os:system", "zoo:zoo_helper_that_does_not_exist", "torch:load", "builtins:eval",
                 "torch.nn.functional:_canonical_mask"):
         _edit(saved, lambda s: s["module"]["attributes"].update(act={"$ref": ref}))
         with pytest.raises(LoadError, match=ref.replace(".", r"\.")):
-            _load(saved)  # trusting io_models allows its functions, nothing else beyond the explicit list
+            _load(saved)  # trusting zoo allows its functions, nothing else beyond the explicit list
 
 
 def test_old_function_spelling_still_loads(saved: Path) -> None:
@@ -442,7 +475,7 @@ class _LambdaHolder(nn.Module):
 def test_unsupported_attribute_names_module_and_attribute(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"'lin'.*'fn'"):
         dio.save(_LambdaHolder(), tmp_path / "x")
-    m = zoo.MLP()
+    m = zoo.AttrMLP()
     m.fc1.handle = open(os.devnull)  # noqa: SIM115
     try:
         with pytest.raises(TypeError, match=r"'fc1'.*'handle'.*TextIOWrapper"):
@@ -459,7 +492,7 @@ def test_local_class_and_hooks_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(TypeError, match="inside a function"):
         dio.save(Local(), tmp_path / "x")
-    m = zoo.MLP()
+    m = zoo.AttrMLP()
     m.fc1.register_forward_hook(lambda mod, i, o: o * 2)
     with pytest.raises(TypeError, match="fc1.*hooks"):
         dio.save(m, tmp_path / "x")
@@ -476,7 +509,7 @@ def test_failed_save_keeps_previous(saved: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(Path, "write_text", boom)  # fails after the weights are written into the temp dir
     with pytest.raises(OSError, match="simulated"):
-        dio.save(zoo.MLP(hidden=3), saved)
+        dio.save(zoo.AttrMLP(hidden=3), saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert _load(saved).fc1.out_features == 16
     assert sorted(p.name for p in saved.parent.iterdir()) == ["m"]  # no temp dirs left
@@ -498,9 +531,9 @@ def test_shared_storage_views_and_compile_wrapper(tmp_path: Path) -> None:
     m = zoo.SharedStorage().eval()
     m2 = _roundtrip(m, tmp_path / "views", torch.randn(3, 4))
     assert torch.equal(m2.b, m.b)
-    wrapped = torch.compile(zoo.MLP().eval())  # not run: only the wrapper is unwrapped on save
+    wrapped = torch.compile(zoo.AttrMLP().eval())  # not run: only the wrapper is unwrapped on save
     dio.save(wrapped, tmp_path / "compiled")
-    assert type(_load(tmp_path / "compiled")) is zoo.MLP
+    assert type(_load(tmp_path / "compiled")) is zoo.AttrMLP
 
 
 _scalars = st.one_of(

@@ -15,16 +15,10 @@ import torch.nn.functional as F
 
 import dmscale
 from dmscale.latency import CACHE_FILE, fit_quadratic, measure_latency
-from models import MLP, ResNetCNN, TinyViT
+from zoo import MLP, ResNetCNN, TinyViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeTimer:

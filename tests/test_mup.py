@@ -4,18 +4,15 @@ transfer, and the coordinate check.  Long dynamic-equivalence runs are in test_m
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-import upscale_models as zoo  # noqa: E402
+import zoo
 
-import dmscale  # noqa: E402
-from dmscale.mup import (ScaledReadout, UpscaleError, coord_check, infer_width_info, multipliers,  # noqa: E402
+import dmscale
+from dmscale.mup import (ScaledReadout, UpscaleError, coord_check, infer_width_info, multipliers,
                          mup_factors, mup_optimizer, mup_param_groups, set_base, upscale, upscale_optimizer_state,
                          width_info)
 
@@ -43,8 +40,8 @@ def test_factor_table() -> None:
 
 
 def test_set_base_from_proxy_model_int_and_dict_agree() -> None:
-    a, b, c = zoo.MLP(hidden=64), zoo.MLP(hidden=64), zoo.MLP(hidden=64)
-    set_base(a, zoo.MLP(hidden=16))
+    a, b, c = zoo.NormMLP(hidden=64), zoo.NormMLP(hidden=64), zoo.NormMLP(hidden=64)
+    set_base(a, zoo.NormMLP(hidden=16))
     set_base(b, 16)
     set_base(c, {"hidden": 16})
     ka, kb, kc = multipliers(a), multipliers(b), multipliers(c)
@@ -64,10 +61,10 @@ def test_set_base_from_proxy_model_int_and_dict_agree() -> None:
 
 
 def test_set_base_narrower_than_proxy_and_self() -> None:
-    m = zoo.MLP(hidden=8)
-    set_base(m, zoo.MLP(hidden=16))
+    m = zoo.NormMLP(hidden=8)
+    set_base(m, zoo.NormMLP(hidden=16))
     assert multipliers(m)["net.3.weight"] == (0.5, 0.5)
-    n = zoo.MLP(hidden=8)
+    n = zoo.NormMLP(hidden=8)
     set_base(n)  # its own base: every multiplier 1
     assert set(multipliers(n).values()) == {(1, 1)}
     g = _by_name(mup_param_groups(n, kind="adamw", lr=0.1, eps=1e-8))
@@ -91,21 +88,21 @@ def test_set_base_errors() -> None:
     with pytest.raises(ValueError, match="several sizes"):
         set_base(zoo.DeepMLP((6, 8, 10)), 4)  # one base width cannot describe uneven dims
     with pytest.raises(ValueError, match="unknown"):
-        set_base(zoo.MLP(), {"width": 4})
+        set_base(zoo.NormMLP(), {"width": 4})
     with pytest.raises(ValueError, match="positive"):
-        set_base(zoo.MLP(), {"hidden": 0})
+        set_base(zoo.NormMLP(), {"hidden": 0})
     with pytest.raises(UpscaleError, match="missing from the base"):
-        set_base(zoo.MLP(), zoo.ResNetCNN())
+        set_base(zoo.NormMLP(), zoo.BasicResNet())
     with pytest.raises(UpscaleError, match="not a width"):
-        set_base(zoo.MLP(), zoo.MLP(d_in=12))
+        set_base(zoo.NormMLP(), zoo.NormMLP(d_in=12))
     with pytest.raises(UpscaleError, match="no μP base"):
-        mup_optimizer(zoo.MLP(), "adamw")
+        mup_optimizer(zoo.NormMLP(), "adamw")
     with pytest.raises(TypeError, match="base="):
-        mup_param_groups(zoo.MLP(), zoo.MLP())  # the old positional base
+        mup_param_groups(zoo.NormMLP(), zoo.NormMLP())  # the old positional base
 
 
 def test_stale_record_is_refused() -> None:
-    m = zoo.MLP(hidden=32)
+    m = zoo.NormMLP(hidden=32)
     set_base(m, 16)
     m.net[3] = nn.Linear(32, 24)  # the model changed after set_base (e.g. pruned)
     m.net[5] = nn.Linear(24, 3)
@@ -114,7 +111,7 @@ def test_stale_record_is_refused() -> None:
 
 
 def test_record_survives_deepcopy_save_load_compile_and_state_dict(tmp_path) -> None:
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     set_base(small, 8)
     big = upscale(small, 4, sigma=1e-3, seed=0)
     ref = _lrs(big, kind="adam", lr=1.0, eps=1.0)
@@ -123,12 +120,12 @@ def test_record_survives_deepcopy_save_load_compile_and_state_dict(tmp_path) -> 
     assert _lrs(compiled, kind="adam", lr=1.0, eps=1.0) == ref
     assert sum(len(g["params"]) for g in mup_optimizer(compiled, "adamw").param_groups) == len(list(big.parameters()))
     dmscale.save(big, tmp_path / "big")
-    again = dmscale.load(tmp_path / "big", trust=["upscale_models"])
+    again = dmscale.load(tmp_path / "big", trust=["zoo"])
     assert width_info(again) == width_info(big)
     assert _lrs(again, kind="adam", lr=1.0, eps=1.0) == ref
     assert "_dmscale_width" not in "".join(big.state_dict())  # nothing added to the state dict
     # a state_dict loaded into a model that has the record keeps it; a fresh model gets it from set_base
-    fresh = zoo.MLP(hidden=64)
+    fresh = zoo.NormMLP(hidden=64)
     fresh.load_state_dict(big.state_dict())
     assert width_info(fresh) is None
     set_base(fresh, 8)
@@ -180,11 +177,11 @@ def test_mup_attention_scale() -> None:
     big = upscale(g, 2, attention="grow_head_dim")
     assert big.transformer.h[0].attn.scaling == pytest.approx(4 ** 0.5 / 32)  # the same μP law at head dim 32
     with pytest.raises(UpscaleError, match="no attention"):
-        set_base(zoo.MLP(), 4, mup_attention=True)
+        set_base(zoo.NormMLP(), 4, mup_attention=True)
 
 
 def test_upscale_keeps_base_and_composes() -> None:
-    small = zoo.MLP(hidden=32)
+    small = zoo.NormMLP(hidden=32)
     set_base(small, 16)
     big = upscale(upscale(small, 2), 3)
     assert multipliers(big)["net.3.weight"] == (12, 12)
@@ -209,7 +206,7 @@ OPTS = {
 def test_upscale_optimizer_state_values(opt) -> None:
     """Step counts copied; first moments ÷ k_out, second moments ÷ k_out², expanded by the index maps."""
     torch.manual_seed(0)
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     cls, kind, kw = OPTS[opt]
     opt_s = cls(small.parameters(), **kw)
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
@@ -237,7 +234,7 @@ def test_upscale_optimizer_state_values(opt) -> None:
 
 
 def test_upscale_optimizer_state_errors() -> None:
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     opt_s = torch.optim.Adam(small.parameters())
     nn.functional.cross_entropy(small(torch.randn(2, 10)), torch.tensor([0, 1])).backward()
     opt_s.step()
@@ -256,7 +253,7 @@ def _coord(parametrization: str, widths=(32, 128, 512), steps: int = 3):
     models = {}
     for w in widths:
         torch.manual_seed(w)
-        m = zoo.MLP(hidden=w)
+        m = zoo.NormMLP(hidden=w)
         if parametrization == "mup":
             set_base(m, widths[0])
         models[w] = m
@@ -288,10 +285,10 @@ def test_coord_check_mup_is_width_independent_and_sp_grows(tmp_path) -> None:
 
 def test_coord_check_accepts_factories_and_validates() -> None:
     x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
-    res = coord_check({8: lambda: zoo.MLP(hidden=8)}, (x, y), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+    res = coord_check({8: lambda: zoo.NormMLP(hidden=8)}, (x, y), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                       steps=1)
     assert res[8]["update"]["net.0"][0] > 0
     with pytest.raises(ValueError, match="steps"):
-        coord_check({8: zoo.MLP()}, (x, y), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), steps=0)
+        coord_check({8: zoo.NormMLP()}, (x, y), lambda m: torch.optim.SGD(m.parameters(), lr=0.1), steps=0)
     with pytest.raises(ValueError, match="empty"):
         coord_check({}, (x, y), lambda m: None)

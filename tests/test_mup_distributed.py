@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-import upscale_models as zoo  # noqa: E402
+import zoo
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -47,7 +44,7 @@ def _models(name: str):
         ids = [torch.randint(0, 61, (4, 8), generator=g) for _ in range(4)]
         batches = [({"input_ids": t}, t) for t in ids]
     else:
-        small = zoo.MLP(hidden=16)
+        small = zoo.NormMLP(hidden=16)
         set_base(small, 8)
         g = torch.Generator().manual_seed(1)
         batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
@@ -125,10 +122,8 @@ def _worker(rank, init_file, out_dir):
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fsdp_mup")
-    mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    return [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def ranks(tmp_path_factory, spawn_ranks):
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp_mup"), WORLD)
 
 
 @pytest.mark.parametrize("name", ["mlp", "gpt2"])

@@ -19,12 +19,7 @@ TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data
         "retrain.steps=4", "pretrain.steps=4", "run.checkpoint_every=2", "run.threads=1", "run.progress=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """Runs set torch's thread count (run.threads=1); give other test modules their default back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def tiny(tmp: Path, pipeline: str = "dms", *extra: str):

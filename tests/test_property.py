@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dmscale
-from models import Attention
+from zoo import Attention
 
 EXAMPLES = int(os.environ.get("DMSCALE_HYPOTHESIS_EXAMPLES", "25"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("DMSCALE_HYPOTHESIS_EXAMPLES"),

@@ -17,7 +17,7 @@ import torch
 
 import dmscale
 from dmscale.serialization.checkpoint import load_checkpoint, save_checkpoint
-from models import MLP, ResNetCNN, TinyViT
+from zoo import MLP, ResNetCNN, TinyViT
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
 STEPS, EVERY = 16, 3  # the schedule's refine phase starts at step 13: resume crosses it

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dmscale
-from models import MLP, MobileNetV2ish, ResNetCNN, TinyViT
+from zoo import MLP, MobileNetV2ish, ResNetCNN, TinyViT
 
 
 def _hf_vit():
@@ -90,7 +90,7 @@ def test_search_export_equal_flops_saveload(name, tmp_path):
     assert c["flops"] < full["flops"]
     # save / load round trip
     dmscale.save(small, tmp_path / "out")
-    again = dmscale.load(tmp_path / "out", trust=["models"])  # the test models' own package
+    again = dmscale.load(tmp_path / "out", trust=["zoo"])  # the test models' own package
     again.eval()
     with torch.no_grad():
         torch.testing.assert_close(_logits(again(x)), got)

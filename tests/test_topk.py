@@ -86,7 +86,7 @@ def test_cached_ranks_in_search_space_match_operator():
     """SearchSpace sorts once per importance update; masks must equal the pure operator's."""
     import dmscale
     from dmscale.topk import differentiable_topk as topk
-    from models import MLP
+    from zoo import MLP
 
     dms = dmscale.DMS(MLP(), (torch.randn(2, 16),), dmscale.Target(flops=0.5), total_steps=5)
     g = dms.groups[0]

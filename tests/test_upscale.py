@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-import upscale_models as zoo  # noqa: E402
+import zoo
 
-from dmscale.mup import UpscaleError, upscale, width_info  # noqa: E402
+from dmscale.mup import UpscaleError, upscale, width_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -27,10 +24,10 @@ def _ids() -> torch.Tensor:
 
 
 PLAIN = {
-    "mlp": (zoo.MLP, lambda: torch.randn(5, 10)),
-    "resnet": (zoo.ResNetCNN, _img),
-    "mobilenetv2": (zoo.MobileNetV2ish, _img),
-    "vit": (zoo.TinyViT, _img),
+    "mlp": (zoo.NormMLP, lambda: torch.randn(5, 10)),
+    "resnet": (zoo.BasicResNet, _img),
+    "mobilenetv2": (zoo.GroupedMobileNet, _img),
+    "vit": (zoo.EncoderViT, _img),
 }
 HF = {
     "gpt2": (zoo.hf_gpt2, lambda: {"input_ids": _ids()}),
@@ -77,7 +74,7 @@ def test_static_equivalence_hf(name: str) -> None:
 
 
 def test_io_dims_fixed_and_hidden_widened() -> None:
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     big = upscale(small, 4)
     lin = [m for m in big.modules() if isinstance(m, nn.Linear)]
     assert (lin[0].in_features, lin[0].out_features) == (10, 64)
@@ -149,7 +146,7 @@ def test_tied_plain_model_uses_output_multiplier(tmp_path) -> None:
 
 
 def test_batchnorm_running_stats_copied() -> None:
-    small = zoo.randomize_norms(zoo.ResNetCNN())
+    small = zoo.randomize_norms(zoo.BasicResNet())
     big = upscale(small, 2, example_inputs=_img())
     torch.testing.assert_close(big.stem[1].running_mean, small.stem[1].running_mean.repeat_interleave(2))
     torch.testing.assert_close(big.stem[1].running_var, small.stem[1].running_var.repeat_interleave(2))
@@ -157,7 +154,7 @@ def test_batchnorm_running_stats_copied() -> None:
 
 
 def test_depthwise_stays_depthwise() -> None:
-    big = upscale(zoo.MobileNetV2ish(), 2, example_inputs=_img())
+    big = upscale(zoo.GroupedMobileNet(), 2, example_inputs=_img())
     dw = big.b1.block[3]
     assert dw.groups == dw.in_channels == dw.out_channels == 64
     assert big.grouped.groups == 2 and big.grouped.in_channels == 32
@@ -166,12 +163,12 @@ def test_depthwise_stays_depthwise() -> None:
 @pytest.mark.parametrize("bad", [2.5, 0, -2, "2", True])
 def test_non_integer_width_raises(bad) -> None:
     with pytest.raises(ValueError, match=str(bad) if not isinstance(bad, str) else "'2'"):
-        upscale(zoo.MLP(), bad)
+        upscale(zoo.NormMLP(), bad)
 
 
 def test_integral_float_width_ok() -> None:
     x = torch.randn(2, 10)
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     torch.testing.assert_close(_out(upscale(small, 2.0), x), _out(small, x))
 
 
@@ -210,7 +207,7 @@ def test_flatten_into_linear_is_detected() -> None:
 
 def test_noise_mlp_form_scale_and_loss_jump() -> None:
     torch.manual_seed(0)
-    small = zoo.MLP(hidden=32)
+    small = zoo.NormMLP(hidden=32)
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
     exact = upscale(small, 4, sigma=0.0)
     noisy = upscale(small, 4, "mlp", 1e-3, seed=1)
@@ -238,7 +235,7 @@ def test_noise_mlp_form_scale_and_loss_jump() -> None:
 
 def test_noise_relative_form_is_spectral_per_tensor() -> None:
     torch.manual_seed(0)
-    small = zoo.randomize_norms(zoo.ResNetCNN(c=8))
+    small = zoo.randomize_norms(zoo.BasicResNet(c=8))
     x = _img()
     exact = upscale(small, 2, sigma=0.0, example_inputs=x)
     noisy = upscale(small, 2, "relative", 0.3, example_inputs=x, seed=0)
@@ -253,7 +250,7 @@ def test_noise_relative_form_is_spectral_per_tensor() -> None:
         assert per[name] > 0
     torch.testing.assert_close(noisy.fc.weight, exact.fc.weight, rtol=0, atol=0)  # readout exact
     # the tuned per-tensor noise is reused on a larger pair: same scale per tensor, fresh Z of the new shape
-    big_small = zoo.randomize_norms(zoo.ResNetCNN(c=16))
+    big_small = zoo.randomize_norms(zoo.BasicResNet(c=16))
     exact2 = upscale(big_small, 2, sigma=0.0, example_inputs=x)
     reused = upscale(big_small, 2, "relative", noise_dict=per, example_inputs=x, seed=0)
     assert width_info(reused)["noise"]["per_tensor"] == per
@@ -268,7 +265,7 @@ def test_noise_relative_form_is_spectral_per_tensor() -> None:
 
 def test_noise_init_form_is_the_models_own_init() -> None:
     torch.manual_seed(0)
-    small = zoo.MLP(hidden=32)
+    small = zoo.NormMLP(hidden=32)
     exact = upscale(small, 4)
     noisy = upscale(small, 4, "init", 0.5, seed=3)
     # nn.Linear's own init: U(±1/sqrt(fan_in)) -> std 1/sqrt(3 fan_in); noise enters before the 1/k rescale
@@ -285,22 +282,22 @@ def test_noise_init_form_is_the_models_own_init() -> None:
 
 
 def test_noise_defaults_per_model_kind() -> None:
-    assert width_info(upscale(zoo.MLP(), 2, sigma=0.1, seed=0))["noise"]["form"] == "mlp"
-    assert width_info(upscale(zoo.ResNetCNN(), 2, sigma=0.1, example_inputs=_img(), seed=0))["noise"]["form"] == "relative"
+    assert width_info(upscale(zoo.NormMLP(), 2, sigma=0.1, seed=0))["noise"]["form"] == "mlp"
+    assert width_info(upscale(zoo.BasicResNet(), 2, sigma=0.1, example_inputs=_img(), seed=0))["noise"]["form"] == "relative"
     assert width_info(upscale(zoo.hf_gpt2(), 2, sigma=0.1, seed=0))["noise"]["form"] == "init"
-    assert width_info(upscale(zoo.TinyViT(), 2, sigma=0.1, example_inputs=_img(), seed=0))["noise"]["form"] == "init"
+    assert width_info(upscale(zoo.EncoderViT(), 2, sigma=0.1, example_inputs=_img(), seed=0))["noise"]["form"] == "init"
 
 
 @pytest.mark.parametrize("bad", [dict(noise="gauss"), dict(sigma=-1.0), dict(sigma=float("nan")),
                                  dict(noise=0.1, sigma=0.2), dict(noise_dict=[1, 2])])
 def test_noise_arguments_validated(bad) -> None:
     with pytest.raises(ValueError):
-        upscale(zoo.MLP(), 2, **bad)
+        upscale(zoo.NormMLP(), 2, **bad)
 
 
 def test_noise_copies_diverge_under_training() -> None:
     torch.manual_seed(0)
-    small = zoo.MLP(hidden=8)
+    small = zoo.NormMLP(hidden=8)
     from dmscale.mup import mup_optimizer
 
     x, y = torch.randn(32, 10), torch.randint(0, 3, (32,))
@@ -317,7 +314,7 @@ def test_noise_copies_diverge_under_training() -> None:
 
 
 def test_seed_reproducible() -> None:
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     for form in ("mlp", "relative", "init"):
         a, b = upscale(small, 2, form, 1e-2, seed=3), upscale(small, 2, form, 1e-2, seed=3)
         for p, q in zip(a.parameters(), b.parameters()):
@@ -327,7 +324,7 @@ def test_seed_reproducible() -> None:
 
 
 def test_upscale_twice_composes_factors() -> None:
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     x = torch.randn(3, 10)
     big = upscale(upscale(small, 2), 3)
     torch.testing.assert_close(_out(big, x), _out(small, x))
@@ -356,11 +353,11 @@ def test_cli_upscales_saved_module_and_hf_dir(tmp_path) -> None:
     import dmscale
     from dmscale.app.cli import main
 
-    small = zoo.MLP()
+    small = zoo.NormMLP()
     src, dst = tmp_path / "small", tmp_path / "big"
     dmscale.save(small, src)
-    assert main(["upscale", str(src), "--width", "2", "--noise", "0", "--out", str(dst), "--trust", "upscale_models"]) == 0
-    big = dmscale.load(dst, trust=["upscale_models"])
+    assert main(["upscale", str(src), "--width", "2", "--noise", "0", "--out", str(dst), "--trust", "zoo"]) == 0
+    big = dmscale.load(dst, trust=["zoo"])
     x = torch.randn(4, 10)
     torch.testing.assert_close(_out(big, x), _out(small, x))
     assert big.net[0].out_features == 32
@@ -398,7 +395,7 @@ def test_per_dimension_factors_transformers() -> None:
     assert gb.config.n_embd == 64 and gb.config.n_inner == 4 * 32 * 4
     with pytest.raises(UpscaleError, match="heads"):
         upscale(g, {"hidden": 2, "heads": 3})  # GPT-2 ties attention width to n_embd
-    vit = zoo.TinyViT()
+    vit = zoo.EncoderViT()
     x = _img()
     vb = upscale(vit, {"hidden": 2, "ffn": 3}, example_inputs=x)
     torch.testing.assert_close(_out(vb, x), _out(vit, x), rtol=1e-4, atol=1e-5)
@@ -413,12 +410,12 @@ def test_per_layer_factors_plain_models() -> None:
     assert [m.out_features for m in big.net if isinstance(m, nn.Linear)] == [18, 16, 40, 3]
     assert big.net[2].normalized_shape == (18,)  # the norm follows the layer before it
     img = _img()
-    cnn = zoo.randomize_norms(zoo.ResNetCNN())
+    cnn = zoo.randomize_norms(zoo.BasicResNet())
     cb = upscale(cnn, {"hidden": 2, "layer1.conv1": 3, "layer2.conv1": 4}, example_inputs=img)
     torch.testing.assert_close(_out(cb, img), _out(cnn, img), rtol=1e-4, atol=1e-5)
     assert cb.layer1.conv1.out_channels == 24 and cb.layer1.bn1.num_features == 24
     assert cb.layer1.conv2.in_channels == 24 and cb.layer1.conv2.out_channels == 16
-    mb = zoo.MobileNetV2ish()
+    mb = zoo.GroupedMobileNet()
     mbb = upscale(mb, {"b1.block.0": 3}, example_inputs=img)  # expansion -> depthwise -> projection
     torch.testing.assert_close(_out(mbb, img), _out(mb, img), rtol=1e-4, atol=1e-5)
     assert mbb.b1.block[3].groups == 32 * 3
@@ -433,12 +430,12 @@ def test_per_layer_factors_plain_models() -> None:
 ])
 def test_width_dict_errors(width, err, match) -> None:
     with pytest.raises(err, match=match):
-        upscale(zoo.MLP(), width, example_inputs=torch.randn(2, 10))
+        upscale(zoo.NormMLP(), width, example_inputs=torch.randn(2, 10))
 
 
 def test_per_layer_factor_on_a_residual_dim_is_refused() -> None:
     """conv2's output joins the residual stream: a factor of its own cannot be exact, and is caught."""
-    cnn = zoo.ResNetCNN()
+    cnn = zoo.BasicResNet()
     with pytest.raises(UpscaleError):
         upscale(cnn, {"hidden": 2, "layer1.conv2": 3}, example_inputs=_img())
 
@@ -461,8 +458,8 @@ def test_grow_head_dim_attention() -> None:
     with pytest.raises(UpscaleError, match="RoPE"):
         upscale(zoo.hf_llama(), 2, attention="grow_head_dim")
     with pytest.raises(UpscaleError, match="duplicate_heads"):
-        upscale(zoo.TinyViT(), 2, attention="grow_head_dim", example_inputs=_img())
+        upscale(zoo.EncoderViT(), 2, attention="grow_head_dim", example_inputs=_img())
     with pytest.raises(UpscaleError, match="no supported attention"):
-        upscale(zoo.MLP(), 2, attention="grow_head_dim")
+        upscale(zoo.NormMLP(), 2, attention="grow_head_dim")
     with pytest.raises(ValueError, match="attention must be"):
-        upscale(zoo.MLP(), 2, attention="wide")
+        upscale(zoo.NormMLP(), 2, attention="wide")

@@ -18,12 +18,7 @@ transformers = pytest.importorskip("transformers")
 TINY_TEXT = Path(dmscale.__file__).parent / "app" / "_data" / "tiny.txt"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_llama(d: Path, vocab: int, seed: int = 0) -> None:

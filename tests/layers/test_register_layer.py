@@ -10,21 +10,7 @@ import torch.nn.functional as F
 import dmscale
 from dmscale.layers import LayerSpec, linear_unit, spec_for, unregister_layer
 from dmscale.trace.tracer import trace
-
-
-class EinsumDense(nn.Module):
-    """``y = x @ kernel + b`` written with einsum (no op rule), sizes kept in attributes its forward uses."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.n_in, self.n_out = n_in, n_out
-        self.kernel = nn.Parameter(torch.randn(n_in, n_out) / math.sqrt(n_in))
-        self.b = nn.Parameter(0.1 * torch.randn(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("ni,io->no", x.reshape(-1, self.n_in), self.kernel) + self.b
-        return y.reshape(*x.shape[:-1], self.n_out)
-
+from zoo import EinsumDense
 
 SPEC = LayerSpec(
     "einsum_dense",

@@ -1,14 +1,11 @@
-"""The recipe tests run their tiny models on one thread (restored after each test)."""
+"""The recipe tests run their tiny models on one thread (``one_thread`` of ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _recipes_one_thread(one_thread):
+    """Every test of this folder uses the shared ``one_thread`` fixture (restored after each module)."""
     yield
-    torch.set_num_threads(n)
