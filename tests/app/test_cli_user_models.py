@@ -19,7 +19,7 @@ from dmscale.app.cli import main
 from dmscale.app.config import load_config
 
 PKG = "dms_cli_userpkg"
-NETS = f'''
+NETS = '''
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def margin_loss(model, batch):
     """A loss of the user's own: multi-class hinge, with a metric of its own."""
     x, y = batch
     out = model(x)
-    return F.multi_margin_loss(out, y), {{"margin_acc": float((out.argmax(1) == y).float().mean())}}
+    return F.multi_margin_loss(out, y), {"margin_acc": float((out.argmax(1) == y).float().mean())}
 
 
 def per_example_loss(model, batch):
@@ -276,7 +276,7 @@ def test_a_loss_that_is_not_a_scalar_tensor_is_named(work, tmp_path: Path, capsy
     assert main(["fast", "--model", f"{PKG}.nets:build", "--data", str(work["npz"]), "--loss", f"{PKG}.nets:{fn}",
                  "--out", str(out)] + sets()) == 2
     err = capsys.readouterr().err
-    assert f"--loss" in err and f"{PKG}.nets:{fn}" in err and "scalar tensor" in err and what in err
+    assert "--loss" in err and f"{PKG}.nets:{fn}" in err and "scalar tensor" in err and what in err
     assert not out.exists()  # checked before any phase: the same command runs again once fixed
 
 
