@@ -103,6 +103,19 @@ def qwen2_moe():
                num_experts=4, num_experts_per_tok=2, **DECODER)
 
 
+def mixtral():
+    return _lm("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2, **DECODER)
+
+
+def qwen3_moe():
+    return _lm("Qwen3MoeConfig", "Qwen3MoeForCausalLM", moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+               **DECODER)
+
+
+def olmoe():
+    return _lm("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, **DECODER)
+
+
 def opt():
     return _lm("OPTConfig", "OPTForCausalLM", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                word_embed_proj_dim=32, max_position_embeddings=32)

@@ -22,7 +22,7 @@ from ..trace.spaces import align, fix, union
 from .base import register_family, set_attrs
 from .common import LLAMA_ATTN, LLAMA_MLP, Mlp, Stack, Transformer, sub
 
-__all__ = ["is_fused_experts", "FUSED_EXPERTS", "Qwen2Moe", "GROUPED_MM_ALIGN"]
+__all__ = ["is_fused_experts", "FUSED_EXPERTS", "SparseMoe", "Qwen2Moe", "GROUPED_MM_ALIGN"]
 
 GROUPED_MM_ALIGN = 8
 
@@ -67,18 +67,28 @@ FUSED_EXPERTS = LayerSpec("moe_experts", trace_unit=_experts_unit,
 register_matcher(is_fused_experts, FUSED_EXPERTS)
 
 
-class Qwen2Moe(Transformer):
-    """Qwen2-MoE: Llama-like attention; sparse layers with fused experts, a router and a shared expert."""
+class SparseMoe(Transformer):
+    """Llama-like attention; sparse layers with fused experts (``mlp.experts``) and a router (``mlp.gate``, whose
+    ``hidden_dim`` its forward reads in a reshape), optionally dense MLP layers and a shared expert.
 
-    model_types = ("qwen2_moe",)
+    ``expert_key``: the config key of the experts' FFN width (Mixtral and OLMoE reuse ``intermediate_size``,
+    the Qwen MoE models have ``moe_intermediate_size``)."""
+
+    expert_key = "moe_intermediate_size"
     create_keys = ("head_dim",)
-    searched = "hidden, heads (KV groups), expert FFN (expert count fixed), shared-expert FFN, layers"
-    stacks = (Stack("layers", attention=(LLAMA_ATTN,),
-                    mlp=(Mlp("mlp.shared_expert", down="mlp.shared_expert.down_proj", attrs=LLAMA_MLP.attrs,
-                             config={"shared_expert_intermediate_size": "inter"}),
-                         Mlp("mlp", down="mlp.down_proj", attrs=LLAMA_MLP.attrs,
-                             config={"intermediate_size": "inter"})),
-                    layer_attrs={"hidden_size": "hidden"}),)
+    searched = "hidden, heads (KV groups), expert FFN (expert count fixed), layers"
+
+    def __init__(self, *model_types: str, expert_key: str | None = None, shared_expert: bool = False) -> None:
+        self.model_types = model_types
+        if expert_key is not None:
+            self.expert_key = expert_key
+        mlps = [Mlp("mlp", down="mlp.down_proj", attrs=LLAMA_MLP.attrs, config={"intermediate_size": "inter"})]
+        if shared_expert:
+            mlps.insert(0, Mlp("mlp.shared_expert", down="mlp.shared_expert.down_proj", attrs=LLAMA_MLP.attrs,
+                               config={"shared_expert_intermediate_size": "inter"}))
+            self.searched = ("hidden, heads (KV groups), expert FFN (expert count fixed), shared-expert FFN, "
+                             "layers")
+        self.stacks = (Stack("layers", attention=(LLAMA_ATTN,), mlp=tuple(mlps), layer_attrs={"hidden_size": "hidden"}),)
 
     def update_layer(self, ctx, st, layer, name, orig, hidden):
         row = super().update_layer(ctx, st, layer, name, orig, hidden)
@@ -87,8 +97,12 @@ class Qwen2Moe(Transformer):
             inter = int(experts.down_proj.shape[2])
             set_attrs(experts, {"intermediate_dim": inter, "hidden_dim": hidden})
             set_attrs(sub(layer, "mlp.gate"), {"hidden_dim": hidden})
-            row["moe_intermediate_size"] = inter
+            row[self.expert_key] = inter
         return row
 
 
-QWEN2_MOE = register_family(Qwen2Moe())
+Qwen2Moe = SparseMoe  # the name of the first MoE family (kept for imports)
+QWEN2_MOE = register_family(SparseMoe("qwen2_moe", shared_expert=True))
+SPARSE_MOE = register_family(SparseMoe("qwen3_moe"))
+# Mixtral and OLMoE: the experts' width is the config's intermediate_size (no dense layers)
+MIXTRAL = register_family(SparseMoe("mixtral", "olmoe", expert_key="intermediate_size"))
