@@ -112,7 +112,7 @@ CASES = [
     Case("mpt", H.mpt, ("ffn", "hidden", "layers"), causal=True),
     Case("mixtral", H.mixtral, ALL, causal=True, uniform={}),
     Case("qwen3_moe", H.qwen3_moe, ALL, causal=True, uniform={}),
-    Case("olmoe", H.olmoe, ALL, causal=True),
+    Case("olmoe", H.olmoe, ALL, causal=True, uniform={}),
     Case("electra", H.electra, ALL, uniform={}),
     Case("xlm_roberta", H.xlm_roberta, ALL, uniform={}),
     Case("vit", H.vit, ALL, uniform={}),
