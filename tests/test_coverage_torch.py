@@ -48,6 +48,25 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
+class TransformerSeq2Seq(nn.Module):
+    """nn.Transformer (encoder-decoder, checks its inputs against d_model) between embeddings and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 32)
+        self.transformer = nn.Transformer(32, 4, 2, 2, 64, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(32, 40)
+
+    def forward(self, src, tgt):
+        return self.out(self.transformer(self.embed(src), self.embed(tgt)))
+
+
+def _seq2seq_transformer_checks(model, small):
+    t = small.transformer
+    assert t.d_model == small.embed.embedding_dim == small.out.in_features
+    assert t.encoder.norm.weight.shape[0] == t.decoder.norm.weight.shape[0] == t.d_model
+
+
 class Bottleneck(nn.Module):
     def __init__(self, c: int, width: int, groups: int) -> None:
         super().__init__()
@@ -331,6 +350,13 @@ ROWS = {
                                {"embed": "width", "encoder.layers.0.self_attn.out_proj[heads]": "heads",
                                 "encoder.layers.0.linear1": "width", "encoder.layers[depth]": "depth"},
                                budget_today=0.1, extra=_encoder_checks),
+    "nn_transformer_seq2seq": Row(TransformerSeq2Seq,
+                                  lambda: (torch.randint(0, 40, (4, 7)), torch.randint(0, 40, (4, 5))),
+                                  {"embed": "width", "transformer.encoder.layers.0.self_attn.out_proj[heads]": "heads",
+                                   "transformer.decoder.layers.0.multihead_attn.out_proj[heads]": "heads",
+                                   "transformer.decoder.layers.0.linear1": "width",
+                                   "transformer.encoder.layers[depth]": "depth"},
+                                  budget_today=0.1, extra=_seq2seq_transformer_checks),
     "resnext_g8": Row(ResNeXt, _randn(4, 3, 8, 8),
                       {"stem.0": "width", "layer.0.conv1[groups]": "groups", "layer.0.conv1": "width",
                        "layer.0.conv2": "width", "layer[depth]": "depth"}, budget_today=0.3,

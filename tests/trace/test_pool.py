@@ -1,5 +1,6 @@
 """Pooling and resampling pass the batch and channel dims through and give the spatial dims new spaces;
-``pixel_shuffle`` fixes the channel dim (it moves channels into space). Nothing else is fixed."""
+``pixel_shuffle`` / ``pixel_unshuffle`` fix the channel dims on both sides (they move channels into space).
+Nothing else is fixed."""
 
 import torch
 import torch.nn.functional as F
@@ -25,4 +26,39 @@ def test_max_pool_with_indices_labels_both_outputs():
 
 def test_pixel_shuffle_fixes_channels():
     tr, (x,), out = run_op(lambda x: F.pixel_shuffle(x, 2), torch.randn(1, 8, 3, 3))
-    assert fixed(tr.get(x)[1])
+    xd, od = tr.get(x), tr.get(out)
+    assert fixed(xd[1]) and fixed(od[1]) and od[1].size == 2  # C / r^2 output channels: a space of their own
+    assert same(od[0], xd[0]) and not same(od[1], xd[1])
+
+
+def test_pixel_unshuffle_fixes_channels():
+    tr, (x,), out = run_op(lambda x: F.pixel_unshuffle(x, 2), torch.randn(1, 2, 6, 6))
+    xd, od = tr.get(x), tr.get(out)
+    assert fixed(xd[1]) and fixed(od[1]) and od[1].size == 8 and not tr.unsupported
+
+
+def test_sub_pixel_upsampler_between_convs_searches_the_rest():
+    """conv -> pixel_shuffle -> conv (an ESPCN / super-resolution upsampler): the channels around the shuffle
+    stay, the convs' other widths are searched, and the export equals the hard-masked supernet."""
+    import dmscale
+
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+            self.c3, self.c4 = torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.Conv2d(12, 3, 3, padding=1)
+
+        def forward(self, x):
+            return self.c4(torch.relu(self.c3(F.pixel_shuffle(self.c2(torch.relu(self.c1(x))), 2))))
+
+    x = torch.randn(2, 3, 8, 8)
+    dms = dmscale.DMS(Up(), (x,), dmscale.Target(flops=0.7), total_steps=5, warn=False)
+    assert sorted(g.name for g in dms.groups) == ["c1", "c3"]
+    with torch.no_grad():
+        for g in dms.groups:
+            dms.space.ratio(g).fill_(0.5)
+    ex = dms.export(project=False)
+    with torch.no_grad(), dms.hard():
+        ref = dms.model(x)
+    torch.testing.assert_close(ex(x), ref, atol=1e-5, rtol=1e-5)
+    assert ex.c1.out_channels == 8 and ex.c3.out_channels == 6 and ex.c2.out_channels == 32

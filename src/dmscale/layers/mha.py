@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .spec import LayerSpec, _register_builtin
 
-__all__ = ["PrunedMultiheadAttention", "MULTIHEAD_ATTENTION"]
+__all__ = ["PrunedMultiheadAttention", "MULTIHEAD_ATTENTION", "TRANSFORMER"]
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -160,3 +160,21 @@ def _mha_update(mod: nn.Module) -> None:
 
 MULTIHEAD_ATTENTION = LayerSpec("mha", params=(), size_attrs=_mha_sizes, update_attrs=_mha_update)
 _register_builtin((nn.MultiheadAttention,), MULTIHEAD_ATTENTION)
+
+
+def _transformer_sizes(mod: nn.Module) -> dict[str, Any]:
+    """``nn.Transformer`` checks its inputs against ``d_model``: the model width after export, read off the
+    encoder's final norm (or, without one, the first encoder layer's attention output)."""
+    norm = getattr(mod.encoder, "norm", None)
+    w = getattr(norm, "weight", None)
+    if isinstance(w, torch.Tensor):
+        return {"d_model": int(w.shape[0])}
+    for layer in getattr(mod.encoder, "layers", ()):
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, nn.MultiheadAttention):
+            return {"d_model": int(attn.out_proj.weight.shape[0])}
+    return {}
+
+
+TRANSFORMER = LayerSpec("transformer", params=(), size_attrs=_transformer_sizes)
+_register_builtin((nn.Transformer,), TRANSFORMER)

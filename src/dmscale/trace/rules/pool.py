@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..registry import op_rule, tensors
-from ..spaces import fix
+from ..spaces import Space, fix
 from .conv import spatial
 
 # op name -> number of trailing spatial dims (-1: every dim after batch and channel)
@@ -13,7 +13,7 @@ SPATIAL_DIMS = {
     "adaptive_max_pool2d": 2, "adaptive_max_pool3d": 3, "_max_pool1d": 1, "_max_pool2d": 2, "_max_pool3d": 3,
     "max_pool1d_with_indices": 1, "max_pool2d_with_indices": 2, "max_pool3d_with_indices": 3,
     "_adaptive_max_pool1d": 1, "_adaptive_max_pool2d": 2, "_adaptive_max_pool3d": 3, "lp_pool2d": 2, "lp_pool1d": 1,
-    "pixel_shuffle": -1, "upsample": -1, "interpolate": -1, "upsample_nearest": -1, "upsample_bilinear": -1,
+    "pixel_shuffle": -1, "pixel_unshuffle": -1, "upsample": -1, "interpolate": -1, "upsample_nearest": -1, "upsample_bilinear": -1,
     "fractional_max_pool2d": 2, "fractional_max_pool2d_with_indices": 2,
 }
 
@@ -21,15 +21,21 @@ SPATIAL_DIMS = {
 @op_rule(*SPATIAL_DIMS)
 def pool(tr, c) -> None:
     """Leading (batch, channel) dims pass through; spatial dims are new spaces. Outputs of another
-    rank get fresh spaces. ``pixel_shuffle`` fixes the channel dim (it moves channels into space)."""
+    rank get fresh spaces. ``pixel_shuffle`` / ``pixel_unshuffle`` move channels into space (or back): the
+    input's and the output's channel dims (C and C / r^2, or C x r^2) are both fixed."""
     src = c.args[0] if c.args else c.kwargs["input"]
     k = SPATIAL_DIMS[c.name]
     k = src.dim() - 2 if k < 0 else k
     sd = list(tr.get(src))
+    shuffle = c.name in ("pixel_shuffle", "pixel_unshuffle")
     for o in tensors(c.out):
-        if o.dim() == src.dim():
+        if shuffle and o.dim() == src.dim() >= 3:
+            channels = Space(o.shape[-3], c.name, fixed=o.shape[-3] > 1)
+            channels.fix_reasons.append(f"{c.name} in {tr.current_module() or 'model'}")
+            tr.set(o, sd[:-3] + [channels] + [spatial(n) for n in o.shape[-2:]])
+        elif o.dim() == src.dim():
             tr.set(o, sd[: o.dim() - k] + [spatial(n) for n in o.shape[o.dim() - k:]])
         else:
             tr.set(o, tr.fresh(o))
-    if c.name == "pixel_shuffle":
-        fix(sd[-3], "pixel_shuffle")
+    if shuffle and src.dim() >= 3:
+        fix(sd[-3], c.name)
