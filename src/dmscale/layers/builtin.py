@@ -164,4 +164,4 @@ _register_builtin((nn.LayerNorm,), LAYERNORM)
 if hasattr(nn, "RMSNorm"):
     _register_builtin((nn.RMSNorm,), RMSNORM)
 _register_builtin((nn.GroupNorm,), GROUPNORM)
-_register_builtin((nn.Embedding,), EMBEDDING)
+_register_builtin((nn.Embedding, nn.EmbeddingBag), EMBEDDING)
