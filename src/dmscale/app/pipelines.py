@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, TrainConfig
+from dmscale.app.config import ConfigError, RunConfig, TrainConfig, latency_target
 from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
@@ -197,7 +197,7 @@ def _teacher(run: Run, model: nn.Module | None = None) -> nn.Module | None:
 
 # ----------------------------------------------------------------------------------------- search
 def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> float:
-    """The target as a fraction of the supernet (what ``Target`` takes)."""
+    """A flops/params target as a fraction of the supernet (what ``Target`` takes)."""
     s = run.cfg.search
     if s.target_of == "supernet":
         return s.target
@@ -206,6 +206,62 @@ def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> 
         raise ConfigError(f"search.target={s.target} of the base model's {s.resource} is larger than the "
                           f"supernet itself ({frac:.3f} of it); lower search.target or enlarge the supernet")
     return min(frac, 1.0)
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Class, parameter and buffer names, shapes and dtypes of a model (what a latency table was measured on)."""
+    import hashlib
+
+    parts = [type(model).__qualname__] + [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in
+                                            list(model.named_parameters()) + list(model.named_buffers())]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _latency_cache(run: Run, model: nn.Module, target: Target) -> str:
+    """The run directory as the latency table's cache (``dmscale-latency.json``), after checking that a table
+    already there was measured for this model on this device (else a ``ConfigError`` naming both)."""
+    import platform
+
+    from dmscale.latency import CACHE_FILE
+
+    p0 = next(iter(model.parameters()), None)
+    device = torch.device(target.device) if target.device else (p0.device if p0 is not None else torch.device("cpu"))
+    host = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()}-{platform.processor() or 'cpu'}"
+    ident = {"device": str(device), "host": host, "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "batch_size": target.batch_size or int(run.example[0].shape[0]), "model": _model_fingerprint(model)}
+    path = run.dir / CACHE_FILE
+    old = run.state.get("latency_cache")
+    if path.exists() and isinstance(old, dict):
+        diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: measured {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            hint = " (keep run.threads / --threads as when it was measured)" if "threads" in diff else ""
+            raise ConfigError(f"latency cache {path} was measured for another device or model ({what}){hint}; "
+                              "a latency target is only valid where it was measured: resume on that machine, or "
+                              "start a new run")
+    run.state["latency_cache"] = {**ident, "file": CACHE_FILE}
+    run.write_state()
+    return str(run.dir)
+
+
+def _search_target(run: Run, model: nn.Module, ref: dict[str, float], sup: dict[str, float]) -> tuple[Target, dict]:
+    """The search's ``Target`` and the app's ``DMSConfig`` fields (``latency_cache``: the run directory)."""
+    s = run.cfg.search
+    if s.resource == "latency":
+        target = latency_target(s)
+        return target, {"latency_cache": _latency_cache(run, model, target)}
+    return Target(**{s.resource: _target_fraction(run, ref, sup)}), {}
+
+
+def search_dms(run: Run, model: nn.Module, target: Target, **app: Any) -> DMS:
+    """The ``DMS`` of ``[search]``: its ``DMSConfig`` keys as they are (``SearchConfig.dms_config``), the target,
+    and what the run's model needs (keyword inputs; a language model's embeddings excluded)."""
+    s = run.cfg.search
+    kw = run.dms_kwargs(model)
+    extra = [n for n in kw.pop("exclude", ()) if n not in s.exclude]
+    cfg = s.dms_config(target=target, exclude=list(s.exclude) + extra, **app)
+    return DMS(model, run.example, config=cfg, **kw)
 
 
 def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool,
@@ -218,14 +274,13 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
         return done
     s = run.cfg.search
     sup = run.measure(model)
-    frac = _target_fraction(run, ref, sup)
+    target, app = _search_target(run, model, ref, sup)
     try:
-        dms = DMS(model, run.example, Target(**{s.resource: frac}), total_steps=s.steps, importance=s.importance,
-                  importance_decay=s.importance_decay, resource_weight=s.resource_weight,
-                  decay_fraction=s.decay_fraction, divisor=s.divisor, min_ratio=s.min_ratio,
-                  prune_depth=s.prune_depth, warn=False, **run.dms_kwargs(model))
+        dms = search_dms(run, model, target, **app)
     except ValueError as exc:
-        raise ConfigError(f"search.target={s.target}: {exc}") from exc
+        key = "search.latency_device" if s.resource == "latency" and "device" in str(exc) else "search.target"
+        raise ConfigError(f"{key}={getattr(s, key.split('.')[1])!r}: {exc}") from exc
+    frac = dms.target_fraction
     search = Search(dms, train_weights=not freeze_weights,
                     weight_optimizer=lambda ps: make_optimizer(ps, "sgd", s.lr, s.momentum, s.weight_decay),
                     lr=cosine_lr(s.lr, s.steps, s.warmup_steps), structure_optimizer=s.structure_optimizer,
@@ -260,6 +315,7 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                          **({"enlargement": enlargement} if enlargement else {})},
             "target_fraction_of_supernet": frac, "resource_fraction_of_supernet": res_frac,
             "over_budget": fin["over_budget"], "projection": fin.get("projection"),
+            **({"latency": fin["latency"]} if "latency" in fin else {}),
             "groups": [{"name": g.name, "kind": g.kind, "full": kept[g.name][0], "kept": kept[g.name][1]}
                        for g in dms.groups], "summary": fin["summary"]}
     return _finish_model_phase(run, "search", small, "searched", info)
