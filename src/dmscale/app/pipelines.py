@@ -444,8 +444,11 @@ def _baseline_start(run: Run, method: str, goal: float, trained: list[nn.Module]
     frac = goal / run.measure(trained[0])[s.resource]
     model, info = oneshot_prune(trained[0], run.example, Target(**{s.resource: min(frac, 1.0)}), method,
                                 task=run.task(), batches=run.batches("baseline-" + method),
-                                n_batches=run.cfg.baseline.taylor_batches, **run.dms_kwargs(trained[0]))
-    return model, {"ratio": info["ratio"]}
+                                n_batches=run.cfg.baseline.taylor_batches, bn_batches=s.bn_recalibrate,
+                                **run.dms_kwargs(trained[0]))
+    # the one-shot model as it starts retraining (BatchNorm recalibrated with search.bn_recalibrate)
+    return model, {"ratio": info["ratio"], "bn_recalibrated": info["bn_recalibrated"],
+                   f"{run.metric}_oneshot": run.eval(model)}
 
 
 def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
@@ -489,6 +492,15 @@ def finish(run: Run) -> dict[str, Any]:
     return summary
 
 
+def _target_summary(cfg: RunConfig) -> dict[str, Any]:
+    """The run's budget as the summary shows it: resource and fraction of the base/supernet, or latency seconds."""
+    s = cfg.search
+    if s.resource == "latency":
+        return {"resource": "latency", "seconds": s.target, "device": s.latency_device or "the model's device",
+                "batch_size": s.latency_batch_size or 1}
+    return {"resource": s.resource, "fraction": s.target, "of": s.target_of}
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json.
 
@@ -504,8 +516,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
                            "model": cfg.model.spec or f"built-in {cfg.model.family}",
                            "metric": {"key": key, "label": label, "higher_is_better": higher},
-                           "target": {"resource": cfg.search.resource, "fraction": cfg.search.target,
-                                      "of": cfg.search.target_of},
+                           "target": _target_summary(cfg),
                            "reference": state.get("reference"), "rows": [], "groups": [], "run_dir": str(run_dir)}
     rows = out["rows"]
 
@@ -527,7 +538,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         row("found, after search", sr, sr.get(f"{key}_hard"))
         out["groups"] = sr["groups"]
         out["search"] = {k: sr[k] for k in ("steps", "seconds", "target_fraction_of_supernet",
-                                            "resource_fraction_of_supernet") if k in sr}
+                                            "resource_fraction_of_supernet", "projection", "latency") if k in sr}
         if sup.get("enlargement"):
             out["search"]["enlargement"] = sup["enlargement"]
     if "retrain" in ph:
@@ -537,7 +548,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     for m in ("uniform", "l1", "taylor"):
         b = ph.get(f"baseline-{m}")
         if b is not None:
-            row(f"baseline: {m}", b, b.get(key), baseline=m)
+            extra = {k: b[k] for k in ("ratio", "width_mult", "bn_recalibrated") if k in b}
+            if f"{key}_oneshot" in b:
+                extra["before_retrain"] = b[f"{key}_oneshot"]
+            row(f"baseline: {m}", b, b.get(key), baseline=m, **extra)
     atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
     return out
 
