@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from dmscale.budget import Projection, within_budget
+from dmscale.recipes.bn import batchnorms, recalibrate_bn
 from dmscale.recipes.loop import cosine_lr, frozen, load_loop_state, loop_state, make_optimizer, train_loop
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
@@ -238,20 +239,30 @@ def _search_export(model: nn.Module, task: Task | Callable, batches: Batches, ta
 
 
 def dms_fast(model: nn.Module, task: Task | Callable, batches: Batches, target: Target, steps: int, *,
-             train_mode: bool = True, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """DMS_fast: learn only the structure of a trained ``model`` (weights frozen, left unchanged), export.
+             train_mode: bool = True, bn_batches: int = 20, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """DMS_fast: learn only the structure of a trained ``model`` (weights frozen), export.
 
     ``batches(step)`` feeds ``task``; ``train_mode`` keeps BatchNorm in training mode (batch statistics)
-    as the method prescribes for CNNs. Options (all keyword): ``structure_lr``, ``structure_optimizer``,
-    ``amp``, ``project_budget``, ``recalibrate``, ``check``, ``atol``, ``rtol``, ``progress``,
+    as the method prescribes for CNNs, so the BatchNorm running statistics the search leaves behind are
+    those of the shrinking soft supernet: when the model has BatchNorm, they are re-estimated for the found
+    network (hard masks) from ``batches(0 .. bn_batches-1)`` before it is exported
+    (:func:`dmscale.recipes.bn.recalibrate_bn`; ``bn_batches=0`` turns it off; a ``recalibrate`` callable
+    replaces it). Other options (all keyword): ``structure_lr``, ``structure_optimizer``,
+    ``amp``, ``project_budget``, ``check``, ``atol``, ``rtol``, ``progress``,
     ``dms_kwargs`` (for ``DMS``), ``example`` (inputs to trace), ``builder(model, example, target, steps)
-    -> DMS``, ``ratios``,
-    ``remove``, ``callback(record)``. Returns ``(exported, info)`` with the search ``history``.
+    -> DMS``, ``ratios``, ``remove``, ``callback(record)``. Returns ``(exported, info)`` with the search
+    ``history`` and ``bn_recalibrated`` (batches used; 0 when not).
     """
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches must be an integer >= 0 (0 = no BatchNorm recalibration), got {bn_batches!r}")
     t0 = time.perf_counter()
+    recal = bn_batches if options.get("recalibrate") is None and bn_batches and batchnorms(model) else 0
+    if recal:
+        options["recalibrate"] = lambda m: recalibrate_bn(m, batches, recal)
     exported, info = _search_export(model, task, batches, target, steps, train_weights=False, lr=0.0,
                                     optimizer="sgd", train_mode=train_mode, desc="DMS_fast", **options)
-    info.update({"pipeline": "DMS_fast", "steps": steps, "seconds": time.perf_counter() - t0})
+    info.update({"pipeline": "DMS_fast", "steps": steps, "seconds": time.perf_counter() - t0,
+                 "bn_recalibrated": recal})
     return exported, info
 
 
