@@ -116,3 +116,9 @@ def test_example_configs_and_a_dump_round_trip(tmp_path: Path) -> None:
     f.write_text(dump_yaml(cfg))
     again = from_dict(read_file(f))
     assert again.search == cfg.search
+
+
+def test_every_search_key_is_documented() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = [f.name for f in dataclasses.fields(SearchConfig) if f"`{f.name}`" not in text]
+    assert not missing, f"docs/cli.md does not document search keys {missing}"
