@@ -122,3 +122,15 @@ def test_every_search_key_is_documented() -> None:
     text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
     missing = [f.name for f in dataclasses.fields(SearchConfig) if f"`{f.name}`" not in text]
     assert not missing, f"docs/cli.md does not document search keys {missing}"
+
+
+def test_baselines_prune_the_search_space_of_the_config(tmp_path: Path) -> None:
+    """search.divisor / bounds reach the one-shot baselines too (the same groups, the same rounding)."""
+    out = tmp_path / "run"
+    s = pipelines.run(load_config(None, TINY + [f"run.out={out}", "pretrain.steps=2", "search.divisor=2",
+                                                "baseline.methods=[l1]"], pipeline="baseline"))
+    import dmscale
+
+    model = dmscale.load(out / "baselines" / "l1" / "model")
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.out_channels % 2 == 0 for m in convs[:-1]) and s["rows"][-1]["baseline"] == "l1"

@@ -254,13 +254,31 @@ def _search_target(run: Run, model: nn.Module, ref: dict[str, float], sup: dict[
     return Target(**{s.resource: _target_fraction(run, ref, sup)}), {}
 
 
+_ONESHOT_KEYS = ("exclude", "bounds", "divisor", "min_ratio", "prune_width", "prune_heads", "prune_head_dim",
+                 "fold_masks")
+
+
+def _oneshot_kwargs(run: Run, model: nn.Module) -> dict[str, Any]:
+    """``DMS`` options of a one-shot baseline: the search space keys of ``[search]`` (so the baselines prune the
+    same groups as the search) and what the run's model needs."""
+    kw, exclude = _model_kwargs(run, model)
+    cfg = run.cfg.search.dms_config(exclude=exclude)
+    kw.update({k: getattr(cfg, k) for k in _ONESHOT_KEYS})
+    return kw
+
+
+def _model_kwargs(run: Run, model: nn.Module) -> tuple[dict[str, Any], list[str]]:
+    """``run.dms_kwargs(model)`` without ``exclude``, and ``search.exclude`` plus what the model needs excluded."""
+    kw = run.dms_kwargs(model)
+    own = list(run.cfg.search.exclude)
+    return kw, own + [n for n in kw.pop("exclude", ()) if n not in own]
+
+
 def search_dms(run: Run, model: nn.Module, target: Target, **app: Any) -> DMS:
     """The ``DMS`` of ``[search]``: its ``DMSConfig`` keys as they are (``SearchConfig.dms_config``), the target,
     and what the run's model needs (keyword inputs; a language model's embeddings excluded)."""
-    s = run.cfg.search
-    kw = run.dms_kwargs(model)
-    extra = [n for n in kw.pop("exclude", ()) if n not in s.exclude]
-    cfg = s.dms_config(target=target, exclude=list(s.exclude) + extra, **app)
+    kw, exclude = _model_kwargs(run, model)
+    cfg = run.cfg.search.dms_config(target=target, exclude=exclude, **app)
     return DMS(model, run.example, config=cfg, **kw)
 
 
@@ -425,7 +443,7 @@ def uniform_ratio_model(run: Run, goal: float) -> tuple[nn.Module, float]:
     base = run.base_model()
     s = run.cfg.search
     frac = min(goal / run.measure(base)[s.resource], 1.0)
-    small, info = oneshot_prune(base, run.example, Target(**{s.resource: frac}), "l1", **run.dms_kwargs(base))
+    small, info = oneshot_prune(base, run.example, Target(**{s.resource: frac}), "l1", **_oneshot_kwargs(run, base))
     run.reinit(small, run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
     return small, info["ratio"]
 
@@ -445,7 +463,7 @@ def _baseline_start(run: Run, method: str, goal: float, trained: list[nn.Module]
     model, info = oneshot_prune(trained[0], run.example, Target(**{s.resource: min(frac, 1.0)}), method,
                                 task=run.task(), batches=run.batches("baseline-" + method),
                                 n_batches=run.cfg.baseline.taylor_batches, bn_batches=s.bn_recalibrate,
-                                **run.dms_kwargs(trained[0]))
+                                **_oneshot_kwargs(run, trained[0]))
     # the one-shot model as it starts retraining (BatchNorm recalibrated with search.bn_recalibrate)
     return model, {"ratio": info["ratio"], "bn_recalibrated": info["bn_recalibrated"],
                    f"{run.metric}_oneshot": run.eval(model)}
