@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -135,8 +136,6 @@ _DMS_APP_DEFAULTS = {"warn": False}
 
 def _prototype(tp: Any) -> Any:
     """An empty value of a DMSConfig field's type: what the config coerces a value to (lists hold an element)."""
-    import typing
-
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType) and len(args) == 1:
@@ -154,8 +153,6 @@ def _prototype(tp: Any) -> Any:
 def _dms_fields() -> tuple[list[tuple[str, Any, Any]], dict[str, Any], dict[str, bool]]:
     """The DMSConfig fields as ``[search]`` keys: (name, type, field) list, element prototypes of list keys,
     and which keys mean ``None`` (DMSConfig's default) when empty."""
-    import typing
-
     from dmscale.search import DMSConfig
 
     hints = typing.get_type_hints(DMSConfig)
