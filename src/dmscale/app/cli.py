@@ -19,7 +19,7 @@ import torch
 
 from dmscale.app.config import SEED_MAX, ConfigError, RunConfig, apply_overrides, from_dict, read_file, validate
 
-__all__ = ["main", "build_parser", "DEMO", "DEMO_QUICK"]
+__all__ = ["main", "build_parser", "parse_target", "DEMO", "DEMO_QUICK"]
 
 # the demo: DMS on the best offline image dataset, budget 0.5x the base model's FLOPs (~6 min on 2 cores)
 DEMO: dict[str, Any] = {
@@ -54,7 +54,12 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False, user_mo
                    "image folder (one subfolder per class), an .npz file, or a text file for a language model")
     p.add_argument("--data-root", help="data.root: directory holding the dataset files")
     p.add_argument("--limit-train", type=int, help="data.limit_train: subsample the training set")
-    p.add_argument("--target", type=float, help="search.target: budget as a fraction (0, 1]")
+    p.add_argument("--target", metavar="[KIND=]VALUE", help="search.target (and search.resource): a fraction (0, 1] "
+                   "of the FLOPs (0.5), flops=0.5, params=0.5, or latency=SECONDS per forward (measured on this "
+                   "machine, see search.latency_device / latency_batch_size)")
+    p.add_argument("--bn-recalibrate", type=int, metavar="N", help="search.bn_recalibrate: re-estimate BatchNorm "
+                   "statistics of the found (and one-shot pruned) network from N training batches before it is "
+                   "evaluated and saved; 0 = off (default 20)")
     p.add_argument("--steps", type=int, help="search.steps")
     p.add_argument("--retrain-steps", type=int, help="retrain.steps")
     p.add_argument("--reset", action="store_true", help="retrain.reset: re-initialize the exported weights")
@@ -77,13 +82,36 @@ def _add_run_flags(p: argparse.ArgumentParser, pretrained: bool = False, user_mo
                    help="keep a search that ends over budget (by default the run fails with exit code 1)")
 
 
+_TARGET_KINDS = ("flops", "params", "latency")
+
+
+def parse_target(text: str) -> dict[str, Any]:
+    """``--target``: ``0.5`` (search.target), or ``KIND=VALUE`` with KIND flops, params or latency (seconds), which
+    also sets search.resource."""
+    kind, sep, value = text.partition("=")
+    if not sep:
+        kind, value = "", text
+    kind = kind.strip().lower()
+    if sep and kind not in _TARGET_KINDS:
+        raise ConfigError(f"--target {text!r}: unknown resource {kind!r}; use flops=F, params=F (fractions) or "
+                          "latency=SECONDS")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ConfigError(f"--target {text!r}: {value.strip()!r} is not a number; e.g. --target 0.5, "
+                          "--target params=0.5 or --target latency=0.002") from None
+    return {"search.target": v, **({"search.resource": kind} if kind else {})}
+
+
 def _flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """The shortcut flags as config overrides."""
     m = {"out": "run.out", "seed": "run.seed", "data": "data.name", "data_root": "data.root",
-         "limit_train": "data.limit_train", "target": "search.target", "steps": "search.steps",
+         "limit_train": "data.limit_train", "steps": "search.steps", "bn_recalibrate": "search.bn_recalibrate",
          "retrain_steps": "retrain.steps", "threads": "run.threads", "pretrained": "model.pretrained",
          "model": "model.spec", "loss": "task.loss", "distill": "task.distill"}
     out = {key: getattr(a, attr) for attr, key in m.items() if getattr(a, attr, None) is not None}
+    if getattr(a, "target", None) is not None:
+        out.update(parse_target(a.target))
     if getattr(a, "model_kwargs", None) is not None:
         from dmscale.app.models import ModelSpecError, parse_model_kwargs
 

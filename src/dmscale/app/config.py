@@ -6,12 +6,15 @@ or any step is trained, and every error names the offending key (``ConfigError: 
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import json
 import math
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -24,12 +27,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["ConfigError", "RunConfig", "RunSection", "DataConfig", "ModelConfig", "TrainConfig", "SearchConfig",
-           "BaselineConfig", "TaskConfig", "supernet_mults", "PIPELINES", "default_config", "load_config", "from_dict", "from_file", "read_file",
+           "BaselineConfig", "TaskConfig", "DMS_KEYS", "DMS_APP_FIELDS", "latency_target", "supernet_mults", "PIPELINES", "default_config", "load_config", "from_dict", "from_file", "read_file",
            "to_dict", "apply_overrides", "validate", "dump_yaml", "flatten", "INT_MAX", "SEED_MAX"]
 
 PIPELINES = ("dms", "dms_p", "dms_fast", "baseline", "pretrain")
 DATASETS = ("auto", "digits", "mnist5k", "fashion-mnist", "cifar10")
-IMPORTANCE = ("taylor", "fisher", "snip", "l1")
+RESOURCES = ("flops", "params", "latency")
 BASELINES = ("uniform", "l1", "taylor")
 INT_MAX = 2**31 - 1  # every integer key (steps, sizes, limits) must fit a 32-bit signed int
 SEED_MAX = 2**32 - 1  # run.seed is in [0, 2**32 - 1] (numpy's range)
@@ -105,28 +108,98 @@ class TrainConfig:
 
 
 @dataclass
-class SearchConfig:
-    """The DMS search: budget, schedule, optimizers for weights and structure."""
+class _SearchKeys:
+    """The ``[search]`` keys that are not ``DMSConfig`` fields: length, budget, optimizers, BN recalibration."""
 
-    steps: int = 100
-    target: float = 0.5
-    resource: str = "flops"  # 'flops' | 'params'
-    target_of: str = "base"  # 'base' | 'supernet': what the target fraction is relative to
+    steps: int = 100  # DMSConfig.total_steps
+    target: float = 0.5  # a fraction in (0, 1] of flops/params; seconds for resource = 'latency'
+    resource: str = "flops"  # 'flops' | 'params' | 'latency'
+    target_of: str = "base"  # 'base' | 'supernet': what a flops/params fraction is relative to
+    latency_device: str = ""  # resource = 'latency': torch device to measure on ("" = where the model is)
+    latency_batch_size: int = 0  # resource = 'latency': batch of the timed forward (0 = one example)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_steps: int = 0
     structure_optimizer: str = "adam"  # 'adam' | 'sgd'
     structure_lr: float = 0.0  # 0 = auto: min(0.1, max(0.005, 2 / steps)) (Adam moves a ratio ~lr per step)
-    importance: str = "taylor"
-    importance_decay: float = 0.99
-    resource_weight: float = 1.0
-    decay_fraction: float = 0.8
-    divisor: int = 1
-    min_ratio: float = 0.0
-    prune_depth: bool = True
     label_smoothing: float = 0.0
     bn_recalibrate: int = 20  # batches to re-estimate BatchNorm statistics of the found network (0 = off)
+
+
+# DMSConfig fields the app sets itself (not config keys), and where they come from
+DMS_APP_FIELDS = {"target": "search.target / search.resource", "total_steps": "search.steps",
+                  "latency_cache": "the run directory", "latency_timer": "a Python callable (library only)"}
+# app defaults that differ from DMSConfig's: lost dimensions go to the summary instead of a warning
+_DMS_APP_DEFAULTS = {"warn": False}
+
+
+def _prototype(tp: Any) -> Any:
+    """An empty value of a DMSConfig field's type: what the config coerces a value to (lists hold an element)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _prototype(args[0])
+    if tp in (bool, int, float, str):
+        return tp()
+    if origin is dict or tp is dict:
+        return {}
+    if origin in (list, tuple, collections.abc.Sequence):
+        return [_prototype(args[0])] if args else [""]
+    raise TypeError(f"DMSConfig field type {tp!r} has no config form: add the field to DMS_APP_FIELDS "
+                    "(dmscale.app.config)")
+
+
+def _dms_fields() -> tuple[list[tuple[str, Any, Any]], dict[str, Any], dict[str, bool]]:
+    """The DMSConfig fields as ``[search]`` keys: (name, type, field) list, element prototypes of list keys,
+    and which keys mean ``None`` (DMSConfig's default) when empty."""
+    from dmscale.search import DMSConfig
+
+    hints = typing.get_type_hints(DMSConfig)
+    out, protos, none_if_empty = [], {}, {}
+    for f in dataclasses.fields(DMSConfig):
+        if f.name in DMS_APP_FIELDS:
+            continue
+        proto = _prototype(hints[f.name])
+        default = _DMS_APP_DEFAULTS.get(f.name, f.default)
+        none_if_empty[f.name] = default is None
+        if default is None:
+            default = type(proto)()
+        elif isinstance(default, tuple):
+            default = list(default)
+        if isinstance(proto, list):
+            protos[f"search.{f.name}"] = proto
+        value = default
+        fld = field(default_factory=lambda v=value: copy.deepcopy(v)) if isinstance(value, (list, dict)) else \
+            field(default=value)
+        out.append((f.name, type(proto), fld))
+    return out, protos, none_if_empty
+
+
+_DMS_FIELDS, _LIST_PROTOTYPES, _NONE_IF_EMPTY = _dms_fields()
+DMS_KEYS = tuple(name for name, _, _ in _DMS_FIELDS)  # [search] keys that are DMSConfig fields
+
+
+def _dms_config(self: Any, **app: Any) -> Any:
+    """The ``dmscale.DMSConfig`` of these keys (an empty list/table for a field whose default is None means None),
+    plus the app's own fields ``app`` (``target``, ``total_steps`` (default ``steps``), ``latency_cache``, ...)."""
+    from dmscale.search import DMSConfig
+
+    kw: dict[str, Any] = {}
+    for name in DMS_KEYS:
+        v = copy.deepcopy(getattr(self, name))
+        kw[name] = None if _NONE_IF_EMPTY[name] and not v else v
+    kw["total_steps"] = self.steps
+    kw.update(app)
+    return DMSConfig(**kw)
+
+
+SearchConfig = dataclasses.make_dataclass(
+    "SearchConfig", _DMS_FIELDS, bases=(_SearchKeys,), namespace={"dms_config": _dms_config})
+SearchConfig.__module__ = __name__
+SearchConfig.__doc__ = ("The DMS search: the pipeline's keys (length, budget, optimizers, BN recalibration) and every "
+                        "``dmscale.DMSConfig`` field except those in ``DMS_APP_FIELDS``; ``dms_config()`` builds the "
+                        "``DMSConfig``, which validates them.")
 
 
 @dataclass
@@ -291,7 +364,7 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(cur):
             _merge(cur, v, key + ".")
         else:
-            setattr(obj, k, _coerce(key, v, cur))
+            setattr(obj, k, _coerce(key, v, _LIST_PROTOTYPES.get(key, cur)))
 
 
 def from_dict(data: Mapping[str, Any], pipeline: str | None = None) -> RunConfig:
@@ -394,7 +467,7 @@ def _check_types(cfg: RunConfig) -> None:
             raise ConfigError(f"{sec.name}: expected a {type(ref).__name__} section, got {type(cur).__name__}")
         for f in dataclasses.fields(ref):
             key, v, d = f"{sec.name}.{f.name}", getattr(cur, f.name), getattr(ref, f.name)
-            _check_value(key, v, d)
+            _check_value(key, v, _LIST_PROTOTYPES.get(key, d))
 
 
 def _check_value(key: str, v: Any, d: Any) -> None:
@@ -472,28 +545,59 @@ def validate(cfg: RunConfig, check_paths: bool = True) -> RunConfig:
         _check(t.warmup_steps >= 0, f"{sec}.warmup_steps", t.warmup_steps, "must be >= 0")
         _check(0 <= t.label_smoothing < 1, f"{sec}.label_smoothing", t.label_smoothing, "must be in [0, 1)")
     _check(s.steps >= 1, "search.steps", s.steps, "must be >= 1")
-    _check(0.0 < s.target <= 1.0, "search.target", s.target, "must be a fraction in (0, 1]")
-    _check(s.resource in ("flops", "params"), "search.resource", s.resource, "choose 'flops' or 'params'")
+    _check(s.resource in RESOURCES, "search.resource", s.resource, f"choose one of {RESOURCES}")
+    if s.resource == "latency":
+        _check(s.target > 0, "search.target", s.target, "a latency target is seconds per forward: must be > 0")
+        _check(s.latency_batch_size >= 0, "search.latency_batch_size", s.latency_batch_size,
+               "must be >= 0 (0 = one example)")
+        _check(r.pipeline != "baseline", "search.resource", s.resource, "the baselines prune to a flops or params "
+               "fraction; run them with search.resource = flops or params")
+        try:
+            latency_target(s)
+        except ValueError as exc:
+            raise ConfigError(f"search.latency_device={s.latency_device!r}: {exc}") from None
+    else:
+        _check(0.0 < s.target <= 1.0, "search.target", s.target, "must be a fraction in (0, 1]")
+        _check(not s.latency_device, "search.latency_device", s.latency_device, "applies to search.resource = latency")
+        _check(not s.latency_batch_size, "search.latency_batch_size", s.latency_batch_size,
+               "applies to search.resource = latency")
     _check(s.target_of in ("base", "supernet"), "search.target_of", s.target_of, "choose 'base' or 'supernet'")
     _check(s.lr > 0, "search.lr", s.lr, "must be > 0")
     _check(0 <= s.momentum < 1, "search.momentum", s.momentum, "must be in [0, 1)")
     _check(s.weight_decay >= 0, "search.weight_decay", s.weight_decay, "must be >= 0")
+    _check(s.warmup_steps >= 0, "search.warmup_steps", s.warmup_steps, "must be >= 0")
     _check(s.structure_optimizer in ("adam", "sgd"), "search.structure_optimizer", s.structure_optimizer,
            "choose 'adam' or 'sgd'")
     _check(s.structure_lr >= 0, "search.structure_lr", s.structure_lr, "must be >= 0 (0 = auto)")
-    _check(s.importance in IMPORTANCE, "search.importance", s.importance, f"choose one of {IMPORTANCE}")
-    _check(0 <= s.importance_decay < 1, "search.importance_decay", s.importance_decay, "must be in [0, 1)")
-    _check(s.resource_weight > 0, "search.resource_weight", s.resource_weight, "must be > 0")
-    _check(0 < s.decay_fraction <= 1, "search.decay_fraction", s.decay_fraction, "must be in (0, 1]")
-    _check(s.divisor >= 1, "search.divisor", s.divisor, "must be >= 1")
-    _check(0 <= s.min_ratio < 1, "search.min_ratio", s.min_ratio, "must be in [0, 1)")
     _check(0 <= s.label_smoothing < 1, "search.label_smoothing", s.label_smoothing, "must be in [0, 1)")
     _check(s.bn_recalibrate >= 0, "search.bn_recalibrate", s.bn_recalibrate, "must be >= 0 (0 = off)")
+    _check_dms_keys(s)
     _check(len(cfg.baseline.methods) >= 1 and all(x in BASELINES for x in cfg.baseline.methods),
            "baseline.methods", cfg.baseline.methods, f"choose from {BASELINES}")
     _check(cfg.baseline.taylor_batches >= 1, "baseline.taylor_batches", cfg.baseline.taylor_batches, "must be >= 1")
     _check_task(cfg)
     return cfg
+
+
+def _check_dms_keys(s: Any) -> None:
+    """The DMSConfig keys of ``[search]``, checked by ``DMSConfig`` itself; the error names the key."""
+    try:
+        s.dms_config()
+    except (ValueError, TypeError) as exc:
+        msg = str(exc)
+        first = [k for k in DMS_KEYS if msg.startswith(k)]
+        named = first or [k for k in DMS_KEYS if f" {k}=" in msg or f" {k} " in msg]
+        key = max(named, key=len) if named else None
+        if key is None:
+            raise ConfigError(f"search: {msg}") from None
+        raise ConfigError(f"search.{key}={getattr(s, key)!r}: {msg}") from None
+
+
+def latency_target(s: Any) -> Any:
+    """``Target(latency=search.target, device=search.latency_device, batch_size=search.latency_batch_size)``."""
+    from dmscale.schedule import Target
+
+    return Target(latency=s.target, device=s.latency_device or None, batch_size=s.latency_batch_size or None)
 
 
 def _check_data(d: DataConfig, check_paths: bool) -> str | None:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from dmscale.app import zoo
-from dmscale.app.config import ConfigError, RunConfig, TrainConfig
+from dmscale.app.config import ConfigError, RunConfig, TrainConfig, latency_target
 from dmscale.app.runs import (PHASE_SALT, Batches, Run, clean_run_dir, evaluate, load_run_config, open_run, read_state,
                               resolve_model_dir)
 from dmscale.recipes.baselines import one_shot_prune, uniform_width
@@ -197,7 +197,7 @@ def _teacher(run: Run, model: nn.Module | None = None) -> nn.Module | None:
 
 # ----------------------------------------------------------------------------------------- search
 def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> float:
-    """The target as a fraction of the supernet (what ``Target`` takes)."""
+    """A flops/params target as a fraction of the supernet (what ``Target`` takes)."""
     s = run.cfg.search
     if s.target_of == "supernet":
         return s.target
@@ -206,6 +206,80 @@ def _target_fraction(run: Run, ref: dict[str, float], sup: dict[str, float]) -> 
         raise ConfigError(f"search.target={s.target} of the base model's {s.resource} is larger than the "
                           f"supernet itself ({frac:.3f} of it); lower search.target or enlarge the supernet")
     return min(frac, 1.0)
+
+
+def _model_fingerprint(model: nn.Module) -> str:
+    """Class, parameter and buffer names, shapes and dtypes of a model (what a latency table was measured on)."""
+    import hashlib
+
+    parts = [type(model).__qualname__] + [f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in
+                                            list(model.named_parameters()) + list(model.named_buffers())]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _latency_cache(run: Run, model: nn.Module, target: Target) -> str:
+    """The run directory as the latency table's cache (``dmscale-latency.json``), after checking that a table
+    already there was measured for this model on this device (else a ``ConfigError`` naming both)."""
+    import platform
+
+    from dmscale.latency import CACHE_FILE
+
+    p0 = next(iter(model.parameters()), None)
+    device = torch.device(target.device) if target.device else (p0.device if p0 is not None else torch.device("cpu"))
+    host = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()}-{platform.processor() or 'cpu'}"
+    ident = {"device": str(device), "host": host, "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "batch_size": target.batch_size or int(run.example[0].shape[0]), "model": _model_fingerprint(model)}
+    path = run.dir / CACHE_FILE
+    old = run.state.get("latency_cache")
+    if path.exists() and isinstance(old, dict):
+        diff = {k: (old.get(k), v) for k, v in ident.items() if old.get(k) != v}
+        if diff:
+            what = "; ".join(f"{k}: measured {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            hint = " (keep run.threads / --threads as when it was measured)" if "threads" in diff else ""
+            raise ConfigError(f"latency cache {path} was measured for another device or model ({what}){hint}; "
+                              "a latency target is only valid where it was measured: resume on that machine, or "
+                              "start a new run")
+    run.state["latency_cache"] = {**ident, "file": CACHE_FILE}
+    run.write_state()
+    return str(run.dir)
+
+
+def _search_target(run: Run, model: nn.Module, ref: dict[str, float], sup: dict[str, float]) -> tuple[Target, dict]:
+    """The search's ``Target`` and the app's ``DMSConfig`` fields (``latency_cache``: the run directory)."""
+    s = run.cfg.search
+    if s.resource == "latency":
+        target = latency_target(s)
+        return target, {"latency_cache": _latency_cache(run, model, target)}
+    return Target(**{s.resource: _target_fraction(run, ref, sup)}), {}
+
+
+_ONESHOT_KEYS = ("exclude", "bounds", "divisor", "min_ratio", "prune_width", "prune_heads", "prune_head_dim",
+                 "fold_masks")
+
+
+def _oneshot_kwargs(run: Run, model: nn.Module) -> dict[str, Any]:
+    """``DMS`` options of a one-shot baseline: the search space keys of ``[search]`` (so the baselines prune the
+    same groups as the search) and what the run's model needs."""
+    kw, exclude = _model_kwargs(run, model)
+    cfg = run.cfg.search.dms_config(exclude=exclude)
+    kw.update({k: getattr(cfg, k) for k in _ONESHOT_KEYS})
+    return kw
+
+
+def _model_kwargs(run: Run, model: nn.Module) -> tuple[dict[str, Any], list[str]]:
+    """``run.dms_kwargs(model)`` without ``exclude``, and ``search.exclude`` plus what the model needs excluded."""
+    kw = run.dms_kwargs(model)
+    own = list(run.cfg.search.exclude)
+    return kw, own + [n for n in kw.pop("exclude", ()) if n not in own]
+
+
+def search_dms(run: Run, model: nn.Module, target: Target, **app: Any) -> DMS:
+    """The ``DMS`` of ``[search]``: its ``DMSConfig`` keys as they are (``SearchConfig.dms_config``), the target,
+    and what the run's model needs (keyword inputs; a language model's embeddings excluded)."""
+    kw, exclude = _model_kwargs(run, model)
+    cfg = run.cfg.search.dms_config(target=target, exclude=exclude, **app)
+    return DMS(model, run.example, config=cfg, **kw)
 
 
 def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weights: bool,
@@ -218,14 +292,13 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
         return done
     s = run.cfg.search
     sup = run.measure(model)
-    frac = _target_fraction(run, ref, sup)
+    target, app = _search_target(run, model, ref, sup)
     try:
-        dms = DMS(model, run.example, Target(**{s.resource: frac}), total_steps=s.steps, importance=s.importance,
-                  importance_decay=s.importance_decay, resource_weight=s.resource_weight,
-                  decay_fraction=s.decay_fraction, divisor=s.divisor, min_ratio=s.min_ratio,
-                  prune_depth=s.prune_depth, warn=False, **run.dms_kwargs(model))
+        dms = search_dms(run, model, target, **app)
     except ValueError as exc:
-        raise ConfigError(f"search.target={s.target}: {exc}") from exc
+        key = "search.latency_device" if s.resource == "latency" and "device" in str(exc) else "search.target"
+        raise ConfigError(f"{key}={getattr(s, key.split('.')[1])!r}: {exc}") from exc
+    frac = dms.target_fraction
     search = Search(dms, train_weights=not freeze_weights,
                     weight_optimizer=lambda ps: make_optimizer(ps, "sgd", s.lr, s.momentum, s.weight_decay),
                     lr=cosine_lr(s.lr, s.steps, s.warmup_steps), structure_optimizer=s.structure_optimizer,
@@ -260,6 +333,7 @@ def search_phase(run: Run, model: nn.Module, ref: dict[str, float], freeze_weigh
                          **({"enlargement": enlargement} if enlargement else {})},
             "target_fraction_of_supernet": frac, "resource_fraction_of_supernet": res_frac,
             "over_budget": fin["over_budget"], "projection": fin.get("projection"),
+            **({"latency": fin["latency"]} if "latency" in fin else {}),
             "groups": [{"name": g.name, "kind": g.kind, "full": kept[g.name][0], "kept": kept[g.name][1]}
                        for g in dms.groups], "summary": fin["summary"]}
     return _finish_model_phase(run, "search", small, "searched", info)
@@ -369,7 +443,7 @@ def uniform_ratio_model(run: Run, goal: float) -> tuple[nn.Module, float]:
     base = run.base_model()
     s = run.cfg.search
     frac = min(goal / run.measure(base)[s.resource], 1.0)
-    small, info = oneshot_prune(base, run.example, Target(**{s.resource: frac}), "l1", **run.dms_kwargs(base))
+    small, info = oneshot_prune(base, run.example, Target(**{s.resource: frac}), "l1", **_oneshot_kwargs(run, base))
     run.reinit(small, run.cfg.run.seed * 10 + PHASE_SALT["baseline-uniform"])
     return small, info["ratio"]
 
@@ -388,8 +462,11 @@ def _baseline_start(run: Run, method: str, goal: float, trained: list[nn.Module]
     frac = goal / run.measure(trained[0])[s.resource]
     model, info = oneshot_prune(trained[0], run.example, Target(**{s.resource: min(frac, 1.0)}), method,
                                 task=run.task(), batches=run.batches("baseline-" + method),
-                                n_batches=run.cfg.baseline.taylor_batches, **run.dms_kwargs(trained[0]))
-    return model, {"ratio": info["ratio"]}
+                                n_batches=run.cfg.baseline.taylor_batches, bn_batches=s.bn_recalibrate,
+                                **_oneshot_kwargs(run, trained[0]))
+    # the one-shot model as it starts retraining (BatchNorm recalibrated with search.bn_recalibrate)
+    return model, {"ratio": info["ratio"], "bn_recalibrated": info["bn_recalibrated"],
+                   f"{run.metric}_oneshot": run.eval(model)}
 
 
 def run_baselines(cfg: RunConfig, resume: bool = False, callback: Callback | None = None,
@@ -433,6 +510,15 @@ def finish(run: Run) -> dict[str, Any]:
     return summary
 
 
+def _target_summary(cfg: RunConfig) -> dict[str, Any]:
+    """The run's budget as the summary shows it: resource and fraction of the base/supernet, or latency seconds."""
+    s = cfg.search
+    if s.resource == "latency":
+        return {"resource": "latency", "seconds": s.target, "device": s.latency_device or "the model's device",
+                "batch_size": s.latency_batch_size or 1}
+    return {"resource": s.resource, "fraction": s.target, "of": s.target_of}
+
+
 def summarize(run_dir: str | Path) -> dict[str, Any]:
     """The results of a run directory (from state.json and config.yaml) as one dict; also saved as summary.json.
 
@@ -448,8 +534,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {"pipeline": cfg.run.pipeline, "dataset": state.get("dataset", {}),
                            "model": cfg.model.spec or f"built-in {cfg.model.family}",
                            "metric": {"key": key, "label": label, "higher_is_better": higher},
-                           "target": {"resource": cfg.search.resource, "fraction": cfg.search.target,
-                                      "of": cfg.search.target_of},
+                           "target": _target_summary(cfg),
                            "reference": state.get("reference"), "rows": [], "groups": [], "run_dir": str(run_dir)}
     rows = out["rows"]
 
@@ -471,7 +556,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         row("found, after search", sr, sr.get(f"{key}_hard"))
         out["groups"] = sr["groups"]
         out["search"] = {k: sr[k] for k in ("steps", "seconds", "target_fraction_of_supernet",
-                                            "resource_fraction_of_supernet") if k in sr}
+                                            "resource_fraction_of_supernet", "projection", "latency") if k in sr}
         if sup.get("enlargement"):
             out["search"]["enlargement"] = sup["enlargement"]
     if "retrain" in ph:
@@ -481,7 +566,10 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     for m in ("uniform", "l1", "taylor"):
         b = ph.get(f"baseline-{m}")
         if b is not None:
-            row(f"baseline: {m}", b, b.get(key), baseline=m)
+            extra = {k: b[k] for k in ("ratio", "width_mult", "bn_recalibrated") if k in b}
+            if f"{key}_oneshot" in b:
+                extra["before_retrain"] = b[f"{key}_oneshot"]
+            row(f"baseline: {m}", b, b.get(key), baseline=m, **extra)
     atomic_write_text(run_dir / "summary.json", json.dumps(out, indent=1) + "\n")
     return out
 

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from dmscale.serialization.format import atomic_write_text
 
-__all__ = ["format_table", "results_table", "structure_table", "stages_text", "render", "write_report",
+__all__ = ["format_table", "budget_lines", "results_table", "structure_table", "stages_text", "render", "write_report",
            "plot_resource", "plot_widths", "plot_acc_flops", "read_log"]
 
 
@@ -63,6 +63,7 @@ def results_table(summary: dict[str, Any], markdown: bool = False) -> str:
     """Model | FLOPs | params | metric | blocks per stage | stage widths, one row per model of the run."""
     ref = summary.get("reference") or {}
     kind = summary.get("target", {}).get("resource", "flops")
+    kind = kind if kind in ("flops", "params") else "flops"  # a latency target: the rows' FLOPs vs the base
     key, label = _metric(summary)
     rows: list[list[str]] = [["model", "FLOPs", "params", f"{kind} vs base", label, "blocks/stage",
                               "stage widths"]]
@@ -81,6 +82,56 @@ def structure_table(groups: Sequence[dict[str, Any]], markdown: bool = False) ->
     return format_table(rows, markdown)
 
 
+def budget_lines(summary: dict[str, Any]) -> list[str]:
+    """Target, achieved value and how far the projection moved the allocation (search), and what each baseline
+    reached (one common kept ratio, no projection)."""
+    t = summary.get("target", {})
+    kind = t.get("resource")
+    if kind == "latency":
+        out = [f"target: latency <= {1e3 * t.get('seconds', 0):.4g} ms per forward of a batch of "
+               f"{t.get('batch_size')} on {t.get('device')}"]
+    else:
+        out = [f"target: {kind} <= {t.get('fraction')} of the {t.get('of')} model"]
+    sr = summary.get("search")
+    if sr:
+        if sr.get("enlargement"):
+            out.append(f"supernet: {sr['enlargement']}")
+        got, goal = sr.get("resource_fraction_of_supernet", 0.0), sr.get("target_fraction_of_supernet", 0.0)
+        rel = f" ({got / goal - 1:+.2%} of target)" if goal else ""
+        out.append(f"search: {sr.get('steps')} steps in {sr.get('seconds')} s; achieved {kind} {got:.4f} of the "
+                   f"supernet, target {goal:.4f}{rel}")
+        lat = sr.get("latency")
+        if lat:
+            out.append(f"latency: predicted {1e3 * lat['predicted_s']:.4g} ms (supernet {1e3 * lat['supernet_s']:.4g}"
+                       f" ms, target {1e3 * lat['target_s']:.4g} ms) on {lat['device']}, batch {lat['batch_size']}")
+        p = sr.get("projection")
+        if p:
+            extra = ""
+            if "moved" in p:
+                extra = (f", resource moved {p['moved']:+.2%}; {p['groups_changed']} group(s) changed, mean width "
+                         f"shift {p['shift']:.1%}" + ("" if p.get("tier", "width") == "width" else
+                                                      f", {p['tier']} moved too")
+                         + ("" if p.get("ok", True) else "; NOT within tolerance: search space too coarse"))
+            out.append(f"projection onto the budget: {p['before']:.4f} -> {p['after']:.4f} of the supernet{extra}")
+        elif "projection" in sr:
+            out.append("projection onto the budget: none (off)")
+    ref = summary.get("reference") or {}
+    key, label = _metric(summary)
+    for r in summary.get("rows", []):
+        if not r.get("baseline"):
+            continue
+        rel = f"{r[kind] / ref[kind]:.4f} of the base model" if kind in ("flops", "params") and ref.get(kind) else "-"
+        how = (f"common kept ratio {r['ratio']:.3f}" if "ratio" in r else
+               f"width multiplier {r['width_mult']:.3f}" if "width_mult" in r else "")
+        line = f"baseline {r['baseline']}: achieved {kind} {rel}" + (f"; {how}" if how else "")
+        if "before_retrain" in r:
+            bn = r.get("bn_recalibrated") or 0
+            line += (f"; {label} before retraining {_metric_text(key, r['before_retrain'])} "
+                     + (f"(BatchNorm recalibrated on {bn} batches)" if bn else "(no BatchNorm recalibration)"))
+        out.append(line)
+    return out
+
+
 def render(summary: dict[str, Any], markdown: bool = False) -> str:
     """The end-of-run text: dataset, target, results table and structure table."""
     ds = summary.get("dataset", {})
@@ -97,14 +148,7 @@ def render(summary: dict[str, Any], markdown: bool = False) -> str:
                    f"{ds.get('test')} test images from {ds.get('source')})")
     if summary.get("model"):
         out.append(f"model: {summary['model']}")
-    out.append(f"target: {t.get('resource')} <= {t.get('fraction')} of the {t.get('of')} model")
-    sr = summary.get("search")
-    if sr:
-        if sr.get("enlargement"):
-            out.append(f"supernet: {sr['enlargement']}")
-        out.append(f"search: {sr.get('steps')} steps in {sr.get('seconds')} s; resource reached "
-                   f"{sr.get('resource_fraction_of_supernet', 0):.3f} of the supernet (target "
-                   f"{sr.get('target_fraction_of_supernet', 0):.3f})")
+    out.extend(budget_lines(summary))
     out.append("")
     out.append(results_table(summary, markdown))
     if summary.get("groups"):

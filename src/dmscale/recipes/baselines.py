@@ -30,11 +30,12 @@ def uniform_width(build: Callable[[float], nn.Module], example: torch.Tensor, go
 
 def one_shot_prune(model: nn.Module, example: torch.Tensor, fraction: float, method: str, resource: str = "flops",
                    batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   n_batches: int = 20) -> tuple[nn.Module, float]:
+                   n_batches: int = 20, bn_batches: int = 20) -> tuple[nn.Module, float]:
     """One-shot L1/Taylor pruning of an image classifier (left unchanged): one kept ratio r for every width
-    group so that the resource <= ``fraction`` of the model's; returns (pruned model, r)."""
+    group so that the resource <= ``fraction`` of the model's; returns (pruned model, r). With ``batches``, the
+    pruned model's BatchNorm statistics are re-estimated from ``bn_batches`` of them (0: off)."""
     if method == "taylor" and batches is None:
         raise ValueError("taylor importance needs training batches")
     small, info = oneshot_prune(model, (example,), Target(**{resource: fraction}), method, task=ImageClassification(),
-                                batches=batches, n_batches=n_batches)
+                                batches=batches, n_batches=n_batches, bn_batches=bn_batches)
     return small, info["ratio"]

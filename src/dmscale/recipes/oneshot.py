@@ -8,10 +8,10 @@ target (:func:`common_ratio`, the one common-ratio search, on :func:`dmscale.bud
 Masks are made sharp first, so the calibration sees exactly the unpruned model and no soft mask
 value is folded into the kept weights.
 
-BN: one-shot exports keep the unpruned model's BatchNorm statistics of the kept channels; the
-callers retrain (image baselines) or fine-tune (LLMs) afterwards. A BN recalibration of the
-pruned model belongs right before ``dms.export`` in :func:`oneshot` (``recipes/bn.py``'s
-``recalibrate_bn`` once it lands).
+BN: the unpruned model's BatchNorm statistics no longer describe the pruned network (its inputs lost
+channels). When the model has BatchNorm and calibration ``batches`` are given, :func:`oneshot`
+re-estimates them on the export from ``bn_batches`` batches (:func:`dmscale.recipes.bn.recalibrate_bn`;
+``bn_batches=0`` keeps the unpruned statistics of the kept channels).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from dmscale.budget import EXACT, bisect_max, hard_fraction
+from dmscale.recipes.bn import batchnorms, recalibrate_bn
 from dmscale.recipes.loop import frozen
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
@@ -144,11 +145,15 @@ def rank(dms: DMS, method: str, *, task: Task | Callable | None = None, batches:
 def oneshot(dms: DMS, method: str, *, task: Task | Callable | None = None,
             batches: Callable[[int], Any] | None = None, n_batches: int = 20, seed: int = 0,
             check: bool = True, atol: float = 1e-4, rtol: float = 1e-4, progress: bool = False,
-            remove: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+            remove: bool = True, bn_batches: int = 20) -> tuple[nn.Module, dict[str, Any]]:
     """Rank, set one common ratio meeting ``dms.target``, export; ``remove`` takes the masks out after.
 
-    Returns ``(exported, info)``; info: method, ratio, kept, summary, flops_frac, params_frac, seconds.
+    ``bn_batches``: when the model has BatchNorm and ``batches`` are given, the export's BatchNorm statistics
+    are re-estimated from ``batches(0 .. bn_batches-1)`` (0: off). Returns ``(exported, info)``; info: method,
+    ratio, kept, summary, flops_frac, params_frac, bn_recalibrated (batches used, 0 when not), seconds.
     """
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches must be an integer >= 0 (0 = no BatchNorm recalibration), got {bn_batches!r}")
     t0 = time.perf_counter()
     method = _method(method)
     model = dms.model
@@ -175,6 +180,10 @@ def oneshot(dms: DMS, method: str, *, task: Task | Callable | None = None,
         if remove:
             dms.remove()
         model.train(was)
+    info["bn_recalibrated"] = 0
+    if bn_batches and batches is not None and batchnorms(exported):
+        recalibrate_bn(exported, batches, bn_batches)
+        info["bn_recalibrated"] = bn_batches
     exported.eval()
     info["seconds"] = time.perf_counter() - t0
     return exported, info
@@ -183,15 +192,17 @@ def oneshot(dms: DMS, method: str, *, task: Task | Callable | None = None,
 def oneshot_prune(model: nn.Module, example_inputs: tuple | torch.Tensor, target: Target, method: str = "l1", *,
                   task: Task | Callable | None = None, batches: Callable[[int], Any] | None = None,
                   n_batches: int = 20, example_kwargs: dict | None = None, seed: int = 0, check: bool = True,
-                  atol: float = 1e-4, rtol: float = 1e-4, progress: bool = False,
+                  atol: float = 1e-4, rtol: float = 1e-4, progress: bool = False, bn_batches: int = 20,
                   **dms_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """One-shot prune ``model`` (left unchanged) to ``target``: width only, one ratio for every layer.
 
-    ``dms_kwargs`` go to ``DMS`` (``exclude``, ``divisor``, ``bounds``, ``prune_heads``, ...).
+    With ``batches`` and a model with BatchNorm, the export's statistics are re-estimated from ``bn_batches``
+    of them (0: off; see :func:`oneshot`). ``dms_kwargs`` go to ``DMS`` (``exclude``, ``divisor``, ``bounds``,
+    ``prune_heads``, ...).
     """
     method = _method(method)
     dms_kwargs.setdefault("prune_depth", False)
     dms_kwargs.setdefault("warn", False)
     dms = DMS(model, example_inputs, target, 1, importance="taylor", example_kwargs=example_kwargs, **dms_kwargs)
     return oneshot(dms, method, task=task, batches=batches, n_batches=n_batches, seed=seed, check=check, atol=atol,
-                   rtol=rtol, progress=progress)
+                   rtol=rtol, progress=progress, bn_batches=bn_batches)

@@ -26,13 +26,14 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn as nn
 
-from dmscale.budget import within_budget
+from dmscale.budget import Projection, within_budget
+from dmscale.recipes.bn import batchnorms, recalibrate_bn
 from dmscale.recipes.loop import cosine_lr, frozen, load_loop_state, loop_state, make_optimizer, train_loop
 from dmscale.recipes.tasks import Task, as_task
 from dmscale.schedule import Target
 from dmscale.search import DMS
 
-__all__ = ["Search", "OverBudgetError", "finish", "finetune", "dms", "dms_p", "dms_fast", "auto_structure_lr"]
+__all__ = ["Search", "OverBudgetError", "finish", "projection_info", "finetune", "dms", "dms_p", "dms_fast", "auto_structure_lr"]
 
 Batches = Callable[[int], Any]
 
@@ -121,6 +122,14 @@ class Search:
                               amp=self.amp, scaler=self.scaler, **hooks)
 
 
+def projection_info(p: Projection) -> dict[str, Any]:
+    """A projection as plain data: target, resource before/after (fractions of the supernet), how far it moved the
+    resource (``moved``, relative) and the allocation (``shift``: mean |change| / size over the groups; the groups
+    changed), whether it landed within tolerance."""
+    return {"kind": p.kind, "target": p.target, "before": p.before, "after": p.after, "offset": p.offset,
+            "moved": p.moved, "shift": p.shift, "groups_changed": len(p.changes), "tier": p.tier, "ok": p.ok}
+
+
 def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.Module], None] | None = None,
            check: bool = True, atol: float = 1e-4, rtol: float = 1e-4,
            ratios: Callable[[DMS], ContextManager] | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -128,14 +137,15 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
 
     ``recalibrate(model)`` runs under ``dms.hard()`` (e.g. BatchNorm statistics of the found network;
     ``recipes/bn.py``'s ``recalibrate_bn`` is meant for it). ``ratios(dms)`` is a context manager
-    around the export that may change the ratios (the LLM recipes' uniform export). Info: projection,
-    kept, summary, flops_frac, params_frac, target, over_budget.
+    around the export that may change the ratios (the LLM recipes' uniform export). Info: projection
+    (:func:`projection_info`), kept, summary, flops_frac, params_frac (latency_frac), target (kind, fraction of
+    the supernet), achieved (the target kind's fraction), over_budget; a latency target adds ``latency``
+    (target_s, predicted_s, supernet_s, device, batch_size).
     """
     info: dict[str, Any] = {}
     if project_budget:
         p = dms.project(when="export", warn=False)  # recorded in dms.projections (and the summary)
-        info["projection"] = {"kind": p.kind, "target": p.target, "before": p.before, "after": p.after,
-                              "offset": p.offset}
+        info["projection"] = projection_info(p)
     if recalibrate is not None:
         with dms.hard():
             recalibrate(dms.model)
@@ -143,10 +153,15 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
     with ctx:
         with torch.no_grad():
             r = dms.resource(soft=False)
-        kind, goal = dms.target.kind, dms.target.fraction
-        info.update({"kept": dms.kept(), "summary": dms.summary(), "params_frac": float(r["params_frac"]),
-                     "flops_frac": float(r["flops_frac"]), "target": {"kind": kind, "fraction": goal},
+        kind, goal = dms.target.kind, dms.target_fraction
+        info.update({"kept": dms.kept(), "summary": dms.summary(),
+                     **{f"{k}_frac": float(r[f"{k}_frac"]) for k in dms.resources.kinds()},
+                     "target": {"kind": kind, "fraction": goal}, "achieved": float(r[f"{kind}_frac"]),
                      "over_budget": not within_budget(r[f"{kind}_frac"], goal)})
+        if kind == "latency":
+            info["latency"] = {"target_s": float(dms.target.latency), "predicted_s": float(r["latency"]),
+                               "supernet_s": float(dms.resources.full["latency"]),
+                               "device": dms.latency_model.device, "batch_size": dms.latency_model.batch_size}
         exported = dms.export(check=check, atol=atol, rtol=rtol, project=False)  # projected above, or not at all
     return exported, info
 
@@ -224,20 +239,30 @@ def _search_export(model: nn.Module, task: Task | Callable, batches: Batches, ta
 
 
 def dms_fast(model: nn.Module, task: Task | Callable, batches: Batches, target: Target, steps: int, *,
-             train_mode: bool = True, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """DMS_fast: learn only the structure of a trained ``model`` (weights frozen, left unchanged), export.
+             train_mode: bool = True, bn_batches: int = 20, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """DMS_fast: learn only the structure of a trained ``model`` (weights frozen), export.
 
     ``batches(step)`` feeds ``task``; ``train_mode`` keeps BatchNorm in training mode (batch statistics)
-    as the method prescribes for CNNs. Options (all keyword): ``structure_lr``, ``structure_optimizer``,
-    ``amp``, ``project_budget``, ``recalibrate``, ``check``, ``atol``, ``rtol``, ``progress``,
+    as the method prescribes for CNNs, so the BatchNorm running statistics the search leaves behind are
+    those of the shrinking soft supernet: when the model has BatchNorm, they are re-estimated for the found
+    network (hard masks) from ``batches(0 .. bn_batches-1)`` before it is exported
+    (:func:`dmscale.recipes.bn.recalibrate_bn`; ``bn_batches=0`` turns it off; a ``recalibrate`` callable
+    replaces it). Other options (all keyword): ``structure_lr``, ``structure_optimizer``,
+    ``amp``, ``project_budget``, ``check``, ``atol``, ``rtol``, ``progress``,
     ``dms_kwargs`` (for ``DMS``), ``example`` (inputs to trace), ``builder(model, example, target, steps)
-    -> DMS``, ``ratios``,
-    ``remove``, ``callback(record)``. Returns ``(exported, info)`` with the search ``history``.
+    -> DMS``, ``ratios``, ``remove``, ``callback(record)``. Returns ``(exported, info)`` with the search
+    ``history`` and ``bn_recalibrated`` (batches used; 0 when not).
     """
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches must be an integer >= 0 (0 = no BatchNorm recalibration), got {bn_batches!r}")
     t0 = time.perf_counter()
+    recal = bn_batches if options.get("recalibrate") is None and bn_batches and batchnorms(model) else 0
+    if recal:
+        options["recalibrate"] = lambda m: recalibrate_bn(m, batches, recal)
     exported, info = _search_export(model, task, batches, target, steps, train_weights=False, lr=0.0,
                                     optimizer="sgd", train_mode=train_mode, desc="DMS_fast", **options)
-    info.update({"pipeline": "DMS_fast", "steps": steps, "seconds": time.perf_counter() - t0})
+    info.update({"pipeline": "DMS_fast", "steps": steps, "seconds": time.perf_counter() - t0,
+                 "bn_recalibrated": recal})
     return exported, info
 
 
