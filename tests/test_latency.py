@@ -218,3 +218,30 @@ def test_block_overhead_is_calibrated_with_depth_removed():
     pred = float(dms.resource(soft=False)["latency"])
     small = dms.export(project=False)
     assert pred == pytest.approx(timer(small, (x,), {}), rel=1e-4)
+
+
+def test_projection_with_block_overhead_counts_exactly():
+    """With a per-block cost (gamma > 0) the depth gates enter the latency: they are float64 like the widths, so
+    the projection's own count equals the masks' to 1e-9 on every landing (float32 gates missed by ~1e-9)."""
+    from dmscale.app.zoo import BasicBlock
+    from dmscale.budget import hard_fraction, project
+
+    def timer(module, args, kwargs):
+        n_blocks = sum(isinstance(m, BasicBlock) for m in module.modules())
+        return fake_seconds(module, args, kwargs) + 2e-5 * n_blocks
+
+    torch.manual_seed(0)
+    model, x = ResNetCNN(widths=(8, 16), depths=(3, 3), n_classes=5), torch.randn(2, 3, 16, 16)
+    dms, _, _ = _dms(model, x, timer=timer)
+    assert dms.latency_model.gamma > 0
+    gates = dms.resources.kept_fractions(soft=False)[1]
+    assert gates and all(v.dtype == torch.float64 for v in gates.values())
+    g = torch.Generator().manual_seed(4)
+    for frac in (0.9, 0.7, 0.45):
+        with torch.no_grad():
+            for grp in dms.groups:
+                dms.space.importance(grp).copy_(torch.rand(grp.size, generator=g))
+                dms.space.ratio(grp).fill_(1.0)
+        p = project(dms, frac, warn=False)  # raises when its bookkeeping and the masks disagree
+        assert p.after <= frac * (1 + 1e-9)
+        assert hard_fraction(dms, "latency") == pytest.approx(p.after, rel=1e-12)

@@ -121,12 +121,14 @@ class Resources:
         for g in self.groups:
             m = None if hard_full else sp.soft_mask(g)
             if g.kind == "depth":
-                keep = None if m is None else sp.keep(g, m).to(m.dtype)  # once per group, not per block
+                # float64 like the widths: the hard value is exact (budget.within_budget compares it to 1e-9)
+                dev = None if m is None else (m.device if m.device.type != "mps" else torch.device("cpu"))
+                keep = None if m is None else sp.keep(g, m).to(dev, torch.float64)  # once per group, not per block
                 for i, b in enumerate(g.blocks):
                     if m is None:
                         gates[b.name] = 1.0
                     else:
-                        gates[b.name] = keep[i] + (m[i] - m[i].detach()) if soft else keep[i]
+                        gates[b.name] = keep[i] + (m[i] - m[i].detach()).to(dev, torch.float64) if soft else keep[i]
             else:
                 if m is None:
                     kept[g.index] = 1.0
