@@ -10,6 +10,7 @@ import torch
 
 import dmscale
 from dmscale.app.cli import main
+from clitools import set_args
 
 TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
         "data.eval_batch_size=128", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=5",
@@ -21,10 +22,7 @@ pytestmark = pytest.mark.usefixtures("restore_threads")
 
 def sets(*extra: str) -> list[str]:
     """``--set`` arguments for the tiny config plus extras."""
-    out: list[str] = []
-    for kv in TINY + list(extra):
-        out += ["--set", kv]
-    return out
+    return set_args(*TINY, *extra)
 
 
 @pytest.fixture(scope="module")

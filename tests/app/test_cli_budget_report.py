@@ -14,24 +14,19 @@ import dmscale
 from dmscale.app.cli import main
 from dmscale.app.report import budget_lines
 from dmscale.recipes.bn import batchnorms
+from clitools import set_args
 
 TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
         "data.eval_batch_size=128", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=5",
         "retrain.steps=3", "pretrain.steps=3", "run.checkpoint_every=2", "run.threads=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def sets(*extra: str) -> list[str]:
-    out: list[str] = []
-    for kv in TINY + list(extra):
-        out += ["--set", kv]
-    return out
+    """``--set`` arguments for the tiny config plus extras."""
+    return set_args(*TINY, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from dmscale.app import pipelines, zoo
 from dmscale.app.cli import main, parse_target
 from dmscale.app.config import ConfigError, load_config
 from dmscale.latency import CACHE_FILE
+from clitools import set_args
 
 TINY = ["data.name=digits", "data.limit_train=128", "data.limit_test=64", "data.batch_size=32",
         "data.eval_batch_size=64", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=6",
@@ -55,10 +56,8 @@ def target_seconds(frac: float = 0.6) -> float:
 
 
 def sets(*extra: str) -> list[str]:
-    out: list[str] = []
-    for kv in TINY + list(extra):
-        out += ["--set", kv]
-    return out
+    """``--set`` arguments for the tiny config plus extras."""
+    return set_args(*TINY, *extra)
 
 
 def test_parse_target() -> None:
@@ -117,7 +116,7 @@ def _crash(phase: str, step: int):
 
 def test_resume_reuses_the_table_and_refuses_another_device_or_model(tmp_path: Path, timer: Timer) -> None:
     t = target_seconds()
-    ov = TINY + [f"search.resource=latency", f"search.target={t}", "run.progress=false"]
+    ov = TINY + ["search.resource=latency", f"search.target={t}", "run.progress=false"]
     ref = pipelines.run(load_config(None, ov + [f"run.out={tmp_path / 'a'}"], pipeline="dms"))
     b = tmp_path / "b"
     with pytest.raises(_Crash):

@@ -18,6 +18,8 @@ from dmscale.app import pipelines
 from dmscale.app.cli import main
 from dmscale.app.config import load_config
 
+from clitools import set_args
+
 PKG = "dms_cli_userpkg"
 NETS = '''
 import torch
@@ -66,10 +68,7 @@ TEXT = ["data.seq_len=32", "data.batch_size=4", "data.eval_batch_size=8"]
 
 
 def sets(*extra: str) -> list[str]:
-    out: list[str] = []
-    for kv in TINY + list(extra):
-        out += ["--set", kv]
-    return out + ["-q"]
+    return set_args(*TINY, *extra) + ["-q"]
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
