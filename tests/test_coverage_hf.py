@@ -37,8 +37,6 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-GRN = ("ConvNeXtV2's GRN (an L2 norm over space divided by its mean over channels) has no rule yet: its FFN "
-       "channels stay fixed (norms part of issue 11)")
 PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
 
 
@@ -91,7 +89,7 @@ CASES = [
     Case("gpt_neox", H.gpt_neox, ALL, causal=True, uniform={}),
     Case("swin", H.swin, ALL),
     Case("efficientnet", H.efficientnet, ("ffn", "hidden", "layers")),
-    Case("convnextv2", H.convnextv2, ("ffn", "hidden", "layers"), xfail={"searchable-ffn": GRN}),
+    Case("convnextv2", H.convnextv2, ("ffn", "hidden", "layers")),
     Case("convnext", H.convnext, ("ffn", "hidden", "layers")),
     Case("dinov2", H.dinov2, ALL),
     Case("clip_vision", H.clip_vision, ("heads", "ffn", "layers"),

@@ -325,9 +325,12 @@ class Masker:
             y = out
             if norm is not None:
                 keep = self.keep_for(norm)
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else \
+                    next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+                if spec.norm_applies_mask:  # the layer masks its own output (a skip term keeps the input's mask)
+                    m = self.mask_for(norm)
+                    return spec.masked_norm(mod, x, keep, None if m is None else m.to(out.dtype))
                 if keep is not None:
-                    x = args[0] if args and isinstance(args[0], torch.Tensor) else \
-                        next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
                     y = spec.masked_norm(mod, x, keep)
             for d, s in dims:
                 if rec.tied and self.mode == "hard":  # export cannot fold into a shared weight

@@ -135,7 +135,6 @@ def budget_lines(summary: dict[str, Any]) -> list[str]:
 def render(summary: dict[str, Any], markdown: bool = False) -> str:
     """The end-of-run text: dataset, target, results table and structure table."""
     ds = summary.get("dataset", {})
-    t = summary.get("target", {})
     out = []
     h = "## " if markdown else ""
     out.append(f"{h}dmscale run: pipeline {summary.get('pipeline')}")

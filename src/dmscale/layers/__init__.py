@@ -9,7 +9,8 @@ from .builtin import linear_unit, opaque_unit
 from .norms import NormForm, identify_norm, norm_candidate, norm_spec
 from .rnn import RNN_SPEC
 from .mha import MULTIHEAD_ATTENTION, PrunedMultiheadAttention
+from .grn import GRN_SPEC, is_grn
 
 __all__ = ["LayerSpec", "Widening", "TensorWidening", "register_layer", "unregister_layer", "register_matcher",
            "spec_for", "layer_kind", "linear_unit", "opaque_unit", "is_rmsnorm", "is_hf_conv1d", "NormForm", "identify_norm",
-           "norm_candidate", "norm_spec", "RNN_SPEC", "MULTIHEAD_ATTENTION", "PrunedMultiheadAttention"]
+           "norm_candidate", "norm_spec", "RNN_SPEC", "MULTIHEAD_ATTENTION", "PrunedMultiheadAttention", "GRN_SPEC", "is_grn"]

@@ -109,6 +109,9 @@ class LayerSpec:
             multiply every ``out_dims`` parameter by ``m`` along its dim.
         refresh: ``fn(module)`` for layers that cache references to their parameters: called
             before every masked forward, after masks are removed and after export slicing.
+        norm_applies_mask: with ``masked_norm``: it is called as ``masked_norm(module, x, keep, mask)``
+            and applies the output mask itself (a layer with a skip term such as GRN's ``+ x``, whose
+            input already carries the mask), instead of the output being multiplied by the mask.
     """
 
     kind: str
@@ -123,6 +126,7 @@ class LayerSpec:
     widen: WidenFn | None = None
     fold_mask: Callable[[nn.Module, torch.Tensor], None] | None = None
     refresh: Callable[[nn.Module], None] | None = None
+    norm_applies_mask: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not self.kind:

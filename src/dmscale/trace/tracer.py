@@ -540,8 +540,9 @@ def _layer_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> La
     if spec.masked_norm is not None:
         std = spec.standard_forward
         custom = std is not None and type(mod).forward is not std
-        if w.dim() != 1 or custom or len(dims) != 1:
+        od = spec.out_dims[pname] % w.dim()
+        if any(n != 1 for i, n in enumerate(w.shape) if i != od) or custom or len(dims) != 1:
             fix(out_space, f"{type(mod).__name__} '{mname}' normalises in a way dmscale does not model")
             return None
-        norm_space = prec.dims[0]
+        norm_space = prec.dims[od]
     return LayerRecord(mname, spec.kind, dims, norm_space=norm_space, blocks=prec.blocks, spec=spec)
