@@ -223,6 +223,56 @@ def bart():
     return t.BartForConditionalGeneration(cfg), (ids(),), {"decoder_input_ids": ids(2, 6, seed=3)}
 
 
+def segformer():
+    t = _t()
+    cfg = t.SegformerConfig(num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                            patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[2, 2], mlp_ratios=[2, 2],
+                            num_labels=3)
+    return t.SegformerForImageClassification(cfg), (image(),), {}
+
+
+def mobilevit():
+    t = _t()
+    cfg = t.MobileViTConfig(image_size=32, patch_size=2, hidden_sizes=[16, 24, 32],
+                            neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=4, num_labels=3)
+    return t.MobileViTForImageClassification(cfg), (image(),), {}
+
+
+VISION = dict(image_size=32, patch_size=8, num_labels=3, **ENCODER)
+
+
+def deit():
+    t = _t()
+    return t.DeiTForImageClassification(t.DeiTConfig(**VISION)), (image(),), {}
+
+
+def beit():
+    """With BEiT's relative position bias (a per-head table, like Swin's) in every layer."""
+    t = _t()
+    cfg = t.BeitConfig(use_relative_position_bias=True, **VISION)
+    return t.BeitForImageClassification(cfg), (image(),), {}
+
+
+def regnet():
+    t = _t()
+    cfg = t.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], groups_width=4, num_labels=3)
+    return t.RegNetForImageClassification(cfg), (image(),), {}
+
+
+def stablelm():
+    return _lm("StableLmConfig", "StableLmForCausalLM", **DECODER)
+
+
+def deberta_v2():
+    return _lm("DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=32, **ENCODER)
+
+
+def mobilebert():
+    return _lm("MobileBertConfig", "MobileBertForSequenceClassification", hidden_size=32, embedding_size=16,
+               intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, intra_bottleneck_size=16,
+               true_hidden_size=16)
+
+
 def build(fn: Callable, seed: int = 0):
     torch.manual_seed(seed)
     model, args, kwargs = fn()

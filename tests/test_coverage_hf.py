@@ -39,6 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 GRN = ("ConvNeXtV2's GRN (an L2 norm over space divided by its mean over channels) has no rule yet: its FFN "
        "channels stay fixed (norms part of issue 11)")
+DEBERTA = ("DeBERTa-v2 folds the heads into the batch dim (view(-1, seq, head_dim)) before its bmm attention with "
+           "relative position terms: no attention rule tags them, so heads are not searched")
 PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
 
 
@@ -119,6 +121,15 @@ CASES = [
     Case("vit_mae", H.vit_mae, ("heads", "ffn", "layers")),
     Case("whisper_encoder", H.whisper_encoder, ALL),
     Case("bart", H.bart, ("heads", "ffn", "layers")),
+    Case("segformer", H.segformer, ALL),
+    Case("mobilevit", H.mobilevit, ALL),
+    Case("deit", H.deit, ALL, uniform={}),
+    Case("beit", H.beit, ALL, uniform={}),
+    Case("stablelm", H.stablelm, ALL, causal=True, uniform={}),
+    # no family file: the generic fallback (size attributes by value) covers them
+    Case("regnet", H.regnet, ("hidden", "layers")),
+    Case("deberta_v2", H.deberta_v2, ALL, xfail={"searchable-heads": DEBERTA}),
+    Case("mobilebert", H.mobilebert, ALL),
 ]
 BY_NAME = {c.name: c for c in CASES}
 TARGET = dmscale.Target(flops=0.5)
@@ -265,7 +276,9 @@ def test_dimension_is_searchable_and_exports_exactly(name, dim):
             dms.space.ratio(g).fill_(0.5 if g in groups else 1.0)
     ex = dms.export()  # checked against the hard-masked supernet
     kept = dms.kept()
-    assert all(kept[g.name][1] < g.size for g in groups)
+    # half of one block rounds to that block: a stage of one block (MobileViT's first) keeps it
+    assert all(kept[g.name][1] < g.size for g in groups if g.size > 1)
+    assert any(kept[g.name][1] < g.size for g in groups)
     assert sum(p.numel() for p in ex.parameters()) < sum(p.numel() for p in dms.model.parameters()) or dim == "layers"
 
 
