@@ -255,7 +255,7 @@ def beit():
 
 def regnet():
     t = _t()
-    cfg = t.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], groups_width=4, num_labels=3)
+    cfg = t.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 3], groups_width=4, num_labels=3)
     return t.RegNetForImageClassification(cfg), (image(),), {}
 
 
@@ -271,6 +271,28 @@ def mobilebert():
     return _lm("MobileBertConfig", "MobileBertForSequenceClassification", hidden_size=32, embedding_size=16,
                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, intra_bottleneck_size=16,
                true_hidden_size=16)
+
+
+def roformer():
+    return _lm("RoFormerConfig", "RoFormerForSequenceClassification", embedding_size=32, **ENCODER)
+
+
+def esm():
+    return _lm("EsmConfig", "EsmForSequenceClassification", pad_token_id=1, position_embedding_type="rotary", **ENCODER)
+
+
+def big_bird():
+    """BigBird in its full attention mode (block-sparse attention is not covered)."""
+    return _lm("BigBirdConfig", "BigBirdForSequenceClassification", attention_type="original_full", **ENCODER)
+
+
+def rembert():
+    return _lm("RemBertConfig", "RemBertForSequenceClassification", input_embedding_size=16, output_embedding_size=16,
+               **ENCODER)
+
+
+def mpnet():
+    return _lm("MPNetConfig", "MPNetForSequenceClassification", **ENCODER)
 
 
 def build(fn: Callable, seed: int = 0):

@@ -469,3 +469,28 @@ def test_mobilevit_sizes_by_meaning():
     ex = dms.export()
     assert len(ex.mobilevit.encoder.layer[3].transformer.layer) == 2
     assert "fixes the number of blocks per stage" in ex.config.dmscale_inexact
+
+
+@pytest.mark.parametrize("name,options", [
+    ("roformer", {}), ("rembert", {"exclude": ["rembert.embeddings"]}), ("mpnet", {}),
+    # BigBird's attention keeps its layer index as a seed and ESM's unused contact head reads layers x heads:
+    # a config with fewer layers (ESM: or heads) would rebuild other values
+    ("big_bird", {"prune_depth": False}),
+    ("esm", {"prune_depth": False, "prune_heads": False, "exclude": ["esm.embeddings", "classifier"]})])
+def test_bert_like_encoders_round_trip_through_save_pretrained(name, options, tmp_path):
+    """BERT-layout encoders registered with ``bert_like``: attributes and config keys by meaning, so a uniform
+    export's config rebuilds it (a plain ``save_pretrained`` / ``from_pretrained``)."""
+    model, args, _ = H.build(getattr(H, name))
+    assert family_for(model) is not None
+    dms = _dms(model, args, **options)
+    assert {g.kind for g in dms.groups} >= {"width"} | ({"heads"} if options.get("prune_heads", True) else set())
+    _force(dms, default=0.5)
+    ex = dms.export()
+    assert sum(p.numel() for p in ex.parameters()) < sum(p.numel() for p in model.parameters())
+    assert config_describes_model(ex), getattr(ex.config, "dmscale_inexact", "")
+    ex.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(ex).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(*args).logits, ex(*args).logits, atol=1e-6, rtol=1e-6)

@@ -176,7 +176,9 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         try:
             verify_export(dms, new, atol=atol, rtol=rtol)
         except ExportError as exc:
-            hint = generic_fallback_hint(dms.model, guessed)
+            # a size attribute guessed wrong: the export fails to run, or gives other shapes or values
+            guess = str(exc).startswith(("the exported model failed to run", "output "))
+            hint = generic_fallback_hint(dms.model, guessed) if guess else ""
             if not hint:
                 raise
             raise ExportError(f"{exc}{hint}") from exc
