@@ -347,7 +347,10 @@ def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: flo
     finally:
         exported.train(was_e)
     if len(ref) != len(got):
-        raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}")
+        hint = (" (outputs per layer, such as a cache or XLNet's mems, change with removed layers: turn them off in "
+                "example_kwargs, e.g. use_cache=False / use_mems=False, or search with prune_depth=False)"
+                if any(g.kind == "depth" for g in dms.groups) else "")
+        raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}{hint}")
     for i, (a, b) in enumerate(zip(ref, got)):
         if a.shape != b.shape:
             raise ExportError(f"output {i}: exported shape {tuple(b.shape)} != supernet {tuple(a.shape)}")
