@@ -299,3 +299,23 @@ def build(fn: Callable, seed: int = 0):
     torch.manual_seed(seed)
     model, args, kwargs = fn()
     return model.eval(), args, kwargs
+
+
+def assert_pretrained_round_trip(ex, args, kwargs, path) -> None:
+    """A plain ``save_pretrained`` / ``from_pretrained`` of the export rebuilds it: equal outputs."""
+    import warnings
+
+    from dmscale.families import config_describes_model
+
+    assert config_describes_model(ex), getattr(ex.config, "dmscale_inexact", "")
+    ex.save_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(ex).from_pretrained(path).eval()
+    with torch.no_grad():
+        a, b = ex(*args, **kwargs), again(*args, **kwargs)
+    a, b = (x.to_tuple() if hasattr(x, "to_tuple") else x for x in (a, b))
+    a, b = ((x,) if isinstance(x, torch.Tensor) else x for x in (a, b))
+    for u, v in zip(a, b):
+        if isinstance(u, torch.Tensor) and u.is_floating_point():
+            torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-6)

@@ -31,7 +31,6 @@ import torch
 import dmscale
 import hf_models as H
 from dmscale.budget import project
-from dmscale.families import config_describes_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -328,12 +327,4 @@ def test_uniform_export_round_trips_through_save_pretrained(name, tmp_path):
         for g in dms.groups:
             dms.space.importance(g).add_(torch.rand(g.size, generator=gen))
             dms.space.ratio(g).fill_(0.5)
-    ex = dms.export()
-    assert config_describes_model(ex), getattr(ex.config, "dmscale_inexact", "")
-    ex.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        again = type(ex).from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        for a, b in zip(_outputs(ex, args, kwargs), _outputs(again, args, kwargs)):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    H.assert_pretrained_round_trip(dms.export(), args, kwargs, tmp_path)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .base import register_family
-from .common import Attn, Mlp, Stack, Transformer
+from .common import BERT_ATTN, Attn, Mlp, Stack, Transformer
 
 MOBILEVIT_ATTN = Attn("attention.attention", q="attention.attention.query", o="attention.output.dense",
                       k="attention.attention.key",
-                      attrs={"num_attention_heads": "heads", "attention_head_size": "head_dim", "all_head_size": "inner"},
-                      config={"num_attention_heads": "heads"})
+                      attrs=dict(BERT_ATTN.attrs), config=dict(BERT_ATTN.config))
 
 
 def _last_conv_width(module: nn.Module) -> int | None:
