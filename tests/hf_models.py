@@ -165,6 +165,12 @@ def swin():
     return t.SwinForImageClassification(cfg), (image(),), {}
 
 
+def swinv2():
+    t = _t()
+    cfg = t.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return t.Swinv2ForImageClassification(cfg), (image(),), {}
+
+
 def efficientnet():
     t = _t()
     cfg = t.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.4, hidden_dim=320)

@@ -122,6 +122,7 @@ CASES = [
     Case("bart", H.bart, ("heads", "ffn", "layers")),
     Case("segformer", H.segformer, ALL),
     Case("mobilevit", H.mobilevit, ALL),
+    Case("swinv2", H.swinv2, ALL),
     Case("deit", H.deit, ALL, uniform={}),
     Case("beit", H.beit, ALL, uniform={}),
     Case("stablelm", H.stablelm, ALL, causal=True, uniform={}),
