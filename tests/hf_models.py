@@ -165,6 +165,12 @@ def swin():
     return t.SwinForImageClassification(cfg), (image(),), {}
 
 
+def swinv2():
+    t = _t()
+    cfg = t.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)
+    return t.Swinv2ForImageClassification(cfg), (image(),), {}
+
+
 def efficientnet():
     t = _t()
     cfg = t.EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.4, hidden_dim=320)
@@ -223,7 +229,99 @@ def bart():
     return t.BartForConditionalGeneration(cfg), (ids(),), {"decoder_input_ids": ids(2, 6, seed=3)}
 
 
+def segformer():
+    t = _t()
+    cfg = t.SegformerConfig(num_encoder_blocks=2, depths=[1, 2], sr_ratios=[2, 1], hidden_sizes=[16, 32],
+                            patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[2, 2], mlp_ratios=[2, 2],
+                            num_labels=3)
+    return t.SegformerForImageClassification(cfg), (image(),), {}
+
+
+def mobilevit():
+    t = _t()
+    cfg = t.MobileViTConfig(image_size=32, patch_size=2, hidden_sizes=[16, 24, 32],
+                            neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=4, num_labels=3)
+    return t.MobileViTForImageClassification(cfg), (image(),), {}
+
+
+VISION = dict(image_size=32, patch_size=8, num_labels=3, **ENCODER)
+
+
+def deit():
+    t = _t()
+    return t.DeiTForImageClassification(t.DeiTConfig(**VISION)), (image(),), {}
+
+
+def beit():
+    """With BEiT's relative position bias (a per-head table, like Swin's) in every layer."""
+    t = _t()
+    cfg = t.BeitConfig(use_relative_position_bias=True, **VISION)
+    return t.BeitForImageClassification(cfg), (image(),), {}
+
+
+def regnet():
+    t = _t()
+    cfg = t.RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 3], groups_width=4, num_labels=3)
+    return t.RegNetForImageClassification(cfg), (image(),), {}
+
+
+def stablelm():
+    return _lm("StableLmConfig", "StableLmForCausalLM", **DECODER)
+
+
+def deberta_v2():
+    return _lm("DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=32, **ENCODER)
+
+
+def mobilebert():
+    return _lm("MobileBertConfig", "MobileBertForSequenceClassification", hidden_size=32, embedding_size=16,
+               intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, intra_bottleneck_size=16,
+               true_hidden_size=16)
+
+
+def roformer():
+    return _lm("RoFormerConfig", "RoFormerForSequenceClassification", embedding_size=32, **ENCODER)
+
+
+def esm():
+    return _lm("EsmConfig", "EsmForSequenceClassification", pad_token_id=1, position_embedding_type="rotary", **ENCODER)
+
+
+def big_bird():
+    """BigBird in its full attention mode (block-sparse attention is not covered)."""
+    return _lm("BigBirdConfig", "BigBirdForSequenceClassification", attention_type="original_full", **ENCODER)
+
+
+def rembert():
+    return _lm("RemBertConfig", "RemBertForSequenceClassification", input_embedding_size=16, output_embedding_size=16,
+               **ENCODER)
+
+
+def mpnet():
+    return _lm("MPNetConfig", "MPNetForSequenceClassification", **ENCODER)
+
+
 def build(fn: Callable, seed: int = 0):
     torch.manual_seed(seed)
     model, args, kwargs = fn()
     return model.eval(), args, kwargs
+
+
+def assert_pretrained_round_trip(ex, args, kwargs, path) -> None:
+    """A plain ``save_pretrained`` / ``from_pretrained`` of the export rebuilds it: equal outputs."""
+    import warnings
+
+    from dmscale.families import config_describes_model
+
+    assert config_describes_model(ex), getattr(ex.config, "dmscale_inexact", "")
+    ex.save_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = type(ex).from_pretrained(path).eval()
+    with torch.no_grad():
+        a, b = ex(*args, **kwargs), again(*args, **kwargs)
+    a, b = (x.to_tuple() if hasattr(x, "to_tuple") else x for x in (a, b))
+    a, b = ((x,) if isinstance(x, torch.Tensor) else x for x in (a, b))
+    for u, v in zip(a, b):
+        if isinstance(u, torch.Tensor) and u.is_floating_point():
+            torch.testing.assert_close(v, u, atol=1e-6, rtol=1e-6)

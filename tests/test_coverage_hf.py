@@ -31,12 +31,13 @@ import torch
 import dmscale
 import hf_models as H
 from dmscale.budget import project
-from dmscale.families import config_describes_model
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+DEBERTA = ("DeBERTa-v2 folds the heads into the batch dim (view(-1, seq, head_dim)) before its bmm attention with "
+           "relative position terms: no attention rule tags them, so heads are not searched")
 PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
 
 
@@ -117,6 +118,16 @@ CASES = [
     Case("vit_mae", H.vit_mae, ("heads", "ffn", "layers")),
     Case("whisper_encoder", H.whisper_encoder, ALL),
     Case("bart", H.bart, ("heads", "ffn", "layers")),
+    Case("segformer", H.segformer, ALL),
+    Case("mobilevit", H.mobilevit, ALL),
+    Case("swinv2", H.swinv2, ALL),
+    Case("deit", H.deit, ALL, uniform={}),
+    Case("beit", H.beit, ALL, uniform={}),
+    Case("stablelm", H.stablelm, ALL, causal=True, uniform={}),
+    # no family file: the generic fallback (size attributes by value) covers them
+    Case("regnet", H.regnet, ("hidden", "layers")),
+    Case("deberta_v2", H.deberta_v2, ALL, xfail={"searchable-heads": DEBERTA}),
+    Case("mobilebert", H.mobilebert, ALL),
 ]
 BY_NAME = {c.name: c for c in CASES}
 TARGET = dmscale.Target(flops=0.5)
@@ -263,7 +274,9 @@ def test_dimension_is_searchable_and_exports_exactly(name, dim):
             dms.space.ratio(g).fill_(0.5 if g in groups else 1.0)
     ex = dms.export()  # checked against the hard-masked supernet
     kept = dms.kept()
-    assert all(kept[g.name][1] < g.size for g in groups)
+    # half of one block rounds to that block: a stage of one block (MobileViT's first) keeps it
+    assert all(kept[g.name][1] < g.size for g in groups if g.size > 1)
+    assert any(kept[g.name][1] < g.size for g in groups)
     assert sum(p.numel() for p in ex.parameters()) < sum(p.numel() for p in dms.model.parameters()) or dim == "layers"
 
 
@@ -313,12 +326,4 @@ def test_uniform_export_round_trips_through_save_pretrained(name, tmp_path):
         for g in dms.groups:
             dms.space.importance(g).add_(torch.rand(g.size, generator=gen))
             dms.space.ratio(g).fill_(0.5)
-    ex = dms.export()
-    assert config_describes_model(ex), getattr(ex.config, "dmscale_inexact", "")
-    ex.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        again = type(ex).from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        for a, b in zip(_outputs(ex, args, kwargs), _outputs(again, args, kwargs)):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    H.assert_pretrained_round_trip(dms.export(), args, kwargs, tmp_path)

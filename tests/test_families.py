@@ -344,3 +344,147 @@ def test_adapters_path_is_a_deprecated_shim():
         assert seen == ["LlamaForCausalLM"]
     finally:
         adapters._FIXUPS.clear()
+
+
+def _toy_hf_model():
+    """A tiny PreTrainedModel of a model type with no family: an attention keeping ``heads`` and ``inner`` (heads x
+    head_dim) in attributes. The generic fallback updates ``heads`` (it sized the split of a pruned dim) but not
+    ``inner``, which only sizes a merge: the export check fails."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "dmscale_toy_attention"
+
+        def __init__(self, width=8, heads=4, **kw):
+            self.width, self.heads = width, heads
+            super().__init__(**kw)
+
+    class Attention(torch.nn.Module):
+        def __init__(self, width, heads):
+            super().__init__()
+            self.heads, self.head_dim, self.inner = heads, width // heads, width
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, self.heads, self.head_dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return self.o(y.transpose(1, 2).reshape(b, t, self.inner))
+
+    class ToyModel(PreTrainedModel):
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.attn = Attention(config.width, config.heads)
+            self.hidden = torch.nn.Linear(config.width, 16)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.out(self.hidden(self.attn(x)).relu())
+
+    torch.manual_seed(0)
+    return ToyModel(ToyConfig()).eval()
+
+
+def test_generic_fallback_failure_names_the_model_type_and_the_guess():
+    model = _toy_hf_model()
+    assert family_for(model) is None
+    x = torch.randn(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    dms = _dms(model, (x,))
+    _force(dms, {"heads": 0.5})
+    with pytest.raises(dmscale.ExportError, match="failed to run") as err:
+        dms.export()
+    msg = str(err.value)
+    assert "'dmscale_toy_attention' has no dmscale family" in msg and "by value" in msg
+    assert "it set attn.heads 4 -> 2" in msg
+    assert "docs/extending.md#a-hugging-face-model-family" in msg and "exclude=['attn']" in msg
+    # the suggested workaround works
+    dms = _dms(_toy_hf_model(), (x,), target=0.9, exclude=["attn"])
+    assert [g.name for g in dms.groups] == ["hidden"]
+    _force(dms, default=0.5)
+    with torch.no_grad(), dms.hard():
+        ref = dms.model(x)
+    torch.testing.assert_close(dms.export()(x), ref)
+
+
+def test_a_family_model_type_gets_no_fallback_hint():
+    """The hint is only for model types without a family: a registered one (MobileViT, unregistered for a
+    moment, falls back and fails by value on its all_head_size) gets it, the registered one exports."""
+    fam = registered_families()["mobilevit"]
+    model, args, _ = H.build(H.mobilevit)
+    dms = _dms(model, args)
+    _force(dms, {"heads": 0.5})
+    unregister_family("mobilevit")
+    try:
+        with pytest.raises(dmscale.ExportError, match="'mobilevit' has no dmscale family") as err:
+            dms.export()
+        assert "exclude=[...]" in str(err.value)  # it guessed nothing: all_head_size only sizes a merge
+    finally:
+        register_family(fam)
+    ex = dms.export()
+    assert ex.mobilevit.encoder.layer[2].transformer.layer[0].attention.attention.num_attention_heads == 2
+
+
+def test_segformer_stage_sizes_follow_the_export():
+    """Per-stage config lists follow the export (the classifier reads hidden_sizes[-1] in its forward); a stage
+    whose attention reduces keys/values keeps its width, with the reason named."""
+    model, args, _ = H.build(H.segformer)
+    dms = _dms(model, args)
+    lost = "\n".join(str(x) for x in dms.trace.lost)
+    assert "segformer.stages.0" in lost and "SegformerSequenceReduction" in lost
+    assert not any(g.name.startswith("segformer.stages.0.patch_embeddings") for g in dms.groups)
+    _force(dms, {"segformer.stages.1.patch_embeddings": 0.5, "heads": 0.5})
+    ex = dms.export()
+    assert ex.config.hidden_sizes == [16, 16] and ex.classifier.in_features == 16
+    attn = ex.segformer.stages[1].blocks[0].attention
+    assert (attn.num_attention_heads, attn.head_dim) == (1, 16)
+    sizes = ex.config.dmscale_layer_sizes
+    assert [(s["num_attention_heads"], s["mlp_ratios"]) for s in sizes] == [(1, 2), (1, 4), (1, 4)]
+    assert "1 heads of 8 in a width of 16" in ex.config.dmscale_inexact  # stage 0: head_dim != width / heads
+    # the FFN and the blocks of the last stage: a config that rebuilds the export
+    model, args, _ = H.build(H.segformer)
+    dms = _dms(model, args)
+    _force(dms, {"segformer.stages.1.blocks.0.mlp": 0.5, "segformer.stages.1.blocks.1.mlp": 0.5,
+                 "segformer.stages.1.blocks[depth]": 0.5})
+    ex = dms.export()
+    assert ex.config.depths == [1, 1] and ex.config.mlp_ratios == [2, 1] and config_describes_model(ex)
+
+
+def test_mobilevit_sizes_by_meaning():
+    model, args, _ = H.build(H.mobilevit)
+    dms = _dms(model, args)
+    _force(dms, {"heads": 0.5, "mobilevit.encoder.layer.4.conv_1x1": 0.5, "mobilevit.conv_stem": 0.5})
+    ex = dms.export()
+    for stage in ex.mobilevit.encoder.layer[2:]:
+        for layer in stage.transformer.layer:
+            a = layer.attention.attention
+            assert a.num_attention_heads == 2 and a.all_head_size == 2 * a.attention_head_size
+    assert ex.config.hidden_sizes == [16, 24, 16] and ex.config.neck_hidden_sizes[0] == 4
+    assert {s["num_attention_heads"] for s in ex.config.dmscale_layer_sizes} == {2}
+    assert "derives head_dim" in ex.config.dmscale_inexact  # 2 heads of 4 in a width of 16 (stage 0)
+    model, args, _ = H.build(H.mobilevit)
+    dms = _dms(model, args)
+    _force(dms, {"mobilevit.encoder.layer.3.transformer.layer[depth]": 0.5})
+    ex = dms.export()
+    assert len(ex.mobilevit.encoder.layer[3].transformer.layer) == 2
+    assert "fixes the number of blocks per stage" in ex.config.dmscale_inexact
+
+
+@pytest.mark.parametrize("name,options", [
+    ("roformer", {}), ("rembert", {"exclude": ["rembert.embeddings"]}), ("mpnet", {}),
+    # BigBird's attention keeps its layer index as a seed and ESM's unused contact head reads layers x heads:
+    # a config with fewer layers (ESM: or heads) would rebuild other values
+    ("big_bird", {"prune_depth": False}),
+    ("esm", {"prune_depth": False, "prune_heads": False, "exclude": ["esm.embeddings", "classifier"]})])
+def test_bert_like_encoders_round_trip_through_save_pretrained(name, options, tmp_path):
+    """BERT-layout encoders registered with ``bert_like``: attributes and config keys by meaning, so a uniform
+    export's config rebuilds it (a plain ``save_pretrained`` / ``from_pretrained``)."""
+    model, args, _ = H.build(getattr(H, name))
+    assert family_for(model) is not None
+    dms = _dms(model, args, **options)
+    assert {g.kind for g in dms.groups} >= {"width"} | ({"heads"} if options.get("prune_heads", True) else set())
+    _force(dms, default=0.5)
+    ex = dms.export()
+    assert sum(p.numel() for p in ex.parameters()) < sum(p.numel() for p in model.parameters())
+    H.assert_pretrained_round_trip(ex, args, {}, tmp_path)

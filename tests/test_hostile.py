@@ -141,6 +141,41 @@ def test_tensor_laundered_through_numpy_never_exports_silently_wrong():
         dms.export()
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class _PerLayerOutputs(nn.Module):
+    """Returns one tensor per layer (like a KV cache or XLNet's mems): removing a layer removes an output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Residual() for _ in range(4))
+
+    def forward(self, x):
+        states = []
+        for layer in self.layers:
+            x = layer(x)
+            states.append(x)
+        return x, states
+
+
+def test_export_with_per_layer_outputs_says_how_to_turn_them_off():
+    x = torch.randn(3, 8)
+    dms = dmscale.DMS(_PerLayerOutputs(), (x,), dmscale.Target(flops=0.6), total_steps=10)
+    assert any(g.kind == "depth" for g in dms.groups)
+    with torch.no_grad():
+        for g in dms.groups:
+            dms.space.ratio(g).fill_(0.5 if g.kind == "depth" else 1.0)
+    with pytest.raises(dmscale.ExportError, match=r"returns 3 tensors, the supernet 5 .*use_cache=False"):
+        dms.export()
+
+
 @pytest.mark.parametrize("inputs,exc,match", [
     ((torch.randn(2, 7),), dmscale.TraceError, r"example_inputs(.|\n)*(mat1|shape)"),
     ((torch.randn(2, 16, 3),), dmscale.TraceError, "example_inputs"),

@@ -148,8 +148,7 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
     from .families.generic import update_export
 
     ctx = start_export(dms, new, keep_of, depth_keep)
-    if ctx.family is None:
-        _update_reshape_attrs(dms, modules, keep_of)
+    guessed = _update_reshape_attrs(dms, modules, keep_of) if ctx.family is None else []
 
     # 4. drop removed blocks
     for g in dms.groups:
@@ -174,7 +173,15 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
     post_export_fixups(dms, new)  # fix-ups registered with the deprecated dmscale.adapters
     new.train(dms.model.training)
     if check:
-        verify_export(dms, new, atol=atol, rtol=rtol)
+        try:
+            verify_export(dms, new, atol=atol, rtol=rtol)
+        except ExportError as exc:
+            # a size attribute guessed wrong: the export fails to run, or gives other shapes or values
+            guess = str(exc).startswith(("the exported model failed to run", "output "))
+            hint = generic_fallback_hint(dms.model, guessed) if guess else ""
+            if not hint:
+                raise
+            raise ExportError(f"{exc}{hint}") from exc
     check_export_config(ctx)  # the edited config loads, and says whether it rebuilds the export
     return new
 
@@ -206,13 +213,37 @@ _ATTR_HINTS = {
 }
 
 
-def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> None:
+def generic_fallback_hint(model: nn.Module, guessed: list[tuple[str, str, int, int]]) -> str:
+    """For a failed export check of a Hugging Face model whose ``model_type`` has no family: what the generic
+    fallback guessed (``guessed``: (module, attribute, old, new)) and how to fix it ('' for any other model)."""
+    from .families.base import family_for, hf_config
+
+    cfg = hf_config(model)
+    if cfg is None or family_for(model) is not None:
+        return ""
+    mt = getattr(cfg, "model_type", None) or type(cfg).__name__
+    if guessed:
+        shown = ", ".join(f"{m}.{a} {old} -> {new}" for m, a, old, new in guessed[:4])
+        more = f" (and {len(guessed) - 4} more)" if len(guessed) > 4 else ""
+        what = f"; it set {shown}{more}"
+        mods = list(dict.fromkeys(m for m, *_ in guessed))[:3]
+        where = f"DMS(..., exclude={mods!r})"
+    else:
+        what, where = "", "DMS(..., exclude=[...]) for the modules whose sizes the model keeps in attributes"
+    return (f" [Hugging Face model_type {mt!r} has no dmscale family: the generic fallback updated module size "
+            f"attributes by value (ints equal to a pruned size), which can hit the wrong attribute or miss one"
+            f"{what}. Describe the family (docs/extending.md#a-hugging-face-model-family), or leave those "
+            f"dimensions unpruned with {where}.]")
+
+
+def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) -> list[tuple[str, str, int, int]]:
     """Update int attributes (num_heads, head_dim) that a module used in view/reshape of a pruned dim.
 
     The fallback for models without a family (:mod:`dmscale.families`): attributes are found by
     their value, so an unrelated attribute with the same value may be changed too; the export
-    check catches a wrong guess.
+    check catches a wrong guess. Returns what it changed: (module, attribute, old, new).
     """
+    changes: list[tuple[str, str, int, int]] = []
     done: set[tuple[str, int]] = set()  # (module, space) already handled (q, k and v reshape alike)
     updated: set[tuple[str, str]] = set()  # (module, attribute) already given its new value
     for rec in dms.trace.reshapes:
@@ -238,7 +269,9 @@ def _update_reshape_attrs(dms: "DMS", modules: dict[str, nn.Module], keep_of) ->
         for a in hits:
             setattr(mod, a, new_val)
             updated.add((rec.module, a))
+            changes.append((rec.module, a, rec.value, new_val))
         done.add(key)
+    return changes
 
 
 def _drop_children(root: nn.Module, cname: str, drop: set[int]) -> None:
@@ -314,7 +347,10 @@ def verify_export(dms: "DMS", exported: nn.Module, atol: float = 1e-4, rtol: flo
     finally:
         exported.train(was_e)
     if len(ref) != len(got):
-        raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}")
+        hint = (" (outputs per layer, such as a cache or XLNet's mems, change with removed layers: turn them off in "
+                "example_kwargs, e.g. use_cache=False / use_mems=False, or search with prune_depth=False)"
+                if any(g.kind == "depth" for g in dms.groups) else "")
+        raise ExportError(f"exported model returns {len(got)} tensors, the supernet {len(ref)}{hint}")
     for i, (a, b) in enumerate(zip(ref, got)):
         if a.shape != b.shape:
             raise ExportError(f"output {i}: exported shape {tuple(b.shape)} != supernet {tuple(a.shape)}")

@@ -250,7 +250,7 @@ def _check_config(ctx: ExportContext, fam: Family | None) -> None:
     for k in INEXACT_KEYS:
         if k in cfg.__dict__:
             delattr(cfg, k)
-    reasons = list(ctx.inexact)
+    reasons = list(dict.fromkeys(ctx.inexact))  # one line per reason, not per layer
     if ctx.nonuniform:
         reasons.append("sizes differ between layers: " + ", ".join(sorted(set(ctx.nonuniform))))
     if not reasons:

@@ -1,4 +1,6 @@
-"""Vision transformers with ``attention.{q,k,v,o}_proj`` and ``mlp.fc1``/``fc2`` (ViT, ViT-MAE, DINOv2)."""
+"""Vision transformers with ``attention.{q,k,v,o}_proj`` and ``mlp.fc1``/``fc2`` (ViT, ViT-MAE, DeiT, BEiT, DINOv2).
+
+BEiT's relative position bias (a per-head table) follows the heads by the layer spec in :mod:`.swin`."""
 
 from .base import register_family
 from .common import Attn, Mlp, Stack, Transformer
@@ -10,9 +12,18 @@ VIT_MLP = Mlp("mlp", down="mlp.fc2", attrs={})
 
 
 class ViT(Transformer):
-    model_types = ("vit", "vit_mae")
+    model_types = ("vit", "vit_mae", "deit")
     searched = "hidden, heads, FFN, layers"
     stacks = (Stack("layers", attention=(VIT_ATTN,), mlp=(VIT_MLP,)),)
+
+
+class Beit(ViT):
+    """BEiT is also a backbone: its config names one stage per layer."""
+
+    model_types = ("beit",)
+
+    def extra(self, ctx, hidden):
+        remap_backbone_stages(ctx, ctx.find_stacks("layers")[0])
 
 
 class Dinov2(Transformer):
@@ -51,4 +62,5 @@ def remap_backbone_stages(ctx, container: str) -> None:
 
 
 VIT = register_family(ViT())
+BEIT = register_family(Beit())
 DINOV2 = register_family(Dinov2())

@@ -5,4 +5,4 @@ checks it.
 """
 
 from . import (attention, conv, creation, einsum, elementwise, embedding, index, linear, matmul, metadata,  # noqa: F401
-               mha, norm, pool, reduce, rnn, shape)
+               mha, norm, normalize, pool, reduce, rnn, shape)
