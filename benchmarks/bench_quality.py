@@ -135,11 +135,11 @@ def run_dataset(name: str, seeds: list[int], budgets: list[float], steps: int | 
                     small = common.train(uniform_model(cfg | {"widths": cfg["widths"]}, b, base_flops, ex, seed),
                                          stream(8), B)
                 elif method in ("L1", "Taylor"):
-                    small = common.one_shot_prune(copy.deepcopy(pre), stream(9), b, method.lower())
+                    small, _ = common.oneshot_landed(pre, ex, b, method.lower(), stream(9))
                     info["acc_before_finetune"] = common.accuracy(small, xte, yte)
                     common.train(small, stream(10), B - int(0.4 * B))
                 else:  # random
-                    small = zoo.reinitialize(common.random_arch(base(seed), ex, b, seed), seed)
+                    small = zoo.reinitialize(common.random_arch(base(seed), ex, b, seed)[0], seed)
                     common.train(small, stream(11), B)
                 dt = time.perf_counter() - t0 + (t_pre if method in ("DMS_p", "DMS_fast", "L1", "Taylor") else 0)
                 acc = common.accuracy(small, xte, yte)
