@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -52,24 +50,6 @@ CONFIGS = {
     "mnist5k": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 300, "limit_train": None,
                 "limit_test": None},
 }
-
-
-def ensure_fashion() -> str:
-    """'fashion-mnist' if its files are found (installing the Debian package when possible), else 'mnist5k'."""
-    try:
-        load_dataset("fashion-mnist", limit_train=10, limit_test=10)
-        return "fashion-mnist"
-    except FileNotFoundError:
-        pass
-    if shutil.which("apt-get") and os.geteuid() == 0:
-        try:
-            subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True, capture_output=True,
-                           timeout=300)
-            load_dataset("fashion-mnist", limit_train=10, limit_test=10)
-            return "fashion-mnist"
-        except Exception as e:  # noqa: BLE001 - any failure: fall back
-            print(f"fashion-mnist unavailable ({e}); falling back to mnist5k")
-    return "mnist5k"
 
 
 def flops_of(model: torch.nn.Module, example: torch.Tensor) -> float:
@@ -181,7 +161,7 @@ def main() -> None:
     out = {"name": NAME, "quick": args.quick, "threads": args.threads, "methods": METHODS, "datasets": {}}
     for ds in datasets:
         if ds in ("fashion-mnist", "fashion"):
-            ds = ensure_fashion()
+            ds = "fashion-mnist" if common.ensure_fashion() else "mnist5k"  # says clearly when it falls back
         out["datasets"][ds] = run_dataset(ds, seeds, budgets, steps, lambda s: print(s, flush=True))
         out["wall_s"] = time.perf_counter() - t_all
         common.save_result(args.name, out)  # partial results survive an interrupted run

@@ -66,7 +66,7 @@ DATASETS = {
     "mnist5k": {"pretrain": 800, "val_fraction": 0.125},
 }
 FULL = {"seeds": 5, "targets": [0.3, 0.5], "search_steps": 150, "finetune_steps": 100, "finetune_lr": 0.02,
-        "recal_batches": 20, "taylor_batches": 20, "lr_grid": [0.005, 0.015, 0.05, 0.15], "pilot_seed": 100}
+        "recal_batches": 20, "taylor_batches": 20, "lr_grid": [0.015, 0.05, 0.15], "pilot_seed": 100}
 QUICK = {"seeds": 2, "targets": [0.3], "search_steps": 30, "finetune_steps": 20, "finetune_lr": 0.02,
          "recal_batches": 10, "taylor_batches": 10, "lr_grid": None, "pilot_seed": 100, "pretrain": 200}
 # structure lr without a pilot (--quick, --no-pilot): the ratio methods at about 2 / steps, logits faster (MES's
@@ -74,6 +74,12 @@ QUICK = {"seeds": 2, "targets": [0.3], "search_steps": 30, "finetune_steps": 20,
 DEFAULT_LR = {"DMS": 0.015, "GET": 0.015, "SNS": 0.05, "MES": 0.15}
 BATCH = 64
 TOL = 0.01
+# The library's multiplier update of the resource weight (DMS._adapt_weight) has no upper bound: a search whose
+# structure does not move (e.g. SNS / MES at a small lr) grows it by e per step until weight * loss overflows
+# float32 (~130 steps) and the run dies with NaN. The search methods here use Adam, whose steps do not scale with
+# the loss, so a weight far above the task loss's scale changes nothing but the overflow; cap it, for every
+# search strategy alike (reported per run as weight_capped_steps).
+WEIGHT_CAP = 1e4
 REACHED = 0.05  # a search "reached" the budget if its own hard FLOPs ended within 5% above the target
 
 
@@ -119,18 +125,23 @@ def search_export(pre: nn.Module, data: Data, method: str, target: float, steps:
         opt = torch.optim.Adam(strat.parameters(), lr=lr)
         depth_params = strat.depth_parameters()
 
-        def freeze_depth(record: dict) -> None:  # the refine phase fixes depth for every strategy
-            if dms.refining:
+        capped = [0]
+
+        def after_step(record: dict) -> None:
+            if dms.refining:  # the refine phase fixes depth for every strategy
                 for p in depth_params:
                     p.requires_grad_(False)
                     p.grad = None
+            if dms.weight > WEIGHT_CAP:  # see WEIGHT_CAP
+                dms.weight = WEIGHT_CAP
+                capped[0] += 1
 
         hist = Search(dms, train_weights=False, structure_optimizer=opt).run(
-            ImageClassification(), data.stream(stream_seed), train_mode=True, after_step=freeze_depth)
+            ImageClassification(), data.stream(stream_seed), train_mode=True, after_step=after_step)
         model.eval()
         fin = strat.finalize()
         exported, info = common.land_export(dms)
-        info.update({"structure_lr": lr, "final_weight": dms.weight,
+        info.update({"structure_lr": lr, "final_weight": dms.weight, "weight_capped_steps": capped[0],
                      "reached_target_step": next((r["step"] for r in hist
                                                   if r.get("resource", 1.0) <= target * (1 + TOL)), None)})
         if "argmax_counts" in fin:
@@ -213,7 +224,9 @@ def pilot(data: Data, cfg: dict, targets: list[float], base_flops: float, log: C
                     f"{REACHED:.0%} of the target (all lrs if none did)"}
 
 
-def run_dataset(name: str, cfg: dict, log: Callable[[str], None], use_pilot: bool) -> dict:
+def run_dataset(name: str, cfg: dict, log: Callable[[str], None], use_pilot: bool,
+                on_seed: Callable[[dict], None] | None = None) -> dict:
+    """Pretrain, (pilot), then every method at every target for every seed; ``on_seed(partial)`` after each seed."""
     dcfg = dict(DATASETS[name])
     if "pretrain" in cfg:
         dcfg["pretrain"] = cfg["pretrain"]
@@ -250,6 +263,8 @@ def run_dataset(name: str, cfg: dict, log: Callable[[str], None], use_pilot: boo
                 log(f"{name} s{seed} {t} {method:10s} noFT {ev['acc_noft']:.4f} FT {ev['acc_ft']:.4f} "
                     f"flops {ev['flops_frac']:.4f} (search ended {info.get('search_frac') or float('nan'):.3f}) "
                     f"{t_method:.0f}s")
+        if on_seed is not None:
+            on_seed({**out, "wall_s": time.perf_counter() - t_all, "partial": True})
     out["wall_s"] = time.perf_counter() - t_all
     out["summary"] = summarize(out)
     return out
@@ -438,8 +453,12 @@ def main() -> None:
         if name == "fashion-mnist" and not common.ensure_fashion():
             out["datasets"][name] = {"missing": "Fashion-MNIST is not installed (see the message above)"}
             continue
+        def partial(ds: dict, name: str = name) -> None:  # an interrupted run keeps its finished seeds
+            common.save_result(args.name, {**out, "datasets": {**out["datasets"], name: ds},
+                                           "wall_s": time.perf_counter() - t_all})
+
         out["datasets"][name] = run_dataset(name, cfg, lambda s: print(s, flush=True),
-                                            use_pilot=not (args.quick or args.no_pilot))
+                                            use_pilot=not (args.quick or args.no_pilot), on_seed=partial)
         out["wall_s"] = time.perf_counter() - t_all
         common.save_result(args.name, out)  # partial results survive an interrupted run
     out["wall_s"] = time.perf_counter() - t_all

@@ -134,7 +134,7 @@ def test_sns_mask_gradcheck_float64() -> None:
 
 
 def test_mes_gates_and_keep_at_least_one_channel() -> None:
-    dms, x = _dms()
+    dms, _ = _dms()
     s = sm.MESStrategy(dms)
     s.install()
     g = next(g for g in dms.groups if g.kind == "width")
