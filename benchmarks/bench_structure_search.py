@@ -385,6 +385,49 @@ def report(out: dict) -> None:
                           f"p_wilcoxon {r.get('p_wilcoxon', float('nan')):.3g}, p_perm {r['p_permutation']:.3g})")
 
 
+def markdown(out: dict) -> str:
+    """The BENCHMARKS.md tables of a result: accuracy no fine-tune / fine-tuned per method and target, the paired
+    tests of DMS against the best other method and against GET."""
+    lines: list[str] = []
+    for d, ds in out["datasets"].items():
+        if not ds.get("runs"):
+            continue
+        summ = ds.get("summary") or summarize(ds)
+        pre = [x["test_acc"] for x in ds["pretrained"]]
+        ts = list(summ)
+        lines.append(f"**{d}** (pretrained {100 * sum(pre) / len(pre):.2f}%, {len(pre)} seeds; test accuracy %, "
+                     "mean ± std; FLOPs: of the export / before the projection, i.e. where the search itself "
+                     "ended, or the one-shot common ratio)\n")
+        lines.append("| method | " + " | ".join(f"FLOPs {t}: no fine-tune | FLOPs {t}: fine-tuned | FLOPs {t}: "
+                                                 "export / before projection" for t in ts) + " |")
+        lines.append("|---|" + "---:|---:|---:|" * len(ts))
+        for m in METHODS:
+            cells = []
+            for t in ts:
+                e = summ[t]["methods"].get(m)
+                if e is None:
+                    cells += ["–"] * 3
+                    continue
+                best = {k: max(summ[t]["methods"].values(), key=lambda x: x[k + "_mean"]) is e
+                        for k in ("acc_noft", "acc_ft")}
+                sf = e.get("search_frac_mean")
+                cells += [("**{}**" if best[k] else "{}").format(f"{100 * e[k + '_mean']:.2f} ± {100 * e[k + '_std']:.2f}")
+                          for k in ("acc_noft", "acc_ft")]
+                cells.append(f"{e['flops_frac_mean']:.3f} / " + (f"{sf:.3f}" if sf is not None else "–"))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for t in ts:
+            for metric, tt in summ[t]["tests"].items():
+                for other, r in tt["vs"].items():
+                    lines.append(f"- FLOPs {t}, {'no fine-tune' if metric == 'acc_noft' else 'fine-tuned'}: DMS − "
+                                 f"{other}{' (best other)' if other == tt['best_other'] else ''} = "
+                                 f"{100 * r['mean_diff']:+.2f} ± {100 * r['std_diff']:.2f} points, wins "
+                                 f"{r['wins']}/{r['n']}, paired t p = {r.get('p_ttest', float('nan')):.3g}, "
+                                 f"sign-flip p = {r['p_permutation']:.3g}")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def merge(names: list[str], into: str = NAME) -> dict:
     """Merge per-dataset result files (parallel processes) into one JSON and plot."""
     out: dict[str, Any] | None = None
@@ -431,7 +474,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default=NAME)
     ap.add_argument("--merge", default=None, help="comma list of result names to merge into --name")
+    ap.add_argument("--markdown", default=None, metavar="JSON", help="print the BENCHMARKS.md tables of a result file")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     if args.merge:
         sys.exit(1 if merge(args.merge.split(","), args.name)["exports_outside_1pct"] else 0)
     torch.set_num_threads(args.threads)

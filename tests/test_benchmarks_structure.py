@@ -223,3 +223,5 @@ def test_smallest_configuration_end_to_end(tmp_path, monkeypatch) -> None:
     assert st["tests"]["acc_noft"]["best_other"] in bss.OTHERS
     assert set(st["methods"]) == set(bss.METHODS)
     assert os.path.exists(tmp_path / "t.png")
+    md = bss.markdown(saved)
+    assert all(f"| {m} |" in md for m in bss.METHODS) and "(best other)" in md
