@@ -207,19 +207,7 @@ def plot(out: dict, name: str = NAME) -> None:
 
 def merge(names: list[str], into: str = NAME) -> dict:
     """Merge per-dataset result files (parallel runs) into one JSON + plot."""
-    import json
-
-    out = None
-    for n in names:
-        with open(os.path.join(common.RESULTS, f"{n}.json")) as f:
-            d = json.load(f)
-        if out is None:
-            out = d
-            out["parts"] = [n]
-        else:
-            out["datasets"].update(d["datasets"])
-            out["parts"].append(n)
-            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
+    out = common.merge_parts(names)
     common.save_result(into, out)
     plot(out, into)
     return out

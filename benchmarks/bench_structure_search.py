@@ -430,19 +430,7 @@ def markdown(out: dict) -> str:
 
 def merge(names: list[str], into: str = NAME) -> dict:
     """Merge per-dataset result files (parallel processes) into one JSON and plot."""
-    out: dict[str, Any] | None = None
-    for n in names:
-        with open(os.path.join(common.RESULTS, f"{n}.json")) as f:
-            d = json.load(f)
-        if out is None:
-            out = d
-            out["parts"] = [n]
-        else:
-            out["datasets"].update(d["datasets"])
-            out["parts"].append(n)
-            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
-            out.setdefault("machines", [out.get("machine")]).append(d.get("machine"))
-    assert out is not None
+    out = common.merge_parts(names)
     out["pooled_tests"] = pooled_tests(out["datasets"])
     finish(out, into)
     return out

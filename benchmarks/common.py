@@ -156,6 +156,31 @@ def save_result(name: str, data: dict[str, Any]) -> str:
     return path
 
 
+def merge_parts(names: list[str]) -> dict[str, Any]:
+    """One result from per-dataset result files of parallel runs (``results/<name>.json`` each): the first file,
+    its ``datasets`` updated with the others', ``parts`` and their ``commands`` and machines listed, ``wall_s``
+    the longest part's."""
+    if not names:
+        raise ValueError("merge_parts: no result names given")
+    out: dict[str, Any] = {}
+    for n in names:
+        path = os.path.join(RESULTS, f"{n}.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"merge_parts: no result file {path} (run the part named {n!r} first)")
+        with open(path) as f:
+            d = json.load(f)
+        if not out:
+            out = d
+            out["parts"], out["commands"], out["machines"] = [], [], []
+        else:
+            out["datasets"].update(d["datasets"])
+            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
+        out["parts"].append(n)
+        out["commands"].append(d.get("command"))
+        out["machines"].append(d.get("machine"))
+    return out
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.tolist()

@@ -225,3 +225,14 @@ def test_smallest_configuration_end_to_end(tmp_path, monkeypatch) -> None:
     assert os.path.exists(tmp_path / "t.png")
     md = bss.markdown(saved)
     assert all(f"| {m} |" in md for m in bss.METHODS) and "(best other)" in md
+
+
+def test_merge_parts(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    common.save_result("a", {"command": "a", "wall_s": 5.0, "datasets": {"x": {"runs": [1]}}})
+    common.save_result("b", {"command": "b", "wall_s": 7.0, "datasets": {"y": {"runs": [2]}}})
+    out = common.merge_parts(["a", "b"])
+    assert out["datasets"] == {"x": {"runs": [1]}, "y": {"runs": [2]}} and out["wall_s"] == 7.0
+    assert out["parts"] == ["a", "b"] and out["commands"] == ["a", "b"] and len(out["machines"]) == 2
+    with pytest.raises(FileNotFoundError, match="'c'"):
+        common.merge_parts(["a", "c"])
