@@ -26,6 +26,10 @@ separate pretrained model (pilot seed) by validation accuracy (never the test se
     python benchmarks/bench_structure_search.py --datasets mnist5k --name bss_mnist5k &      # in parallel
     python benchmarks/bench_structure_search.py --datasets fashion-mnist --name bss_fashion &
     python benchmarks/bench_structure_search.py --merge bss_mnist5k,bss_fashion
+    # a dataset's seeds over two processes: the second takes the first's pilot lrs
+    python benchmarks/bench_structure_search.py --datasets fashion-mnist --first-seed 4 --seeds 1 \
+        --lr-from bss_fashion --name bss_fashion_s4
+    python benchmarks/bench_structure_search.py --markdown benchmarks/results/bench_structure_search.json
 """
 
 from __future__ import annotations
