@@ -472,7 +472,7 @@ def finish(out: dict, name: str) -> int:
     """Save, plot, print; the number of exports outside +-1% of their target."""
     bad = [r for ds in out["datasets"].values() for r in ds.get("runs", []) if not r["within_1pct"]]
     out["exports_outside_1pct"] = len(bad)
-    path = common.save_result(name, out)
+    path = common.save_result(name, out, indent=None)  # committed: no indentation
     if any(ds.get("runs") for ds in out["datasets"].values()):
         plot(out, common.plot_path(name))
     report(out)

@@ -143,15 +143,16 @@ def ensure_fashion(install: bool = True) -> bool:
     return False
 
 
-def save_result(name: str, data: dict[str, Any]) -> str:
-    """Write ``results/<name>.json`` (adds machine info) and return its path."""
+def save_result(name: str, data: dict[str, Any], indent: int | None = 2) -> str:
+    """Write ``results/<name>.json`` (adds machine info) and return its path (``indent=None``: one line, for
+    result files with many runs that are committed)."""
     os.makedirs(RESULTS, exist_ok=True)
     data = dict(data)
     data.setdefault("machine", machine_info())
     path = os.path.join(RESULTS, f"{name}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_jsonable)
+        json.dump(data, f, indent=indent, default=_jsonable)
     os.replace(tmp, path)
     return path
 
