@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 
@@ -52,24 +50,6 @@ CONFIGS = {
     "mnist5k": {"widths": (8, 16, 32), "depths": (1, 1, 1), "stem_stride": 2, "steps": 300, "limit_train": None,
                 "limit_test": None},
 }
-
-
-def ensure_fashion() -> str:
-    """'fashion-mnist' if its files are found (installing the Debian package when possible), else 'mnist5k'."""
-    try:
-        load_dataset("fashion-mnist", limit_train=10, limit_test=10)
-        return "fashion-mnist"
-    except FileNotFoundError:
-        pass
-    if shutil.which("apt-get") and os.geteuid() == 0:
-        try:
-            subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True, capture_output=True,
-                           timeout=300)
-            load_dataset("fashion-mnist", limit_train=10, limit_test=10)
-            return "fashion-mnist"
-        except Exception as e:  # noqa: BLE001 - any failure: fall back
-            print(f"fashion-mnist unavailable ({e}); falling back to mnist5k")
-    return "mnist5k"
 
 
 def flops_of(model: torch.nn.Module, example: torch.Tensor) -> float:
@@ -135,11 +115,11 @@ def run_dataset(name: str, seeds: list[int], budgets: list[float], steps: int | 
                     small = common.train(uniform_model(cfg | {"widths": cfg["widths"]}, b, base_flops, ex, seed),
                                          stream(8), B)
                 elif method in ("L1", "Taylor"):
-                    small = common.one_shot_prune(copy.deepcopy(pre), stream(9), b, method.lower())
+                    small, _ = common.oneshot_landed(pre, ex, b, method.lower(), stream(9))
                     info["acc_before_finetune"] = common.accuracy(small, xte, yte)
                     common.train(small, stream(10), B - int(0.4 * B))
                 else:  # random
-                    small = zoo.reinitialize(common.random_arch(base(seed), ex, b, seed), seed)
+                    small = zoo.reinitialize(common.random_arch(base(seed), ex, b, seed)[0], seed)
                     common.train(small, stream(11), B)
                 dt = time.perf_counter() - t0 + (t_pre if method in ("DMS_p", "DMS_fast", "L1", "Taylor") else 0)
                 acc = common.accuracy(small, xte, yte)
@@ -181,7 +161,7 @@ def main() -> None:
     out = {"name": NAME, "quick": args.quick, "threads": args.threads, "methods": METHODS, "datasets": {}}
     for ds in datasets:
         if ds in ("fashion-mnist", "fashion"):
-            ds = ensure_fashion()
+            ds = "fashion-mnist" if common.ensure_fashion() else "mnist5k"  # says clearly when it falls back
         out["datasets"][ds] = run_dataset(ds, seeds, budgets, steps, lambda s: print(s, flush=True))
         out["wall_s"] = time.perf_counter() - t_all
         common.save_result(args.name, out)  # partial results survive an interrupted run
@@ -227,19 +207,7 @@ def plot(out: dict, name: str = NAME) -> None:
 
 def merge(names: list[str], into: str = NAME) -> dict:
     """Merge per-dataset result files (parallel runs) into one JSON + plot."""
-    import json
-
-    out = None
-    for n in names:
-        with open(os.path.join(common.RESULTS, f"{n}.json")) as f:
-            d = json.load(f)
-        if out is None:
-            out = d
-            out["parts"] = [n]
-        else:
-            out["datasets"].update(d["datasets"])
-            out["parts"].append(n)
-            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
+    out = common.merge_parts(names)
     common.save_result(into, out)
     plot(out, into)
     return out

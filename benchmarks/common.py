@@ -14,7 +14,10 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -25,7 +28,7 @@ from dmscale import DMS, Target
 from dmscale.budget import bisect_max, hard_fraction
 from dmscale.recipes import pipelines as recipes
 from dmscale.recipes.loop import cosine_lr, make_optimizer
-from dmscale.recipes.oneshot import common_ratio, oneshot_prune, rank
+from dmscale.recipes.oneshot import common_ratio, rank
 from dmscale.recipes.tasks import ImageClassification
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,17 +104,82 @@ def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
     return run
 
 
-def save_result(name: str, data: dict[str, Any]) -> str:
-    """Write ``results/<name>.json`` (adds machine info) and return its path."""
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages now (recorded next to results measured on a shared machine)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def ensure_fashion(install: bool = True) -> bool:
+    """True if Fashion-MNIST's files are found. Otherwise, as root with apt-get, install Debian's
+    ``dataset-fashion-mnist`` (``apt-get update && apt-get install -y dataset-fashion-mnist``) and look
+    again; if it is still missing, print clearly that it is and how to get it, and return False."""
+    from dmscale.app.datasets import FASHION_MNIST_HOWTO, load_dataset
+
+    def found() -> bool:
+        try:
+            load_dataset("fashion-mnist", limit_train=10, limit_test=10)
+            return True
+        except FileNotFoundError:
+            return False
+
+    if found():
+        return True
+    why = "not root or no apt-get"
+    if install and shutil.which("apt-get") and os.geteuid() == 0:
+        print("fashion-mnist missing: installing Debian's dataset-fashion-mnist ...", flush=True)
+        try:
+            subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600)
+            subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True, capture_output=True,
+                           timeout=600)
+        except (subprocess.SubprocessError, OSError) as e:
+            why = f"apt-get failed: {e}"
+        if found():
+            return True
+    print(f"*** Fashion-MNIST is MISSING on this machine ({why}); its benchmark rows are skipped. "
+          f"Get it with: {FASHION_MNIST_HOWTO}", flush=True)
+    return False
+
+
+def save_result(name: str, data: dict[str, Any], indent: int | None = 2) -> str:
+    """Write ``results/<name>.json`` (adds machine info) and return its path (``indent=None``: one line, for
+    result files with many runs that are committed)."""
     os.makedirs(RESULTS, exist_ok=True)
     data = dict(data)
     data.setdefault("machine", machine_info())
     path = os.path.join(RESULTS, f"{name}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=_jsonable)
+        json.dump(data, f, indent=indent, default=_jsonable)
     os.replace(tmp, path)
     return path
+
+
+def merge_parts(names: list[str]) -> dict[str, Any]:
+    """One result from per-dataset result files of parallel runs (``results/<name>.json`` each): the first file,
+    its ``datasets`` updated with the others', ``parts`` and their ``commands`` and machines listed, ``wall_s``
+    the longest part's."""
+    if not names:
+        raise ValueError("merge_parts: no result names given")
+    out: dict[str, Any] = {}
+    for n in names:
+        path = os.path.join(RESULTS, f"{n}.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"merge_parts: no result file {path} (run the part named {n!r} first)")
+        with open(path) as f:
+            d = json.load(f)
+        if not out:
+            out = d
+            out["parts"], out["commands"], out["machines"] = [], [], []
+        else:
+            out["datasets"].update(d["datasets"])
+            out["wall_s"] = max(out.get("wall_s", 0), d.get("wall_s", 0))
+        out["parts"].append(n)
+        out["commands"].append(d.get("command"))
+        out["machines"].append(d.get("machine"))
+    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -263,49 +331,167 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
     return correct / len(x)
 
 
+def recalibrator(batches: list, n: int | None = None) -> Callable[[nn.Module], None]:
+    """``f(model)``: re-estimate BatchNorm statistics from ``batches`` (``dmscale.recalibrate_bn``)."""
+    from dmscale import recalibrate_bn
+
+    return lambda model: recalibrate_bn(model, batches, n)
+
+
 def dms_search(model: nn.Module, stream: Stream, steps: int, target_of_model: float, lr: float = 0.05,
-               freeze_weights: bool = False, seed: int = 0) -> tuple[nn.Module, dict]:
+               freeze_weights: bool = False, seed: int = 0,
+               recalibrate: Callable[[nn.Module], None] | None = None) -> tuple[nn.Module, dict]:
     """A DMS search to ``target_of_model`` (fraction of this model's FLOPs): ``dmscale.recipes`` DMS_p (weights +
     structure, no fine-tuning here) or DMS_fast (frozen weights); returns the export and info.
 
-    No projection onto the budget, as when the recorded results were measured (their FLOPs are reported)."""
+    The export lands on the budget (``budget.project``, within 1% below); ``recalibrate(model)`` re-estimates
+    BatchNorm statistics of the found network before export (``recalibrator``)."""
     torch.manual_seed(seed)
-    common = dict(project_budget=False, lr_schedule=cosine_lr(lr, steps, min(20, steps // 10)))
     if freeze_weights:
         small, info = recipes.dms_fast(model, ImageClassification(), stream, Target(flops=target_of_model), steps,
-                                       project_budget=False)
+                                       recalibrate=recalibrate)
     else:
         small, info = recipes.dms_p(model, ImageClassification(), stream, Target(flops=target_of_model), steps,
-                                    lr=lr, optimizer=_sgd(lr), **common)
+                                    lr=lr, optimizer=_sgd(lr), lr_schedule=cosine_lr(lr, steps, min(20, steps // 10)),
+                                    recalibrate=recalibrate)
     for p in small.parameters():
         p.requires_grad_(True)
+    proj = info.get("projection") or {}
     return small, {"search_steps": steps, "hard_flops_frac_of_searched_model": info["flops_frac"],
-                   "target_of_searched_model": target_of_model, "kept": info["kept"]}
+                   "target_of_searched_model": target_of_model, "search_ended_frac": proj.get("before"),
+                   "kept": info["kept"]}
 
 
-def one_shot_prune(model: nn.Module, stream: Stream, frac: float, method: str, taylor_batches: int = 20) -> nn.Module:
-    """Classic one-shot pruning: L1 or Taylor channel importance, one kept ratio for every layer, export."""
-    x0, _ = stream()
-    small, _ = oneshot_prune(model, (x0[:2],), Target(flops=frac), "l1" if method == "l1" else "taylor",
-                             task=ImageClassification(), batches=stream, n_batches=taylor_batches,
-                             importance_decay=0.9)
-    return small
+def land_export(dms: DMS) -> tuple[nn.Module, dict[str, Any]]:
+    """Sharp masks (the kept weights are exported unscaled), land on the budget (``dms.project``: within 1%
+    below the target), export. Info: where the ratios were before (``search_frac``), after, the move."""
+    from dmscale.recipes.oneshot import SHARP
+
+    before = hard_fraction(dms, dms.target.kind)
+    for g in dms.groups:
+        if g.kind != "depth":
+            g.lam = SHARP * g.size
+    p = dms.project(when="benchmark", warn=False)
+    info = {"search_frac": before, "projected_frac": p.after, "projection_moved": p.moved,
+            "projection_groups_changed": len(p.changes), "projection_tier": p.tier,
+            "kept": [int(dms.space.keep(g).sum()) for g in dms.groups], "groups": [g.name for g in dms.groups]}
+    return dms.export(project=False), info
 
 
-def random_arch(model: nn.Module, example: torch.Tensor, frac: float, seed: int) -> nn.Module:
-    """A random architecture of ``frac`` of the model's FLOPs: random per-group ratios scaled to the budget."""
+ONESHOT_RANKINGS = ("l1", "taylor", "random", "uniform")
+
+
+def oneshot_landed(model: nn.Module, example: torch.Tensor, frac: float, method: str, stream: Stream | None = None,
+                   seed: int = 0, taylor_batches: int = 20) -> tuple[nn.Module, dict[str, Any]]:
+    """One-shot width pruning of a copy of ``model`` to ``frac`` of its FLOPs, landed within 1% below.
+
+    ``method``: ``l1`` / ``taylor`` / ``random`` (``dmscale.recipes.oneshot.rank``) or ``uniform`` (the first
+    channels by index, no selection). One kept ratio for every width group (``common_ratio``), then
+    ``land_export``: the common ratio alone lands 1-2% below the budget on the zoo ResNets, the projection's
+    fine steps fill that."""
+    import copy
+
+    from dmscale.recipes.loop import frozen
+    from dmscale.recipes.oneshot import SHARP, width_groups
+
+    method = method.lower()
+    if method not in ONESHOT_RANKINGS:
+        raise ValueError(f"one-shot method must be one of {ONESHOT_RANKINGS}, got {method!r}")
+    m = copy.deepcopy(model).eval()
+    dms = DMS(m, (example[:2],), Target(flops=frac), 1, importance="taylor", prune_depth=False, warn=False)
+    try:
+        gs = width_groups(dms)
+        with torch.no_grad():
+            for g in gs:
+                g.lam = SHARP * g.size
+                dms.space.ratio(g).fill_(1.0)  # sharp masks at full keep: exactly the unpruned model
+        if method == "uniform":
+            with torch.no_grad():
+                for g in gs:
+                    dms.space.importance(g).copy_(torch.arange(g.size, 0, -1, dtype=torch.float32))
+        else:
+            with frozen(m):
+                rank(dms, method, task=ImageClassification(), batches=stream, n_batches=taylor_batches, seed=seed,
+                     groups=gs)
+        r = common_ratio(dms, groups=gs)
+        small, info = land_export(dms)
+        info["common_ratio"] = r
+    finally:
+        dms.remove()
+    return small, info
+
+
+def random_arch(model: nn.Module, example: torch.Tensor, frac: float, seed: int) -> tuple[nn.Module, dict]:
+    """A random architecture of ``frac`` of the model's FLOPs: random per-group ratios scaled to the budget,
+    landed within 1% below (``land_export``); train it from scratch (``zoo.reinitialize``)."""
     g = torch.Generator().manual_seed(1000 + seed)
-    dms = DMS(model, (example,), Target(flops=frac), total_steps=10, warn=False, prune_depth=False)
-    u = {grp.key: float(torch.empty(()).uniform_(0.25, 1.0, generator=g)) for grp in dms.groups}
-    with torch.no_grad():
-        for grp in dms.groups:
-            dms.space.importance(grp).copy_(torch.rand(grp.size, generator=g))
+    dms = DMS(model, (example[:2],), Target(flops=frac), 10, warn=False, prune_depth=False)
+    try:
+        u = {grp.key: float(torch.empty(()).uniform_(0.25, 1.0, generator=g)) for grp in dms.groups}
+        with torch.no_grad():
+            for grp in dms.groups:
+                dms.space.importance(grp).copy_(torch.rand(grp.size, generator=g))
 
-    @torch.no_grad()
-    def f(sc: float) -> float:
-        for grp in dms.groups:
-            dms.space.ratio(grp).fill_(max(grp.min_ratio(), min(1.0, sc * u[grp.key])))
-        return hard_fraction(dms, "flops")
+        @torch.no_grad()
+        def f(sc: float) -> float:
+            for grp in dms.groups:
+                dms.space.ratio(grp).fill_(max(grp.min_ratio(), min(1.0, sc * u[grp.key])))
+            return hard_fraction(dms, "flops")
 
-    f(bisect_max(f, frac, 0.0, 4.0))
-    return dms.export()
+        f(bisect_max(f, frac, 0.0, 4.0))
+        return land_export(dms)
+    finally:
+        dms.remove()
+
+
+# --------------------------------------------------------------------------- statistics
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def permutation_p(diffs: list[float]) -> float:
+    """Two-sided exact sign-flip permutation test of paired differences (mean 0 under H0); exact up to 2^16
+    sign patterns, otherwise 20,000 random ones (seeded)."""
+    import itertools
+    import random
+
+    n = len(diffs)
+    if n == 0:
+        return float("nan")
+    obs = abs(sum(diffs))
+    if n <= 16:
+        pats = itertools.product((1, -1), repeat=n)
+        total = 2 ** n
+    else:
+        rng = random.Random(0)
+        total = 20000
+        pats = ([rng.choice((1, -1)) for _ in range(n)] for _ in range(total))
+    hit = sum(1 for s in pats if abs(sum(si * d for si, d in zip(s, diffs))) >= obs - 1e-12)
+    return hit / total
+
+
+def paired_test(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Paired comparison of a vs b (same seeds, same order): mean and std of a - b, wins, the exact
+    sign-flip permutation p, and scipy's paired t-test and Wilcoxon signed-rank p when scipy is installed."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_test needs equal lengths, got {len(a)} and {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    m, s = mean_std(d)
+    out: dict[str, Any] = {"n": len(d), "mean_diff": m, "std_diff": s, "wins": sum(x > 0 for x in d),
+                           "losses": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d),
+                           "p_permutation": permutation_p(d)}
+    try:
+        from scipy import stats
+    except ImportError:
+        out["scipy"] = None
+        return out
+    out["scipy"] = True
+    if len(d) > 1 and s > 0:
+        out["p_ttest"] = float(stats.ttest_rel(a, b).pvalue)
+    else:
+        out["p_ttest"] = float("nan")
+    nz = [x for x in d if x != 0]
+    out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue) if nz else 1.0
+    return out

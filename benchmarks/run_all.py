@@ -21,7 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-BENCHES = ["bench_topk", "bench_overhead", "bench_export_speed", "bench_quality", "bench_search_cost"]
+BENCHES = ["bench_topk", "bench_overhead", "bench_export_speed", "bench_quality", "bench_search_cost",
+           "bench_structure_search"]
 
 
 def headline(name: str, d: dict) -> dict:
@@ -42,6 +43,10 @@ def headline(name: str, d: dict) -> dict:
         return {"cnn": [{k: r[k] for k in ("target", "total_steps", "steps_to_target", "time_to_target_s",
                                            "time_per_step_s", "export_acc_no_finetune")} for r in d["cnn"]],
                 "smollm2": d.get("smollm2")}
+    if name == "bench_structure_search":
+        return {ds: {t: {m: {k: e[k] for k in ("acc_noft_mean", "acc_ft_mean", "flops_frac_mean", "n")}
+                         for m, e in st["methods"].items()} for t, st in r["summary"].items()}
+                for ds, r in d["datasets"].items() if r.get("runs")}
     return {}
 
 
