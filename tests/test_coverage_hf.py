@@ -38,25 +38,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEBERTA = ("DeBERTa-v2 folds the heads into the batch dim (view(-1, seq, head_dim)) before its bmm attention with "
            "relative position terms: no attention rule tags them, so heads are not searched")
-PARTIAL = "Gemma's GELUTanh keeps a functools.partial attribute dmscale.save cannot store yet (serialization part)"
-
-
-def _saves_partial() -> bool:
-    """Whether ``dmscale.save`` stores a ``functools.partial`` attribute (the serialization part of issue 11)."""
-    import functools as ft
-    import tempfile
-
-    m = torch.nn.Module()
-    m.act = ft.partial(torch.nn.functional.gelu, approximate="tanh")
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            dmscale.save(m, f"{d}/m")
-        return True
-    except Exception:
-        return False
-
-
-SAVES_PARTIAL = _saves_partial()
 
 FFN = r"mlp|intermediate|ffn|DenseReluDense|dense_h_to_4h|c_fc|fc_in|\.fc1$|gate_up|up_proj|pwconv1|expand_conv"
 HIDDEN = r"embed|wte|word_embeddings|patch_embed|embeddings\.convolution|conv1|projection"
@@ -82,7 +63,7 @@ CASES = [
     Case("t5", H.t5, ("heads", "ffn", "layers"), uniform={"prune_heads": False}),
     Case("phi3", H.phi3, ALL, causal=True, uniform={}),
     # Gemma scales embeddings by sqrt(hidden_size): a config with a pruned hidden size would rebuild another scale
-    Case("gemma2", H.gemma2, ALL, causal=True, xfail={"roundtrip": PARTIAL},
+    Case("gemma2", H.gemma2, ALL, causal=True,
          uniform={"exclude": ["model.embed_tokens"]}),
     Case("mistral", H.mistral, ALL, causal=True, uniform={}),
     Case("qwen2_moe", H.qwen2_moe, ALL, causal=True, uniform={}),
@@ -99,7 +80,7 @@ CASES = [
     Case("llama", H.llama, ALL, causal=True, uniform={}),
     Case("qwen2", H.qwen2, ALL, causal=True, uniform={}),
     Case("qwen3", H.qwen3, ALL, causal=True, uniform={}),
-    Case("gemma", H.gemma, ALL, causal=True, xfail={"roundtrip": PARTIAL}, uniform={"exclude": ["model.embed_tokens"]}),
+    Case("gemma", H.gemma, ALL, causal=True, uniform={"exclude": ["model.embed_tokens"]}),
     Case("gpt2", H.gpt2, ALL, causal=True, uniform={}),
     Case("gptj", H.gptj, ALL, causal=True, uniform={}),
     Case("falcon", H.falcon, ALL, causal=True),
@@ -185,8 +166,6 @@ def _params(check: str, cases=CASES, extra=()):
         for suffix in extra or ("",):
             key = f"{check}-{suffix}" if suffix else check
             marks = [pytest.mark.xfail(strict=True, reason=c.xfail[key])] if key in c.xfail else []
-            if key == "roundtrip" and c.xfail.get(key) == PARTIAL and SAVES_PARTIAL:
-                marks = []
             out.append(pytest.param(c.name, *((suffix,) if suffix else ()), marks=marks,
                                     id=f"{c.name}-{suffix}" if suffix else c.name))
     return out
