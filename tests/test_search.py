@@ -486,3 +486,20 @@ def test_failed_construction_leaves_the_model_unmasked():
         dmscale.DMS(model, (x,), dmscale.Target(flops=0.01), total_steps=10, min_ratio=0.5)
     assert type(model) is MLP and not model._forward_pre_hooks
     torch.testing.assert_close(model(x), ref)
+
+
+def test_adaptive_weight_is_capped_when_the_resource_cannot_move():
+    """A structure stuck above its target (here: no structure learning at all) grows the weight by ~e per step;
+    it stops at MAX_WEIGHT_FACTOR x resource_weight, so weight x loss stays finite in float32."""
+    from dmscale.search import MAX_WEIGHT_FACTOR
+
+    model = MLP(8, 16, 3)
+    x = torch.randn(4, 8)
+    dms = dmscale.DMS(model, (x,), dmscale.Target(flops=0.3), total_steps=20, resource_weight=2.0,
+                      project_refine=False, warn=False)
+    for _ in range(200):
+        loss = dms.loss(model(x).pow(2).mean())
+        assert torch.isfinite(loss)
+        dms.step()
+    assert dms.weight == 2.0 * MAX_WEIGHT_FACTOR
+    assert torch.isfinite(dms.loss(model(x).pow(2).mean()).float())

@@ -44,6 +44,9 @@ def _str_list(name: str, value: Any) -> tuple[str, ...]:
     return out
 
 
+MAX_WEIGHT_FACTOR = 1e4  # the adaptive resource weight stays within [resource_weight, 1e4 x resource_weight]
+
+
 @dataclass
 class DMSConfig:
     """Every option of a DMS search. ``DMS(model, x, config=DMSConfig(...))``; keyword arguments override.
@@ -479,7 +482,8 @@ class DMS:
         return bad
 
     def _adapt_weight(self) -> None:
-        """Multiplier update of the resource weight: ``w <- max(w0, w * exp(rate * (R / R_target - 1)))``.
+        """Multiplier update of the resource weight: ``w <- max(w0, w * exp(rate * (R / R_target - 1)))``, at most
+        ``MAX_WEIGHT_FACTOR * w0``.
 
         The one-sided log loss pushes with a constant force, so a task loss that resists pruning
         (frozen, trained weights) can hold the resource above target for good. Growing the weight
@@ -489,7 +493,10 @@ class DMS:
         if not self.adaptive_weight or "resource" not in self.last:
             return
         rel = self.last["resource"] / max(self.last["target"], 1e-12) - 1.0
-        self.weight = max(self.resource_weight, self.weight * math.exp(self.adaptive_weight * max(-1.0, min(1.0, rel))))
+        w = self.weight * math.exp(self.adaptive_weight * max(-1.0, min(1.0, rel)))
+        # capped: while the hard resource cannot move (a structure stuck above target) the weight would grow by
+        # ~e per step and weight x loss overflow float32 within ~100 steps
+        self.weight = min(max(self.resource_weight, w), self.resource_weight * MAX_WEIGHT_FACTOR)
 
     @property
     def refining(self) -> bool:
