@@ -34,7 +34,8 @@ def _imported_roots(path: Path) -> set[str]:
 
 
 def _code_strings(path: Path) -> list[tuple[int, str]]:
-    """String constants of the code, docstrings left out (prose may cite a test file)."""
+    """String constants of the code, docstrings left out (prose may cite a test file), and so are dict keys
+    and subscripts (a result record's ``"tests"`` entry is not a path)."""
     tree = _tree(path)
     docs = set()
     for node in ast.walk(tree):
@@ -42,6 +43,10 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 docs.add(id(first.value))
+        elif isinstance(node, ast.Dict):
+            docs.update(id(k) for k in node.keys if k is not None)
+        elif isinstance(node, ast.Subscript):
+            docs.add(id(node.slice))
     return [(n.lineno, n.value) for n in ast.walk(tree)
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
 
