@@ -13,7 +13,6 @@ from dmscale.app.cli import main
 from clitools import TINY, set_args
 
 
-
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
 

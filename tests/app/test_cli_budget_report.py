@@ -17,7 +17,6 @@ from dmscale.recipes.bn import batchnorms
 from clitools import TINY, set_args
 
 
-
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
