@@ -197,18 +197,20 @@ def test_fit_calibration_recovers_offset_scale_and_block_cost():
     assert fit_calibration([(1.0, 2, 3.0), (0.5, 2, 2.0)]) == pytest.approx((1.0, 2.0, 0.0))
 
 
+def _block_timer(module, args, kwargs):
+    """``fake_seconds`` plus 2e-5 s per residual block: a cost no single layer shows."""
+    from dmscale.app.zoo import BasicBlock
+
+    n_blocks = sum(isinstance(m, BasicBlock) for m in module.modules())
+    return fake_seconds(module, args, kwargs) + 2e-5 * n_blocks
+
+
 def test_block_overhead_is_calibrated_with_depth_removed():
     """A cost per residual block that no single layer shows (activations, additions, calls) is learnt
     from the exports with blocks removed, so configurations with fewer blocks are predicted right."""
-    from dmscale.app.zoo import BasicBlock
-
-    def timer(module, args, kwargs):
-        n_blocks = sum(isinstance(m, BasicBlock) for m in module.modules())
-        return fake_seconds(module, args, kwargs) + 2e-5 * n_blocks
-
     torch.manual_seed(0)
     model, x = ResNetCNN(widths=(8, 16), depths=(3, 3), n_classes=5), torch.randn(2, 3, 16, 16)
-    dms, _, _ = _dms(model, x, timer=timer)
+    dms, _, _ = _dms(model, x, timer=_block_timer)
     assert dms.latency_model.gamma == pytest.approx(2e-5, rel=1e-3)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -217,22 +219,17 @@ def test_block_overhead_is_calibrated_with_depth_removed():
             dms.space.ratio(grp).fill_(0.5 if grp.kind == "depth" else 0.7)
     pred = float(dms.resource(soft=False)["latency"])
     small = dms.export(project=False)
-    assert pred == pytest.approx(timer(small, (x,), {}), rel=1e-4)
+    assert pred == pytest.approx(_block_timer(small, (x,), {}), rel=1e-4)
 
 
 def test_projection_with_block_overhead_counts_exactly():
     """With a per-block cost (gamma > 0) the depth gates enter the latency: they are float64 like the widths, so
     the projection's own count equals the masks' to 1e-9 on every landing (float32 gates missed by ~1e-9)."""
-    from dmscale.app.zoo import BasicBlock
     from dmscale.budget import hard_fraction, project
-
-    def timer(module, args, kwargs):
-        n_blocks = sum(isinstance(m, BasicBlock) for m in module.modules())
-        return fake_seconds(module, args, kwargs) + 2e-5 * n_blocks
 
     torch.manual_seed(0)
     model, x = ResNetCNN(widths=(8, 16), depths=(3, 3), n_classes=5), torch.randn(2, 3, 16, 16)
-    dms, _, _ = _dms(model, x, timer=timer)
+    dms, _, _ = _dms(model, x, timer=_block_timer)
     assert dms.latency_model.gamma > 0
     gates = dms.resources.kept_fractions(soft=False)[1]
     assert gates and all(v.dtype == torch.float64 for v in gates.values())

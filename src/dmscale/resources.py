@@ -44,6 +44,11 @@ def count(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     return {"flops": float(fc.get_total_flops()), "params": float(params)}
 
 
+def _f64_device(t: torch.Tensor) -> torch.device:
+    """Where float64 resource counts of ``t``'s group live: its device, or the CPU for MPS (no float64)."""
+    return t.device if t.device.type != "mps" else torch.device("cpu")
+
+
 class Resources:
     """FLOPs and params of the masked supernet as differentiable functions of the ratios."""
 
@@ -122,7 +127,7 @@ class Resources:
             m = None if hard_full else sp.soft_mask(g)
             if g.kind == "depth":
                 # float64 like the widths: the hard value is exact (budget.within_budget compares it to 1e-9)
-                dev = None if m is None else (m.device if m.device.type != "mps" else torch.device("cpu"))
+                dev = None if m is None else _f64_device(m)
                 keep = None if m is None else sp.keep(g, m).to(dev, torch.float64)  # once per group, not per block
                 for i, b in enumerate(g.blocks):
                     if m is None:
@@ -133,7 +138,7 @@ class Resources:
                 if m is None:
                     kept[g.index] = 1.0
                 else:  # float64: the hard count's fraction is exact (compared with the target to 1e-9)
-                    dev = m.device if m.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+                    dev = _f64_device(m)
                     hard = torch.tensor(float(g.hard_count(m)), dtype=torch.float64, device=dev)
                     ste = hard + (m.sum() - m.sum().detach()).to(dev, torch.float64) if soft else hard
                     kept[g.index] = ste / g.size
