@@ -22,7 +22,7 @@ from ..trace.spaces import align, fix, union
 from .base import register_family, set_attrs
 from .common import LLAMA_ATTN, LLAMA_MLP, Mlp, Stack, Transformer, sub
 
-__all__ = ["is_fused_experts", "FUSED_EXPERTS", "SparseMoe", "Qwen2Moe", "GROUPED_MM_ALIGN"]
+__all__ = ["is_fused_experts", "FUSED_EXPERTS", "SparseMoe", "GROUPED_MM_ALIGN"]
 
 GROUPED_MM_ALIGN = 8
 
@@ -101,7 +101,6 @@ class SparseMoe(Transformer):
         return row
 
 
-Qwen2Moe = SparseMoe  # the name of the first MoE family (kept for imports)
 QWEN2_MOE = register_family(SparseMoe("qwen2_moe", shared_expert=True))
 SPARSE_MOE = register_family(SparseMoe("qwen3_moe"))
 # Mixtral and OLMoE: the experts' width is the config's intermediate_size (no dense layers)
