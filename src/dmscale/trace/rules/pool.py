@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..registry import op_rule, tensors
-from ..spaces import Space, fix
+from ..spaces import fix
 from .conv import spatial
 
 # op name -> number of trailing spatial dims (-1: every dim after batch and channel)
@@ -30,8 +30,7 @@ def pool(tr, c) -> None:
     shuffle = c.name in ("pixel_shuffle", "pixel_unshuffle")
     for o in tensors(c.out):
         if shuffle and o.dim() == src.dim() >= 3:
-            channels = Space(o.shape[-3], c.name, fixed=o.shape[-3] > 1)
-            channels.fix_reasons.append(f"{c.name} in {tr.current_module() or 'model'}")
+            channels = tr.fresh(o, c.name, fixed=True)[-3]  # fixed (with the reason) when larger than 1
             tr.set(o, sd[:-3] + [channels] + [spatial(n) for n in o.shape[-2:]])
         elif o.dim() == src.dim():
             tr.set(o, sd[: o.dim() - k] + [spatial(n) for n in o.shape[o.dim() - k:]])
