@@ -242,3 +242,80 @@ def test_projection_with_block_overhead_counts_exactly():
         p = project(dms, frac, warn=False)  # raises when its bookkeeping and the masks disagree
         assert p.after <= frac * (1 + 1e-9)
         assert hard_fraction(dms, "latency") == pytest.approx(p.after, rel=1e-12)
+
+
+class DriftTimer(FakeTimer):
+    """``FakeTimer`` times ``factor`` plus ``per_model`` seconds for every whole model (not single layers): the
+    machine got slower after the layers were measured, as a shared machine does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factor = 1.0
+        self.per_model = 0.0
+
+    def __call__(self, module, args, kwargs) -> float:
+        whole = not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.LayerNorm))
+        return self.factor * super().__call__(module, args, kwargs) + (self.per_model if whole else 0.0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_export_lands_on_the_measured_latency_when_the_model_is_off(name):
+    """The model says the export meets the target, the clock says 30% slower: ``land_measured`` times the export,
+    corrects the model by measured / predicted and projects again until the measured latency is within
+    ``latency_tolerance``. With ``latency_checks=0`` the export trusts the model and misses by the drift."""
+    got = {}
+    for checks in (0, 4):
+        torch.manual_seed(0)
+        model, x = ((MLP(16, 96, 5), torch.randn(4, 16)) if name == "mlp"
+                    else (ResNetCNN(widths=(8, 16), depths=(2, 2), n_classes=5), torch.randn(2, 3, 16, 16)))
+        timer = DriftTimer()
+        dms, _, _ = _dms(model, x, timer=timer, latency_frac=0.6, total_steps=20, latency_checks=checks)
+        timer.factor = 1.3
+        _search(dms, model, x)
+        small = dms.export()
+        got[checks] = timer(small, (x,), {}) / dms.target.latency
+        if checks:
+            assert dms.latency_checks and len(dms.latency_checks) <= 2 * checks
+            last = dms.latency_checks[-1]
+            assert last["when"] == "export" and abs(last["measured_s"] / last["target_s"] - 1) <= 0.05
+            assert dms.latency_scale == pytest.approx(last["measured_s"] / last["predicted_s"], rel=1e-9)
+            assert "latency check at export" in dms.summary()
+            # the state carries the correction (a resumed search aims at the same corrected target)
+            state = dms.state_dict()
+            assert state["latency_scale"] == dms.latency_scale and state["latency_checks"] == dms.latency_checks
+        else:
+            assert not dms.latency_checks and dms.latency_scale == 1.0
+    assert got[0] > 1.2, got  # the model alone misses by the drift
+    assert abs(got[4] - 1) <= 0.05, got
+
+
+def test_measured_landing_keeps_the_closest_export_and_stops_when_within():
+    """An exact timer needs one check per landing; an export that can never be fast enough (a per-model cost
+    larger than the target) keeps the closest of ``latency_checks`` tries, records every try, and warns nothing
+    away: the summary shows the miss."""
+    torch.manual_seed(0)
+    model, x = MLP(16, 96, 5), torch.randn(4, 16)
+    dms, _, _ = _dms(model, x, latency_frac=0.5, total_steps=20)
+    _search(dms, model, x)
+    dms.export()
+    assert [c["when"] for c in dms.latency_checks] == ["refine", "export"]  # within tolerance at once
+    torch.manual_seed(0)
+    model = MLP(16, 96, 5)
+    timer = DriftTimer()
+    dms, _, full = _dms(model, x, timer=timer, latency_frac=0.5, total_steps=20, latency_checks=3)
+    timer.per_model = full  # every whole model now costs at least the supernet's old time
+    _search(dms, model, x)
+    dms.export()
+    ex = [c for c in dms.latency_checks if c["when"] == "export"]
+    assert len(ex) == 3 and all(c["measured_s"] > c["target_s"] * 1.5 for c in ex)
+    best = min(ex, key=lambda c: abs(c["measured_s"] / c["target_s"] - 1))
+    assert timer(dms.export(project=False), (x,), {}) == pytest.approx(best["measured_s"], rel=1e-9)
+
+
+def test_latency_check_options_are_validated():
+    model, x = MLP(16, 48, 5), torch.randn(4, 16)
+    with pytest.raises(ValueError, match="latency_checks"):
+        _dms(model, x, latency_checks=-1)
+    for bad in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="latency_tolerance"):
+            _dms(model, x, latency_tolerance=bad)

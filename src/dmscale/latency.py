@@ -14,6 +14,10 @@
    timings (and to two with every removable block removed, for what a block costs beyond its
    layers).
 
+4. At the start of the refine phase and at export, the projection lands on the *measured* latency
+   (``land_measured``): it times the export, corrects the model by measured / predicted at that
+   structure and projects again, up to ``DMSConfig.latency_checks`` times.
+
 The model is evaluated on the kept fractions the resources use, so the forward value is the
 latency of the hard widths (what the export runs) and the gradient is that of the soft masks
 (straight-through). Measurements are cached as JSON in ``DMSConfig.latency_cache``.
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
     from .search import DMS
 
 __all__ = ["measure_latency", "fit_quadratic", "fit_calibration", "LayerLatency", "LatencyModel",
-           "build_latency_model", "CACHE_FILE"]
+           "build_latency_model", "measure_export", "land_measured", "CACHE_FILE"]
 
 CACHE_FILE = "dmscale-latency.json"
 _CACHE_FORMAT = "dmscale-latency-cache"
@@ -354,12 +358,10 @@ def _layer_spaces(kind: str, mod: nn.Module, rec: Any) -> tuple[Space | None, Sp
     return d[0], None
 
 
-@torch.no_grad()
-def build_latency_model(dms: "DMS") -> LatencyModel:
-    """Measure (or read from the cache) every searchable layer and the calibration; fit; return the model."""
-    cfg, tgt = dms.config, dms.target
-    model = dms.model
-    p0 = next(iter(model.parameters()), None)
+def _timing_setup(dms: "DMS") -> tuple[torch.device, int, Any, Any]:
+    """(device, batch size, example args and kwargs at that batch size, on the model's device) of a latency target."""
+    tgt = dms.target
+    p0 = next(iter(dms.model.parameters()), None)
     home = p0.device if p0 is not None else torch.device("cpu")
     device = torch.device(tgt.device) if tgt.device is not None else home
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -367,11 +369,78 @@ def build_latency_model(dms: "DMS") -> LatencyModel:
     tensors = [t for t in list(dms.example_inputs) + list(dms.example_kwargs.values()) if isinstance(t, torch.Tensor)]
     b0 = int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 1
     batch = int(tgt.batch_size or b0)
-    args = _batched(dms.example_inputs, b0, batch)
-    kwargs = _batched(dms.example_kwargs, b0, batch)
+    return device, batch, _batched(dms.example_inputs, b0, batch), _batched(dms.example_kwargs, b0, batch)
+
+
+def _timer(cfg: Any) -> Timer:
+    """The user's ``latency_timer``, else the wall clock with ``latency_repeats`` spread over ``ROUNDS`` rounds."""
+    each = max(3, math.ceil(cfg.latency_repeats / ROUNDS))
+    return cfg.latency_timer or (lambda m, a, k: measure_latency(m, a, k, repeats=each))
+
+
+@torch.no_grad()
+def measure_export(dms: "DMS") -> float:
+    """Seconds per forward of what ``dms.export()`` would return now, timed like the calibration (the target's
+    device and batch size, median over ``ROUNDS`` rounds)."""
+    device, _, args, kwargs = _timing_setup(dms)
+    small = dms.export(check=False, project=False).to(device).eval()
+    try:
+        return _interleaved(_timer(dms.config), [(small, _to(args, device), _to(kwargs, device))], ROUNDS)[0]
+    finally:
+        del small
+
+
+@torch.no_grad()
+def land_measured(dms: "DMS", when: str) -> Any:
+    """Land a latency target on the *measured* latency of the export, not only on the model's prediction.
+
+    The per-layer model is fitted on uniform widths; a searched structure mixes widths the grid never
+    timed, and what the layers cost together differs from the sum of their costs alone. So: project to
+    the target with the model (``budget.project``), export, time the export (``measure_export``); when
+    it misses the target by more than ``config.latency_tolerance``, correct the model by the ratio
+    measured / predicted at that structure (``dms.latency_scale``, which moves ``dms.target_fraction``)
+    and project again from the searched ratios, up to ``config.latency_checks`` exports. The export
+    closest to the target is kept (its ratios, its projection); every check is recorded in
+    ``dms.latency_checks``. Returns the kept ``Projection``.
+    """
+    from .budget import project
+
+    cfg = dms.config
+    target = float(dms.target.latency)
+    params = list(dms.structure_parameters())
+    searched = [p.detach().clone() for p in params]
+    best: tuple[float, Any, list[torch.Tensor], float] | None = None
+    for i in range(cfg.latency_checks):
+        for p, s in zip(params, searched):
+            p.copy_(s)
+        frac = dms.target_fraction
+        proj = project(dms, frac, warn=False, tolerance=cfg.tolerance)
+        predicted = float(dms.resources.evaluate(soft=False)["latency"])
+        measured = measure_export(dms)
+        dms.latency_checks.append({"when": when, "check": i + 1, "model_fraction": frac, "predicted_s": predicted,
+                                   "measured_s": measured, "target_s": target})
+        err = abs(measured / target - 1.0)
+        scale = measured / predicted if predicted > 0 else dms.latency_scale
+        if best is None or err < best[0]:
+            best = (err, proj, [p.detach().clone() for p in params], scale)
+        if err <= cfg.latency_tolerance:
+            break
+        dms.latency_scale = scale  # this structure's measured / predicted: the next projection aims with it
+    assert best is not None  # latency_checks >= 1 (the caller checks)
+    _, proj, ratios, dms.latency_scale = best
+    for p, r in zip(params, ratios):
+        p.copy_(r)
+    return proj
+
+
+@torch.no_grad()
+def build_latency_model(dms: "DMS") -> LatencyModel:
+    """Measure (or read from the cache) every searchable layer and the calibration; fit; return the model."""
+    cfg = dms.config
+    model = dms.model
+    device, batch, args, kwargs = _timing_setup(dms)
     rounds = ROUNDS
-    each = max(3, math.ceil(cfg.latency_repeats / rounds))
-    timer: Timer = cfg.latency_timer or (lambda m, a, k: measure_latency(m, a, k, repeats=each))
+    timer = _timer(cfg)
     desc = _device_desc(device, cfg.latency_timer)
     cache = _Cache(cfg.latency_cache)
     records = _param_records(dms)

@@ -20,7 +20,7 @@ from . import distributed as _dist
 from .budget import Projection
 from .export import export_model
 from .importance import METHODS, ImportanceTracker
-from .latency import build_latency_model
+from .latency import build_latency_model, land_measured
 from .masking import Masker, install_checked
 from .resources import Resources
 from .schedule import Schedule, Target, check_float, check_int
@@ -68,7 +68,10 @@ class DMSConfig:
       projected back up to it; 0 disables.
     * ``latency_cache``: directory for latency measurement tables (``Target(latency=...)``);
       ``latency_repeats``: timed runs per measurement (median); ``latency_timer``: a callable
-      ``(module, args, kwargs) -> seconds`` replacing the wall-clock timer (tests, other devices).
+      ``(module, args, kwargs) -> seconds`` replacing the wall-clock timer (tests, other devices);
+      ``latency_checks``: exports timed to land a latency target on its measured value (at the refine
+      start and at export; 0 trusts the model alone); ``latency_tolerance``: the relative miss that
+      ends those checks.
     * ``warn``: warnings about unsupported ops.
     """
 
@@ -98,6 +101,8 @@ class DMSConfig:
     latency_cache: str | None = None
     latency_repeats: int = 20
     latency_timer: Callable[..., float] | None = None
+    latency_checks: int = 4
+    latency_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         if self.target is not None and not isinstance(self.target, Target):
@@ -140,6 +145,9 @@ class DMSConfig:
                 raise ValueError(f"latency_cache must be a directory path, got {self.latency_cache!r}")
             self.latency_cache = os.fspath(self.latency_cache)
         self.latency_repeats = check_int("latency_repeats", self.latency_repeats, 1)
+        self.latency_checks = check_int("latency_checks", self.latency_checks, 0)
+        self.latency_tolerance = check_float("latency_tolerance", self.latency_tolerance, 0.0, 1.0, lo_open=True,
+                                             hi_open=True)
         if self.latency_timer is not None and not callable(self.latency_timer):
             raise ValueError(f"latency_timer must be callable (module, args, kwargs) -> seconds, "
                              f"got {self.latency_timer!r}")
@@ -282,6 +290,8 @@ class DMS:
             self.recoveries = 0  # times the search fell recover_below under its current target and was lifted
             self.last_recovery: Projection | None = None
             self.latency_model: Any = None
+            self.latency_scale = 1.0  # measured / predicted latency at the last landed structure (land_measured)
+            self.latency_checks: list[dict[str, Any]] = []  # every export timed to land the latency target
             if self.target.kind == "latency":
                 self.latency_model = build_latency_model(self)
                 self.resources.attach_latency(self.latency_model)
@@ -314,7 +324,7 @@ class DMS:
             raise ValueError(f"Target(latency={self.target.latency:.6g}) is above the supernet's own predicted "
                              f"latency {self.resources.full['latency']:.6g} s on {self.latency_model.device}: "
                              "nothing to prune")
-        return min(frac, 1.0)
+        return min(frac / self.latency_scale, 1.0)  # the model corrected by what the exports measured
 
     def _target_text(self) -> str:
         if self.target.kind == "latency":
@@ -419,7 +429,7 @@ class DMS:
         self.step_count += 1
         if self.schedule.refining(self.step_count) and not self._refine_started:
             if self.config.project_refine:
-                self.project(when="refine", warn=False)
+                self.land(when="refine", warn=False)
             self._refine_started = True
             self._freeze_refined()
         elif self.config.recover_below and "resource" in self.last:
@@ -544,8 +554,19 @@ class DMS:
         if project is None:
             project = self.config.project_export and self._ratios_as_left()
         if project:
-            self.project(when="export")
+            self.land(when="export")
         return export_model(self, check=check, atol=atol, rtol=rtol)
+
+    def land(self, when: str = "export", warn: bool = True) -> Projection:
+        """Land on the budget as the refine start and ``export()`` do: a latency target on the *measured*
+        latency of the export (``latency.land_measured``, while ``config.latency_checks`` > 0), every other
+        target on the exact count (``project``). Recorded in ``dms.projections``."""
+        if self.target.kind == "latency" and self.config.latency_checks and not _dist.is_sharded(self.model):
+            p = land_measured(self, when)
+            self.projections.append((when, p))
+            self._snapshot()
+            return p
+        return self.project(when=when, warn=warn)
 
     def summary(self) -> str:
         """Table: each group, full width -> kept width, depth per stage; resources, target and projections."""
@@ -577,6 +598,10 @@ class DMS:
         if self.recoveries:
             lines.append(f"the search fell more than {self.config.recover_below:.0%} below its current target "
                          f"{self.recoveries} time(s); the widths were projected back up each time")
+        for c in self.latency_checks:
+            lines.append(f"latency check at {c['when']} #{c['check']}: export measured {c['measured_s'] * 1e3:.3f} ms "
+                         f"for a target of {c['target_s'] * 1e3:.3f} ms ({c['measured_s'] / c['target_s'] - 1:+.1%}; "
+                         f"the model predicted {c['predicted_s'] * 1e3:.3f} ms)")
         for when, p in self.projections:
             lines.append(f"projection at {when}: {p.before:.4f} -> {p.after:.4f} (resource moved {p.moved:+.2%}; "
                          f"{len(p.changes)} group(s) changed, mean width shift {p.shift:.1%}, offset {p.offset:+.4f}, "
@@ -601,6 +626,8 @@ class DMS:
             "nonfinite_steps": self.nonfinite_steps,
             "projections": [(when, dataclasses.asdict(p)) for when, p in self.projections],
             "recoveries": self.recoveries,
+            "latency_scale": self.latency_scale,
+            "latency_checks": [dict(c) for c in self.latency_checks],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -619,6 +646,8 @@ class DMS:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.projections = [(str(w), Projection(**p)) for w, p in state.get("projections", [])]
         self.recoveries = int(state.get("recoveries", 0))
+        self.latency_scale = float(state.get("latency_scale", 1.0))
+        self.latency_checks = [dict(c) for c in state.get("latency_checks", [])]
         self._freeze_refined()
         self._snapshot()
 

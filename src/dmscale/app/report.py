@@ -102,8 +102,10 @@ def budget_lines(summary: dict[str, Any]) -> list[str]:
                    f"supernet, target {goal:.4f}{rel}")
         lat = sr.get("latency")
         if lat:
-            out.append(f"latency: predicted {1e3 * lat['predicted_s']:.4g} ms (supernet {1e3 * lat['supernet_s']:.4g}"
-                       f" ms, target {1e3 * lat['target_s']:.4g} ms) on {lat['device']}, batch {lat['batch_size']}")
+            measured = f", measured {1e3 * lat['measured_s']:.4g} ms" if "measured_s" in lat else ""
+            out.append(f"latency: predicted {1e3 * lat['predicted_s']:.4g} ms{measured} (supernet "
+                       f"{1e3 * lat['supernet_s']:.4g} ms, target {1e3 * lat['target_s']:.4g} ms) on {lat['device']}, "
+                       f"batch {lat['batch_size']}")
         p = sr.get("projection")
         if p:
             extra = ""

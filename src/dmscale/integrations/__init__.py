@@ -128,7 +128,7 @@ def finish(dms: Any, save_dir: str | Path | None, *, project: bool = True, check
     dms.model.eval()
     try:
         if project:
-            proj = dms.project(when="export")  # recorded in dms.projections (and the summary)
+            proj = dms.land(when="export")  # recorded in dms.projections (and the summary)
         small = dms.export(check=check, project=False)  # projected here, or not at all
     finally:
         dms.model.train(was)

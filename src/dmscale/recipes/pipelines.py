@@ -140,11 +140,11 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
     around the export that may change the ratios (the LLM recipes' uniform export). Info: projection
     (:func:`projection_info`), kept, summary, flops_frac, params_frac (latency_frac), target (kind, fraction of
     the supernet), achieved (the target kind's fraction), over_budget; a latency target adds ``latency``
-    (target_s, predicted_s, supernet_s, device, batch_size).
+    (target_s, predicted_s, supernet_s, device, batch_size; measured_s and checks when the export was timed).
     """
     info: dict[str, Any] = {}
     if project_budget:
-        p = dms.project(when="export", warn=False)  # recorded in dms.projections (and the summary)
+        p = dms.land(when="export", warn=False)  # recorded in dms.projections (and the summary)
         info["projection"] = projection_info(p)
     if recalibrate is not None:
         with dms.hard():
@@ -162,6 +162,9 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
             info["latency"] = {"target_s": float(dms.target.latency), "predicted_s": float(r["latency"]),
                                "supernet_s": float(dms.resources.full["latency"]),
                                "device": dms.latency_model.device, "batch_size": dms.latency_model.batch_size}
+            if dms.latency_checks:  # what the export measured when it was landed (latency.land_measured)
+                info["latency"]["measured_s"] = float(dms.latency_checks[-1]["measured_s"])
+                info["latency"]["checks"] = len(dms.latency_checks)
         exported = dms.export(check=check, atol=atol, rtol=rtol, project=False)  # projected above, or not at all
     return exported, info
 
