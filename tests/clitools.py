@@ -1,6 +1,9 @@
-"""Shared helpers of the CLI tests: the tiny digits run, ``--set`` arguments from ``key=value`` lists."""
+"""Shared helpers of the CLI tests: the tiny digits run, ``--set`` arguments from ``key=value`` lists, a
+deterministic latency timer."""
 
 from __future__ import annotations
+
+import torch.nn as nn
 
 # a CLI run of a few seconds: digits, a two-stage ResNet, a handful of steps per phase
 TINY = ["data.name=digits", "data.limit_train=256", "data.limit_test=128", "data.batch_size=32",
@@ -14,3 +17,22 @@ def set_args(*pairs: str) -> list[str]:
     for kv in pairs:
         out += ["--set", kv]
     return out
+
+
+def fake_seconds(module: nn.Module) -> float:
+    """A deterministic stand-in for a latency measurement: 1 us per parameter of the module timed (plus 1 us)."""
+    return 1e-6 * (1 + sum(p.numel() for p in module.parameters()))
+
+
+class Timer:
+    """Stands in for ``dmscale.latency.measure_latency`` (``fake_seconds``); counts the calls and keeps the shape
+    of each call's first input."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.shapes: list[tuple[int, ...] | None] = []
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None, **_: object) -> float:
+        self.calls += 1
+        self.shapes.append(tuple(args[0].shape) if args and hasattr(args[0], "shape") else None)
+        return fake_seconds(module)

@@ -11,34 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 import dmscale.latency as latency_mod
 from dmscale.app import pipelines, zoo
 from dmscale.app.cli import main, parse_target
 from dmscale.app.config import ConfigError, load_config
 from dmscale.latency import CACHE_FILE
-from clitools import set_args
+from clitools import Timer, fake_seconds, set_args
 
 TINY = ["data.name=digits", "data.limit_train=128", "data.limit_test=64", "data.batch_size=32",
         "data.eval_batch_size=64", "model.widths=[4,8]", "model.depths=[1,2]", "search.steps=6",
         "retrain.steps=2", "run.checkpoint_every=2", "run.threads=1", "search.latency_repeats=1",
         "search.prune_depth=false"]
-
-
-def fake_seconds(module: nn.Module) -> float:
-    return 1e-6 * (1 + sum(p.numel() for p in module.parameters()))
-
-
-class Timer:
-    """Stands in for ``measure_latency``; counts the calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict | None = None, **_: object) -> float:
-        self.calls += 1
-        return fake_seconds(module)
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import dmscale
+import dmscale.latency as latency_mod
 from dmscale.app.cli import main
 from dmscale.app.datasets import load_text
+from dmscale.app.prune_llm import PruneLLMError, parse_target
 from dmscale.eval import perplexity
+from clitools import Timer, fake_seconds
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,7 +128,7 @@ def test_bad_inputs_exit_2_and_write_nothing(byte_llama, bpe_llama, tmp_path, ca
     assert "never overwrites" in capsys.readouterr().err and (keep / "notes.txt").read_text() == "user data"
     cases = [
         (["--target", "params=1.5"], "fraction must be in"),
-        (["--target", "latency=0.5"], "params or flops"),
+        (["--target", "memory=0.5"], "params, flops or latency"),
         (["--tokenizer", "bytes", "--distill", "1.0"], "DMS_fast alone trains no weights"),
         (["--eval", str(tmp_path / "none.txt")], "--eval"),
         (["--steps", "0"], "--steps 0"),
@@ -144,6 +147,99 @@ def test_bad_inputs_exit_2_and_write_nothing(byte_llama, bpe_llama, tmp_path, ca
     assert "fewer than --seq-len" in capsys.readouterr().err
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))]
     assert leftovers == []  # failed runs leave no output and no temp directory
+
+
+@pytest.fixture
+def timer(monkeypatch) -> Timer:
+    """A deterministic latency timer in place of the wall clock (the tests check the wiring, not a machine)."""
+    t = Timer()
+    monkeypatch.setattr(latency_mod, "measure_latency", t)
+    return t
+
+
+def _supernet_seconds(model_dir: Path) -> float:
+    return fake_seconds(transformers.AutoModelForCausalLM.from_pretrained(model_dir))
+
+
+def test_parse_latency_target():
+    assert parse_target("latency=0.05") == ("latency", 0.05)
+    assert parse_target("latency=50ms") == ("latency", pytest.approx(0.05))
+    assert parse_target("Latency = 2 s") == ("latency", 2.0)
+    assert parse_target("latency=1.5") == ("latency", 1.5)  # seconds, not a fraction: no (0, 1] bound
+    for bad in ("latency=0", "latency=-1ms", "latency=nan", "latency=inf", "latency=fast", "latency=", "latency=ms"):
+        with pytest.raises(PruneLLMError, match=r"--target 'latency="):
+            parse_target(bad)
+
+
+def test_latency_target_lands_on_the_measured_latency_and_reports_it(byte_llama, tmp_path, timer, capsys):
+    full = _supernet_seconds(byte_llama)
+    target = 0.8 * full
+    cache = tmp_path / "lat-cache"
+    out = tmp_path / "lat"
+    assert main(_args(byte_llama, out, "--tokenizer", "bytes", "--target", f"latency={target!r}",
+                      "--latency-cache", str(cache))) == 0
+    assert timer.calls > 0
+    rep = json.loads((out / "report.json").read_text())
+    lat = rep["latency"]
+    assert rep["target"]["kind"] == "latency" and rep["target"]["given"] == pytest.approx(target)
+    assert lat["target_s"] == pytest.approx(target) and lat["device"] == "cpu" and lat["batch_size"] == 1
+    assert lat["seq_len"] == 32 and lat["checks"] >= 1 and lat["cache"] == str(cache)
+    # the timer is linear in the parameters, so the latency model is exact and the landing meets the target
+    assert lat["supernet_s"] == pytest.approx(full, rel=1e-3)
+    assert lat["predicted_s"] == pytest.approx(target, rel=0.05)
+    assert lat["measured_s"] == pytest.approx(target, rel=0.05)
+    assert rep["target"]["supernet_fraction"] == pytest.approx(target / lat["supernet_s"], rel=0.05)
+    # "measured" is the saved export's own time
+    assert lat["measured_s"] == pytest.approx(fake_seconds(dmscale.load(out)), rel=1e-9)
+    md = (out / "report.md").read_text()
+    assert f"latency {target * 1e3:.3f} ms per forward of 1 x 32 tokens on cpu" in md
+    assert "## Latency" in md and f"| export, measured | {lat['measured_s'] * 1e3:.3f} ms |" in md
+    assert f"| unpruned model, predicted | {lat['supernet_s'] * 1e3:.3f} ms |" in md
+    assert (cache / latency_mod.CACHE_FILE).is_file() and not (out / latency_mod.CACHE_FILE).exists()
+    # a second run with the same table measures no layer again: only the exports that land the target
+    timer.calls = 0
+    assert main(_args(byte_llama, tmp_path / "lat2", "--tokenizer", "bytes", "--target", f"latency={target!r}",
+                      "--latency-cache", str(cache), "--batch-size", "1")) == 0
+    rep2 = json.loads((tmp_path / "lat2" / "report.json").read_text())
+    assert timer.calls == latency_mod.ROUNDS * rep2["latency"]["checks"]
+    assert rep2["latency"]["measured_s"] == pytest.approx(lat["measured_s"])
+
+
+def test_latency_target_with_uniform_export_times_the_uniform_model(byte_llama, tmp_path, timer):
+    target = 0.85 * _supernet_seconds(byte_llama)
+    out = tmp_path / "lat-uniform"
+    assert main(_args(byte_llama, out, "--tokenizer", "bytes", "--uniform", "--target", f"latency={target * 1e3!r}ms",
+                      "--batch-size", "2", "--seq-len", "80")) == 0
+    rep = json.loads((out / "report.json").read_text())
+    lat = rep["latency"]
+    assert lat["batch_size"] == 2 and lat["seq_len"] == 80 and lat["target_s"] == pytest.approx(target)
+    assert lat["cache"] is None
+    # every layer and export was timed on a window of --batch-size x --seq-len tokens
+    assert timer.shapes and all(s is not None and s[:2] == (2, 80) for s in timer.shapes)
+    again = transformers.AutoModelForCausalLM.from_pretrained(out)
+    # measured: the uniform export (what was saved), not the per-layer structure the search landed on (here
+    # they differ: no landing check measured the uniform model's time)
+    assert lat["measured_s"] == pytest.approx(fake_seconds(again), rel=1e-9)
+    assert f"export measured {lat['measured_s'] * 1e3:.3f} ms" not in rep["summary"]
+    assert lat["predicted_s"] == pytest.approx(lat["measured_s"], rel=1e-3)  # the model is exact for this timer
+    assert lat["measured_s"] <= target * 1.05  # equalising only rounds the kept counts within the budget
+    assert "the uniform export (equal sizes in every layer) was timed once more" in (out / "report.md").read_text()
+
+
+def test_latency_target_bad_inputs_name_the_option(byte_llama, tmp_path, timer, capsys):
+    full = _supernet_seconds(byte_llama)
+    cases = [
+        (["--target", "latency=0"], "--target 'latency=0'"),
+        (["--target", "latency=fast"], "is not a number of seconds"),
+        (["--target", f"latency={2 * full!r}"], "above the supernet's own predicted latency"),
+        (["--target", f"latency={0.01 * full!r}"], "below what the minimum widths allow"),
+        (["--target", "params=0.8", "--latency-cache", str(tmp_path)], "--latency-cache"),
+    ]
+    for extra, msg in cases:
+        assert main(_args(byte_llama, tmp_path / "o1", "--tokenizer", "bytes", *extra)) == 2
+        err = capsys.readouterr().err
+        assert msg in err and ("--target" in err or "--latency-cache" in err)
+    assert not (tmp_path / "o1").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".o1")]
 
 
 @pytest.mark.slow

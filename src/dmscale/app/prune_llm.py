@@ -21,6 +21,7 @@ checked on reload), the tokenizer, and ``report.md`` / ``report.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -42,18 +43,30 @@ class PruneLLMError(ValueError):
 
 
 def parse_target(text: str) -> tuple[str, float]:
-    """``params=0.8`` / ``flops=0.5`` / ``0.8`` (params) -> (kind, fraction in (0, 1])."""
+    """``params=0.8`` / ``flops=0.5`` / ``0.8`` (params) -> (kind, fraction in (0, 1]); ``latency=0.05`` or
+    ``latency=50ms`` -> ("latency", seconds > 0)."""
     kind, _, val = text.partition("=") if "=" in text else ("params", "", text)
     kind = kind.strip().lower()
-    if kind not in ("params", "flops"):
-        raise PruneLLMError(f"--target {text!r}: the resource must be params or flops, e.g. params=0.8")
+    if kind not in ("params", "flops", "latency"):
+        raise PruneLLMError(f"--target {text!r}: the resource must be params, flops or latency, e.g. params=0.8 "
+                            "or latency=50ms")
+    num, scale = val.strip(), 1.0
+    if kind == "latency":
+        for suffix, s in (("ms", 1e-3), ("s", 1.0)):
+            if num.lower().endswith(suffix):
+                num, scale = num[: -len(suffix)].strip(), s
+                break
     try:
-        frac = float(val)
+        value = float(num) * scale
     except ValueError as e:
-        raise PruneLLMError(f"--target {text!r}: {val!r} is not a number") from e
-    if not (math.isfinite(frac) and 0.0 < frac <= 1.0):
+        raise PruneLLMError(f"--target {text!r}: {val!r} is not a number" +
+                            (" of seconds (latency=0.05 or latency=50ms)" if kind == "latency" else "")) from e
+    if kind == "latency" and not (math.isfinite(value) and value > 0.0):
+        raise PruneLLMError(f"--target {text!r}: the latency must be a positive, finite number of seconds "
+                            "(latency=0.05 or latency=50ms)")
+    if kind != "latency" and not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise PruneLLMError(f"--target {text!r}: the fraction must be in (0, 1]")
-    return kind, frac
+    return kind, value
 
 
 def _model_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -153,6 +166,37 @@ def save_uniform_checkpoint(model: nn.Module, d: Path, example: torch.Tensor) ->
                           "drop --uniform to save in the dmscale format")
 
 
+def _target_md(r: dict[str, Any]) -> str:
+    t = r["target"]
+    if t["kind"] == "latency":
+        lat = r["latency"]
+        return (f"- target: latency {lat['target_s'] * 1e3:.3f} ms per forward of {lat['batch_size']} x "
+                f"{lat['seq_len']} tokens on {lat['device']} (= {t['supernet_fraction']:.4f} of the unpruned "
+                "model's predicted latency)")
+    return (f"- target: {t['kind']} {t['given']} "
+            + ("of all parameters" if t["kind"] == "flops" or t["count_embeddings"]
+               else "of the non-embedding parameters") + f" (= {t['supernet_fraction']:.4f} of the model)")
+
+
+def _latency_md(lat: dict[str, Any], uniform: bool) -> list[str]:
+    """The latency section: target, the export's predicted and measured latency, the unpruned model's."""
+    def ms(key: str) -> str:
+        return f"{lat[key] * 1e3:.3f} ms" if key in lat else "not measured"
+    return [
+        "## Latency", "",
+        f"One forward of {lat['batch_size']} x {lat['seq_len']} tokens on {lat['device']}.", "",
+        "| | latency |", "|---|---|",
+        f"| target | {ms('target_s')} |",
+        f"| export, predicted (latency model) | {ms('predicted_s')} |",
+        f"| export, measured | {ms('measured_s')} |",
+        f"| unpruned model, predicted | {ms('supernet_s')} |", "",
+        (f"The search was landed on its measured latency ({lat['checks']} timed exports)"
+         + ("; the uniform export (equal sizes in every layer) was timed once more: that is the measured value."
+            if uniform else ".")) if lat.get("checks") else "The export was not timed (latency model only).",
+        *([f"Measurement table: `{lat['cache']}`."] if lat.get("cache") else []), "",
+    ]
+
+
 def _report_md(r: dict[str, Any]) -> str:
     ppl = r["perplexity"]
     lines = [
@@ -160,9 +204,7 @@ def _report_md(r: dict[str, Any]) -> str:
         f"- model: `{r['model']}` ({r['model_class']})",
         f"- pipeline: {r['pipeline']} ({r['steps']} search steps, {r['finetune_steps']} fine-tuning steps"
         + (f", distillation weight {r['distill']}" if r["distill"] else "") + ")",
-        f"- target: {r['target']['kind']} {r['target']['given']} "
-        + ("of all parameters" if r["target"]["kind"] == "flops" or r["target"]["count_embeddings"]
-           else "of the non-embedding parameters") + f" (= {r['target']['supernet_fraction']:.4f} of the model)",
+        _target_md(r),
         f"- calibration text: `{r['text']['source']}` ({r['text']['train_tokens']} tokens, tokenizer {r['text']['tokenizer']})",
         f"- output: `{r['out']}` ({r['format']})", "",
         "| | parameters | non-embedding | perplexity |", "|---|---|---|---|",
@@ -172,9 +214,31 @@ def _report_md(r: dict[str, Any]) -> str:
         f"Perplexity on {ppl['source']} ({ppl['tokens']} tokens, window {ppl['window']}, stride {ppl['stride']}).",
         f"Hard resource of the export: params {r['params_frac']:.4f}, FLOPs {r['flops_frac']:.4f} of the original "
         f"(target {r['target']['supernet_fraction']:.4f}). Wall time {r['seconds']:.1f} s.", "",
+        *(_latency_md(r["latency"], r["uniform"]) if "latency" in r else []),
         "## Structure", "", "```", r["summary"], "```", "",
     ]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _target_errors(target: str) -> Iterator[None]:
+    """A target the model cannot meet (DMS refuses it when it is built) as a PruneLLMError naming --target."""
+    try:
+        yield
+    except ValueError as e:
+        if str(e).lower().startswith(("target(latency=", "target latency=", "target flops=", "target params=")):
+            raise PruneLLMError(f"--target {target!r}: {e}") from e
+        raise
+
+
+def _search(pipeline: str, net: nn.Module, ids: torch.Tensor, tgt: Any, common: dict[str, Any],
+            finetune_steps: int, lr: float, distill: float) -> tuple[nn.Module, dict[str, Any]]:
+    """DMS_fast (structure only) or DMS_p (with its fine-tuning) on the calibration ids: (pruned, log)."""
+    from dmscale.recipes.llm import dms_fast, dms_p
+
+    if pipeline == "fast":
+        return dms_fast(net, ids, tgt, **common)
+    return dms_p(net, ids, tgt, finetune_steps=finetune_steps, lr=lr, distill=distill, **common)
 
 
 def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pipeline: str = "fast",
@@ -183,13 +247,13 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
               heldout: float = 0.1, seq_len: int = 256, batch_size: int = 1, lr: float = 2e-5,
               lr_structure: float = 0.01, prune_heads: bool = True, prune_depth: bool = False,
               count_embeddings: bool = False, eval_length: int | None = None, max_eval_tokens: int = 16384,
-              seed: int = 0, device: str = "cpu", progress: bool = True,
+              seed: int = 0, device: str = "cpu", latency_cache: str | None = None, progress: bool = True,
               echo: Any = print) -> dict[str, Any]:
     """Run the prune-llm command (see the module docstring); returns the report dict (also in DIR/report.json)."""
     from dmscale.app.datasets import load_text
     from dmscale.app.models import load_model
     from dmscale.eval.perplexity import load_tokenizer
-    from dmscale.recipes.llm import dms_fast, dms_p, finetune, params_target
+    from dmscale.recipes.llm import finetune, params_target
     from dmscale.schedule import Target
     from dmscale.serialization.format import save
 
@@ -197,6 +261,10 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
     if pipeline not in ("fast", "p"):
         raise PruneLLMError(f"--pipeline {pipeline!r}: choose fast (DMS_fast) or p (DMS_p)")
     kind, frac = parse_target(target)
+    if latency_cache is not None and kind != "latency":
+        raise PruneLLMError(f"--latency-cache {latency_cache}: applies to --target latency=SECONDS only")
+    if latency_cache is not None and Path(latency_cache).exists() and not Path(latency_cache).is_dir():
+        raise PruneLLMError(f"--latency-cache {latency_cache}: not a directory")
     for name, val, lo in (("--steps", steps, 1), ("--finetune-steps", finetune_steps, 0), ("--seq-len", seq_len, 2),
                           ("--batch-size", batch_size, 1), ("--max-eval-tokens", max_eval_tokens, 2)):
         if int(val) != val or val < lo:
@@ -245,12 +313,17 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
         before_total, before_ne = _count(net)
         ppl_before = _ppl(net, held, length, progress)
         echo(f"perplexity before: {ppl_before:.4f} on {held_src} ({held.numel()} tokens)")
-        tgt = params_target(net, frac, count_embeddings) if kind == "params" else Target(flops=frac)
+        if kind == "latency":  # seconds per forward of one window: batch_size x seq_len tokens on device
+            tgt = Target(latency=frac, device=device, batch_size=batch_size)
+        else:
+            tgt = params_target(net, frac, count_embeddings) if kind == "params" else Target(flops=frac)
         common = dict(steps=steps, seq_len=seq_len, batch_size=batch_size, lr_structure=lr_structure,
-                      prune_heads=prune_heads, prune_depth=prune_depth, uniform=uniform, seed=seed, progress=progress)
+                      prune_heads=prune_heads, prune_depth=prune_depth, uniform=uniform, seed=seed, progress=progress,
+                      dms_kwargs={"latency_cache": latency_cache} if latency_cache else None)
         teacher = None
+        with _target_errors(target):
+            pruned, log = _search(pipeline, net, data.train, tgt, common, finetune_steps, lr, distill)
         if pipeline == "fast":
-            pruned, log = dms_fast(net, data.train, tgt, **common)
             if finetune_steps:
                 if distill:
                     teacher = net  # DMS_fast left the original model unchanged
@@ -260,10 +333,8 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
                                            batch_size=batch_size, teacher=teacher, distill=distill, seed=seed + 2,
                                            progress=progress)
                 pruned.eval()
-        else:
-            pruned, log = dms_p(net, data.train, tgt, finetune_steps=finetune_steps, lr=lr, distill=distill, **common)
         ppl_after = _ppl(pruned, held, length, progress)
-        echo(f"perplexity after:  {ppl_after:.4f} ({log['pipeline']}, target {kind}={frac})")
+        echo(f"perplexity after:  {ppl_after:.4f} ({log['pipeline']}, target {target})")
         if uniform:
             save_uniform_checkpoint(pruned, tmp, held[: min(64, held.numel())][None].to(device))
             fmt = "Hugging Face checkpoint: AutoModelForCausalLM.from_pretrained(DIR)"
@@ -276,7 +347,7 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
             "model": model, "gguf_file": gguf, "model_class": type(pruned).__name__, "pipeline": log["pipeline"],
             "steps": steps, "finetune_steps": finetune_steps, "distill": distill, "uniform": uniform,
             "target": {"kind": kind, "given": frac, "count_embeddings": count_embeddings,
-                       "supernet_fraction": tgt.fraction},
+                       "supernet_fraction": float(log["target"]["fraction"])},
             "text": {"source": data.source, "train_tokens": int(data.train.numel()),
                      "tokenizer": type(getattr(tok, "tok", tok)).__name__, "tokenizer_saved": has_tok},
             "perplexity": {"before": ppl_before, "after": ppl_after, "source": held_src, "tokens": int(held.numel()),
@@ -288,6 +359,8 @@ def prune_llm(model: str, *, text: str, out: str, target: str = "params=0.8", pi
             "history": log["history"], "finetune": log.get("finetune", []), "format": fmt,
             "out": str(out_dir), "seconds": time.perf_counter() - t0,
         }
+        if kind == "latency":
+            report["latency"] = {**log["latency"], "seq_len": seq_len, "cache": latency_cache}
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float) + "\n", encoding="utf-8")
         (tmp / "report.md").write_text(_report_md(report), encoding="utf-8")
         if out_dir.exists():
@@ -311,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", required=True, help="UTF-8 calibration text (its last --heldout fraction is held out)")
     ap.add_argument("--out", required=True, help="output directory (new or empty)")
     ap.add_argument("--target", default="params=0.8",
-                    help="params=F (fraction of the non-embedding parameters, default 0.8) or flops=F")
+                    help="params=F (fraction of the non-embedding parameters, default 0.8), flops=F, or "
+                    "latency=SECONDS (or latency=50ms): one forward of --batch-size x --seq-len tokens on --device, "
+                    "measured on this machine")
     ap.add_argument("--pipeline", choices=("fast", "p"), default="fast",
                     help="fast: DMS_fast (structure only); p: DMS_p (structure and weights)")
     ap.add_argument("--steps", type=int, default=200, help="search steps (default 200)")
@@ -336,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-eval-tokens", type=int, default=16384, help="score at most this many tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--latency-cache", help="directory for the latency measurement table (dmscale-latency.json), "
+                    "reused by later runs on this machine (--target latency=... only)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -352,7 +429,8 @@ def prune_llm_main(argv: Sequence[str] | None = None) -> int:
                   gguf_file=a.gguf_file, tokenizer=a.tokenizer, heldout=a.heldout, seq_len=a.seq_len,
                   batch_size=a.batch_size, lr=a.lr, lr_structure=a.lr_structure, prune_heads=a.prune_heads,
                   prune_depth=a.prune_depth, count_embeddings=a.count_embeddings, eval_length=a.eval_length,
-                  max_eval_tokens=a.max_eval_tokens, seed=a.seed, device=a.device, progress=not a.quiet)
+                  max_eval_tokens=a.max_eval_tokens, seed=a.seed, device=a.device, latency_cache=a.latency_cache,
+                  progress=not a.quiet)
     except ExportError as e:
         print(f"dmscale prune-llm: export failed: {e}", file=sys.stderr)
         return 1

@@ -186,9 +186,10 @@ def _checkpointing(model: nn.Module, on: bool) -> Iterator[None]:
             model.gradient_checkpointing_disable()
 
 
-def _log(name: str, target: Target, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The log of an LLM recipe: the recipe's info plus the pipeline name and target."""
-    log = {"pipeline": name, "target": {"kind": target.kind, "fraction": target.fraction}, **info, **extra}
+def _log(name: str, info: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The log of an LLM recipe: the recipe's info (``target``: kind and fraction of the supernet, from
+    :func:`dmscale.recipes.pipelines.finish`; ``latency`` under a latency target) plus the pipeline name."""
+    log = {"pipeline": name, **info, **extra}
     if "finetune" in log:
         log["finetune"] = _lm_history(log["finetune"])
     return log
@@ -199,8 +200,11 @@ def _lm_history(hist: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"step": h["step"], "loss": h["ce"], **({"kl": h["kl"]} if "kl" in h else {})} for h in hist]
 
 
-def _example(ids: torch.Tensor, seq_len: int, seed: int) -> tuple:
-    return (sample_windows(ids, min(seq_len, 64), 1, torch.Generator().manual_seed(seed)),)
+def _example(ids: torch.Tensor, seq_len: int, seed: int, target: Target) -> tuple:
+    """The traced example: one window of 64 tokens at most; a latency target is timed on this example (at the
+    target's batch size), so it gets the full ``seq_len`` window: seconds per forward of seq_len tokens."""
+    length = seq_len if target.kind == "latency" else min(seq_len, 64)
+    return (sample_windows(ids, length, 1, torch.Generator().manual_seed(seed)),)
 
 
 def dms_fast(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps: int = 200, seq_len: int = 256,
@@ -217,10 +221,10 @@ def dms_fast(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps
         exported, info = _recipes.dms_fast(
             model, CausalLM(), window_batches(train_ids, seq_len, batch_size, seed + 1), target, steps,
             train_mode=gradient_checkpointing, structure_lr=lr_structure, progress=progress, check=check,
-            atol=EXPORT_ATOL, rtol=1e-3, example=_example(train_ids, seq_len, seed),
+            atol=EXPORT_ATOL, rtol=1e-3, example=_example(train_ids, seq_len, seed, target),
             builder=_builder(prune_hidden, prune_heads, prune_depth, dms_kwargs),
             ratios=uniform_ratios if uniform else None, remove=remove)
-    return exported, _log("DMS_fast", target, info)
+    return exported, _log("DMS_fast", info)
 
 
 def finetune(model: nn.Module, train_ids: torch.Tensor, steps: int, *, lr: float = 2e-5, seq_len: int = 256,
@@ -257,10 +261,10 @@ def dms_p(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps: i
             model, task, window_batches(train_ids, seq_len, batch_size, seed + 1), target, steps,
             finetune_steps=finetune_steps, finetune_batches=window_batches(train_ids, seq_len, batch_size, seed + 2),
             lr=lr, optimizer="adamw", structure_lr=lr_structure, progress=progress, check=check, atol=EXPORT_ATOL,
-            rtol=1e-3, example=_example(train_ids, seq_len, seed),
+            rtol=1e-3, example=_example(train_ids, seq_len, seed, target),
             builder=_builder(prune_hidden, prune_heads, prune_depth, dms_kwargs),
             ratios=uniform_ratios if uniform else None, remove=remove)
-    return exported, _log("DMS_p", target, info, distill=distill)
+    return exported, _log("DMS_p", info, distill=distill)
 
 
 # ------------------------------------------------------------------ one-shot baselines
@@ -345,7 +349,7 @@ def uniform_ratios(dms: DMS) -> Iterator[dict[str, int]]:
     counts: dict[str, int] = {}
     try:
         with torch.no_grad():
-            kind, goal = dms.target.kind, dms.target.fraction
+            kind, goal = dms.target.kind, dms.target_fraction  # a latency target: of the predicted latency
 
             def frac() -> float:
                 return float(dms.resource(soft=False)[f"{kind}_frac"])

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from dmscale.budget import Projection, within_budget
+from dmscale.latency import measure_export
 from dmscale.recipes.bn import batchnorms, recalibrate_bn
 from dmscale.recipes.loop import cosine_lr, frozen, load_loop_state, loop_state, make_optimizer, train_loop
 from dmscale.recipes.tasks import Task, as_task
@@ -140,7 +141,8 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
     around the export that may change the ratios (the LLM recipes' uniform export). Info: projection
     (:func:`projection_info`), kept, summary, flops_frac, params_frac (latency_frac), target (kind, fraction of
     the supernet), achieved (the target kind's fraction), over_budget; a latency target adds ``latency``
-    (target_s, predicted_s, supernet_s, device, batch_size; measured_s and checks when the export was timed).
+    (target_s, predicted_s, supernet_s, device, batch_size; measured_s and checks when the export was timed:
+    under ``ratios``, measured_s is that of the export the ratios give, timed once more).
     """
     info: dict[str, Any] = {}
     if project_budget:
@@ -165,6 +167,8 @@ def finish(dms: DMS, *, project_budget: bool = True, recalibrate: Callable[[nn.M
             if dms.latency_checks:  # what the export measured when it was landed (latency.land_measured)
                 info["latency"]["measured_s"] = float(dms.latency_checks[-1]["measured_s"])
                 info["latency"]["checks"] = len(dms.latency_checks)
+                if ratios is not None:  # the ratios changed the landed structure: time the export they give
+                    info["latency"]["measured_s"] = float(measure_export(dms))
         exported = dms.export(check=check, atol=atol, rtol=rtol, project=False)  # projected above, or not at all
     return exported, info
 
