@@ -2,7 +2,7 @@
 
     dmscale prune-llm MODEL --target params=0.8 --text calib.txt --pipeline fast|p
                       [--distill 1.0] [--finetune-steps N] [--uniform] [--eval FILE]
-                      [--gguf-file F] --out DIR
+                      [--gguf-file F] [--latency-cache DIR] --out DIR
 
 MODEL is a Hugging Face checkpoint directory (or ``hf:PATH``), a ``.gguf`` file or a directory
 with ``--gguf-file``, or a ``dmscale.save`` directory. The calibration text is tokenized with the
@@ -16,6 +16,10 @@ fine-tunes the pruned model afterwards (both pipelines). The output DIR (new or 
 model in the dmscale format (per-layer sizes: ``dmscale.load(DIR)``), or with ``--uniform`` a plain
 Hugging Face checkpoint with the same sizes in every layer (``AutoModelForCausalLM.from_pretrained(DIR)``,
 checked on reload), the tokenizer, and ``report.md`` / ``report.json``.
+
+``--target latency=SECONDS`` (or ``latency=50ms``) is one forward of ``--batch-size`` x ``--seq-len``
+tokens on ``--device``, measured here (``Target(latency=..., device=..., batch_size=...)``); the report
+then has the target, the export's predicted and measured latency and the unpruned model's.
 """
 
 from __future__ import annotations
