@@ -234,6 +234,7 @@ def test_latency_target_bad_inputs_name_the_option(byte_llama, tmp_path, timer, 
         (["--target", f"latency={2 * full!r}"], "above the supernet's own predicted latency"),
         (["--target", f"latency={0.01 * full!r}"], "below what the minimum widths allow"),
         (["--target", "params=0.8", "--latency-cache", str(tmp_path)], "--latency-cache"),
+        (["--target", "latency=1ms", "--latency-cache", str(TINY_TEXT)], "not a directory"),
     ]
     for extra, msg in cases:
         assert main(_args(byte_llama, tmp_path / "o1", "--tokenizer", "bytes", *extra)) == 2
