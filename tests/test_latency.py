@@ -309,6 +309,7 @@ def test_measured_landing_keeps_the_closest_export_and_stops_when_within():
     ex = [c for c in dms.latency_checks if c["when"] == "export"]
     assert len(ex) == 3 and all(c["measured_s"] > c["target_s"] * 1.5 for c in ex)
     best = min(ex, key=lambda c: abs(c["measured_s"] / c["target_s"] - 1))
+    assert [c["kept"] for c in ex] == [c is best for c in ex]
     assert timer(dms.export(project=False), (x,), {}) == pytest.approx(best["measured_s"], rel=1e-9)
 
 

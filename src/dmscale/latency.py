@@ -400,8 +400,8 @@ def land_measured(dms: "DMS", when: str) -> Any:
     it misses the target by more than ``config.latency_tolerance``, correct the model by the ratio
     measured / predicted at that structure (``dms.latency_scale``, which moves ``dms.target_fraction``)
     and project again from the searched ratios, up to ``config.latency_checks`` exports. The export
-    closest to the target is kept (its ratios, its projection); every check is recorded in
-    ``dms.latency_checks``. Returns the kept ``Projection``.
+    closest to the target is kept (its ratios, its projection; ``kept`` in its record); every check is
+    recorded in ``dms.latency_checks``. Returns the kept ``Projection``.
     """
     from .budget import project
 
@@ -409,7 +409,7 @@ def land_measured(dms: "DMS", when: str) -> Any:
     target = float(dms.target.latency)
     params = list(dms.structure_parameters())
     searched = [p.detach().clone() for p in params]
-    best: tuple[float, Any, list[torch.Tensor], float] | None = None
+    best: tuple[float, Any, list[torch.Tensor], float, dict] | None = None
     for i in range(cfg.latency_checks):
         for p, s in zip(params, searched):
             p.copy_(s)
@@ -417,17 +417,19 @@ def land_measured(dms: "DMS", when: str) -> Any:
         proj = project(dms, frac, warn=False, tolerance=cfg.tolerance)
         predicted = float(dms.resources.evaluate(soft=False)["latency"])
         measured = measure_export(dms)
-        dms.latency_checks.append({"when": when, "check": i + 1, "model_fraction": frac, "predicted_s": predicted,
-                                   "measured_s": measured, "target_s": target})
+        check = {"when": when, "check": i + 1, "model_fraction": frac, "predicted_s": predicted,
+                 "measured_s": measured, "target_s": target, "kept": False}
+        dms.latency_checks.append(check)
         err = abs(measured / target - 1.0)
         scale = measured / predicted if predicted > 0 else dms.latency_scale
         if best is None or err < best[0]:
-            best = (err, proj, [p.detach().clone() for p in params], scale)
+            best = (err, proj, [p.detach().clone() for p in params], scale, check)
         if err <= cfg.latency_tolerance:
             break
         dms.latency_scale = scale  # this structure's measured / predicted: the next projection aims with it
     assert best is not None  # latency_checks >= 1 (the caller checks)
-    _, proj, ratios, dms.latency_scale = best
+    _, proj, ratios, dms.latency_scale, kept = best
+    kept["kept"] = True
     for p, r in zip(params, ratios):
         p.copy_(r)
     return proj

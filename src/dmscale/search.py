@@ -601,7 +601,7 @@ class DMS:
         for c in self.latency_checks:
             lines.append(f"latency check at {c['when']} #{c['check']}: export measured {c['measured_s'] * 1e3:.3f} ms "
                          f"for a target of {c['target_s'] * 1e3:.3f} ms ({c['measured_s'] / c['target_s'] - 1:+.1%}; "
-                         f"the model predicted {c['predicted_s'] * 1e3:.3f} ms)")
+                         f"the model predicted {c['predicted_s'] * 1e3:.3f} ms)" + (", kept" if c.get("kept") else ""))
         for when, p in self.projections:
             lines.append(f"projection at {when}: {p.before:.4f} -> {p.after:.4f} (resource moved {p.moved:+.2%}; "
                          f"{len(p.changes)} group(s) changed, mean width shift {p.shift:.1%}, offset {p.offset:+.4f}, "
