@@ -12,7 +12,7 @@ import torch.nn as nn
 from ._sharded import is_sharded
 from .errors import ExportError
 from .layers.spec import spec_for
-from .layers.weightnorm import begin_export, finish_export, fold_weight_norm, weight_norms
+from .layers.weightnorm import begin_export, detach_legacy_weights, finish_export, fold_weight_norm, weight_norms
 from .trace.tracer import Space
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         new = source
     else:
         with masker.detached():
+            detach_legacy_weights(dms.model)
             new = copy.deepcopy(dms.model)
     modules = dict(new.named_modules())
 

@@ -41,6 +41,11 @@ _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps"
 _DEFAULT_EPS = (1e-5, 1e-6, 1e-12, 1e-8)
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics in float32 at least (T5 style), float64 for a float64 model."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @dataclass(frozen=True)
 class NormForm:
     """One normalisation formula (see the module docstring)."""
@@ -63,12 +68,12 @@ class NormForm:
         d = self.dim % x.dim()
         shape = [1] * x.dim()
         shape[d] = p.numel()
-        return p.to(torch.float32).reshape(shape)
+        return p.to(_stat_dtype(x)).reshape(shape)
 
     def apply(self, module: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The norm of ``x`` with statistics over the channels where ``keep`` is True (all when None)."""
         d = self.dim % x.dim()
-        xf = x.to(torch.float32)
+        xf = x.to(_stat_dtype(x))
         if keep is None:
             mean = xf.mean(d, keepdim=True) if self.center else None
             xc = xf - mean if mean is not None else xf
@@ -76,7 +81,7 @@ class NormForm:
         else:
             shape = [1] * x.dim()
             shape[d] = keep.numel()
-            h = keep.to(torch.float32).reshape(shape)
+            h = keep.to(xf.dtype).reshape(shape)
             n = h.sum().clamp_min(1.0)
             mean = (xf * h).sum(d, keepdim=True) / n if self.center else None
             xc = xf - mean if mean is not None else xf

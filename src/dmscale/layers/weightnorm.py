@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-__all__ = ["WeightNormed", "weight_norm_of", "weight_norms", "begin_export", "fold_weight_norm", "finish_export"]
+__all__ = ["WeightNormed", "weight_norm_of", "weight_norms", "begin_export", "fold_weight_norm", "finish_export",
+           "detach_legacy_weights"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +109,13 @@ def finish_export(mod: nn.Module, wn: WeightNormed) -> None:
     g.mul_(_norm(wn, v).to(g.dtype))
     if wn.legacy:  # the hook form keeps W as a plain attribute until the next forward: recompute it now
         setattr(mod, wn.attr, torch._weight_norm(v, g, wn.dim))
+
+
+def detach_legacy_weights(model: nn.Module) -> None:
+    """Detach the W that the legacy hook form keeps as a plain attribute (recomputed by the next forward anyway):
+    after a forward with gradients it is not a leaf, and ``copy.deepcopy`` (export) refuses such a tensor."""
+    for mod in model.modules():
+        for attr, wn in weight_norms(mod).items():
+            w = getattr(mod, attr, None) if wn.legacy else None
+            if isinstance(w, torch.Tensor) and not w.is_leaf:
+                setattr(mod, attr, w.detach())
