@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import dmscale
 from dmscale.layers.norms import NormForm
 from prunetools import prune_and_export, search_to_budget
 
