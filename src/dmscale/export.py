@@ -12,6 +12,7 @@ import torch.nn as nn
 from ._sharded import is_sharded
 from .errors import ExportError
 from .layers.spec import spec_for
+from .layers.weightnorm import begin_export, detach_legacy_weights, finish_export, fold_weight_norm, weight_norms
 from .trace.tracer import Space
 
 if TYPE_CHECKING:
@@ -71,11 +72,18 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
         new = source
     else:
         with masker.detached():
+            detach_legacy_weights(dms.model)
             new = copy.deepcopy(dms.model)
     modules = dict(new.named_modules())
 
     # 1. fold surviving soft mask values into each layer's output side (its spec's out_dims), and into
-    #    raw parameters
+    #    raw parameters; a weight-normalised weight (W = g v / ||v||) first stores g / ||v|| in g (see
+    #    dmscale.layers.weightnorm), and its mask values go there or into v
+    normed = {name: weight_norms(modules[name]) for name, rec in tr.layers.items() if not rec.tied}
+    normed = {name: wns for name, wns in normed.items() if wns}
+    for name, wns in normed.items():
+        for wn in wns.values():
+            begin_export(modules[name], wn)
     for name, rec in tr.layers.items():
         mod = modules[name]
         if rec.tied:
@@ -85,7 +93,9 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             continue
         for _, s in rec.out_dims.items():
             m = mask_of(s)
-            if m is not None:
+            if m is not None and name in normed:
+                _fold_normed(mod, spec, normed[name], m)
+            elif m is not None:
                 spec.fold(mod, m)
     for rec in tr.params.values():
         if not rec.raw or rec.is_buffer:
@@ -127,20 +137,24 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             for attr, t in list(store.items()):
                 if t is not None and id(t) in sliced and sliced[id(t)][0] is t:
                     store[attr] = sliced[id(t)][1]
+    for name, wns in normed.items():  # g = (g / ||v||)[kept] * ||v[kept]||: the kept part of the supernet's W
+        for wn in wns.values():
+            finish_export(modules[name], wn)
 
     # 3. fix the size attributes of every known layer (tied ones too: they have no layer record): attributes
     #    the trace tied to a space (a grouped conv's groups) first, then what the spec derives from the weights
     for rec in getattr(tr, "size_attrs", ()):
         k = keep_of(rec.space)
         mod = modules.get(rec.module)
-        if k is not None and mod is not None:
-            setattr(mod, rec.attr, int(k.sum()))
+        if k is not None and mod is not None:  # an int, or a one-int tuple (a LayerNorm's normalized_shape)
+            n = int(k.sum())
+            setattr(mod, rec.attr, (n,) if isinstance(getattr(mod, rec.attr, None), tuple) else n)
     for mname, mod in new.named_modules():
         lrec = tr.layers.get(mname)
         spec = lrec.spec if lrec is not None and lrec.spec is not None else spec_for(mod)
         if spec is None or spec.size_attrs is None and spec.update_attrs is None and spec.refresh is None:
             continue
-        if not spec.maskable or isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
+        if spec.out_param is None or isinstance(getattr(mod, spec.out_param, None), torch.Tensor):
             spec.update(mod)
     #    and the attributes that hold sizes of searched dims: by meaning for a model with a family
     #    (dmscale.families), else the ints a module used in a view / reshape of a pruned dim, by value
@@ -184,6 +198,14 @@ def export_model(dms: "DMS", check: bool = True, atol: float = 1e-4, rtol: float
             raise ExportError(f"{exc}{hint}") from exc
     check_export_config(ctx)  # the edited config loads, and says whether it rebuilds the export
     return new
+
+
+def _fold_normed(mod: nn.Module, spec: Any, wns: dict[str, Any], m: torch.Tensor) -> None:
+    """``spec.fold`` for a layer with weight-normalised parameters: those take ``m`` through their g / v."""
+    for pname, d in spec.out_dims.items():
+        if pname in wns:
+            fold_weight_norm(mod, wns[pname], d, m)
+    spec.fold(mod, m, skip=tuple(wns))
 
 
 class SkipBlock(nn.Module):

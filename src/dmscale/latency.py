@@ -329,7 +329,7 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 def _raw_param(mod: nn.Module, attr: str) -> Any:
     """The stored tensor behind ``mod.attr`` (the original under a mask parametrization)."""
-    if parametrize.is_parametrized(mod, attr):
+    if parametrize.is_parametrized(mod, attr) and hasattr(mod.parametrizations[attr], "original"):
         return mod.parametrizations[attr].original
     return getattr(mod, attr, None)
 

@@ -333,7 +333,8 @@ class Masker:
                 if keep is not None:
                     y = spec.masked_norm(mod, x, keep)
             for d, s in dims:
-                if rec.tied and self.mode == "hard":  # export cannot fold into a shared weight
+                if (rec.tied or not spec.out_dims) and self.mode == "hard":  # export cannot fold into a shared
+                    # weight, nor into a norm without parameters: 0 / 1
                     k = self.keep_for(s)
                     m = None if k is None else k.to(y.dtype)
                 else:

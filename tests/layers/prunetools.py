@@ -41,3 +41,27 @@ def load_trusting(path, module: str):
     if "trust" in inspect.signature(dmscale.load).parameters:
         return dmscale.load(path, trust=[module])
     return dmscale.load(path)
+
+
+def search_to_budget(model, x, loss_fn, steps: int, flops: float = 0.5):
+    """Search ``steps`` steps (Adam on weights and structure, ``loss_fn(output)``), project onto ``flops``, export;
+    checks the export lands within [0.9 x, 1 x] of the FLOPs budget and equals the hard-masked supernet."""
+    from dmscale.budget import within_budget
+
+    dms = dmscale.DMS(model, (x,), dmscale.Target(flops=flops), total_steps=steps)
+    opt = torch.optim.Adam(list(dms.weight_parameters()) + list(dms.structure_parameters()), lr=5e-2)
+    for _ in range(steps):
+        loss = dms.loss(loss_fn(model(x)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dms.step()
+    dms.project(flops)
+    small = dms.export()
+    got = dmscale.count(small, (x,))["flops"] / dmscale.count(model, (x,))["flops"]
+    assert within_budget(got, flops) and got >= flops * 0.9
+    small.eval()
+    with torch.no_grad(), dms.hard():
+        ref = model.eval()(x)
+    torch.testing.assert_close(small(x), ref, atol=1e-5, rtol=1e-5)
+    return dms, small

@@ -156,7 +156,10 @@ def test_layernorm_subclass_computing_something_else_is_left_unpruned():
     ({"kind": ""}, "kind must be a non-empty string"),
     ({"kind": "x", "out_dims": {"weight": "0"}}, "out_dims must map"),
     ({"kind": "x", "out_dims": {"weight": True}}, "out_dims must map"),
-    ({"kind": "x", "fold_into_weights": True}, "need out_dims"),
+    ({"kind": "x", "fold_into_weights": True}, "fold_into_weights needs out_dims"),
+    ({"kind": "x", "masked_norm": lambda m, x, k: x}, "masked_norm needs out_dims \\(or norm_dim"),
+    ({"kind": "x", "norm_dim": -1}, "norm_dim \\(-1 or 1\\) goes with masked_norm"),
+    ({"kind": "x", "masked_norm": lambda m, x, k: x, "norm_dim": 2}, "norm_dim \\(-1 or 1\\)"),
     ({"kind": "x", "out_dims": {"kernel": 0}, "params": ("weight",)}, "not listed in params"),
     ({"kind": "x", "params": "weight"}, "tuple of parameter names"),
 ])

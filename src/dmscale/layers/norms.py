@@ -41,6 +41,11 @@ _EPS_NAMES = ("eps", "variance_epsilon", "epsilon", "layer_norm_eps", "norm_eps"
 _DEFAULT_EPS = (1e-5, 1e-6, 1e-12, 1e-8)
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics in float32 at least (T5 style), float64 for a float64 model."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @dataclass(frozen=True)
 class NormForm:
     """One normalisation formula (see the module docstring)."""
@@ -63,12 +68,12 @@ class NormForm:
         d = self.dim % x.dim()
         shape = [1] * x.dim()
         shape[d] = p.numel()
-        return p.to(torch.float32).reshape(shape)
+        return p.to(_stat_dtype(x)).reshape(shape)
 
     def apply(self, module: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The norm of ``x`` with statistics over the channels where ``keep`` is True (all when None)."""
         d = self.dim % x.dim()
-        xf = x.to(torch.float32)
+        xf = x.to(_stat_dtype(x))
         if keep is None:
             mean = xf.mean(d, keepdim=True) if self.center else None
             xc = xf - mean if mean is not None else xf
@@ -76,7 +81,7 @@ class NormForm:
         else:
             shape = [1] * x.dim()
             shape[d] = keep.numel()
-            h = keep.to(torch.float32).reshape(shape)
+            h = keep.to(xf.dtype).reshape(shape)
             n = h.sum().clamp_min(1.0)
             mean = (xf * h).sum(d, keepdim=True) / n if self.center else None
             xc = xf - mean if mean is not None else xf
@@ -118,9 +123,18 @@ def _norm_params(module: nn.Module) -> tuple[str | None, str | None, int] | None
     return scale, shift, n
 
 
+def _paramless_candidate(module: nn.Module) -> bool:
+    """A module without parameters or children that may be a norm without affine parameters: ``nn.LayerNorm`` /
+    ``nn.RMSNorm`` with ``elementwise_affine=False``, or a class whose name says it normalises (OLMo's LayerNorm)."""
+    if any(True for _ in module.children()) or any(True for _ in module.parameters(recurse=False)):
+        return False
+    return "norm" in type(module).__name__.lower() and "normalize" not in type(module).__name__.lower()
+
+
 def norm_candidate(module: nn.Module) -> bool:
-    """True when the module's parameters have the shape of a norm's (see the module docstring)."""
-    return _norm_params(module) is not None
+    """True when the module's parameters have the shape of a norm's, or it has none and its class is a norm
+    (see the module docstring)."""
+    return _norm_params(module) is not None or _paramless_candidate(module)
 
 
 def _eps_candidates(module: nn.Module) -> list[float]:
@@ -152,15 +166,16 @@ def identify_norm(module: nn.Module, args: tuple, kwargs: dict) -> NormForm | No
     with random parameters (restored afterwards; the global RNG is not used).
     """
     info = _norm_params(module)
-    if info is None:
+    if info is None and not _paramless_candidate(module):
         return None
-    scale, shift, n = info
+    scale, shift, n = info if info is not None else (None, None, None)
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
     if x is None:
         x = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
     if x is None or not x.is_floating_point() or x.dim() < 1 or x.numel() == 0:
         return None
-    dims = [d for d in (-1, 1) if x.dim() > (d % x.dim()) and x.shape[d] == n and (d == -1 or x.dim() >= 3)]
+    dims = [d for d in (-1, 1) if x.dim() > (d % x.dim()) and (x.shape[d] == n or n is None and x.shape[d] >= 2)
+            and (d == -1 or x.dim() >= 3)]
     if not dims:
         return None
     try:
@@ -186,7 +201,7 @@ def identify_norm(module: nn.Module, args: tuple, kwargs: dict) -> NormForm | No
         found = None
         for d in dims:
             for center in (True, False):
-                for offset in (0.0, 1.0):
+                for offset in ((0.0, 1.0) if scale is not None else (0.0,)):
                     form = NormForm(center, offset, d, _eps_candidates(module)[0], scale, shift)
                     if _close(form.apply(module, xr), yr):
                         found = form
@@ -228,12 +243,19 @@ def _norm_unit(form: NormForm):
                     fix(tr.get(p)[0], f"{type(mod).__name__} '{name}' called on another width")
         if y is not None and tuple(y.shape) == tuple(x.shape):
             tr.set(y, xd)
+        if form.scale is None and form.shift is None:  # no weights to read the kept size off at export
+            for a in ("normalized_shape",) + SIZE_NAMES:
+                v = vars(mod).get(a)
+                if v == (x.shape[d],) or type(v) is int and v == x.shape[d]:
+                    tr.record_size_attr(a, xd[d], name)
         tr.record_op(form.kind, flops, [])
     return trace_unit
 
 
 def _generic_sizes(form: NormForm):
     def size_attrs(mod: nn.Module) -> dict[str, Any]:
+        if form.scale is None and form.shift is None:
+            return {}  # no weights: export sets the sizes the trace recorded (SizeAttrRecord)
         n = getattr(mod, form.scale or form.shift).numel()
         out: dict[str, Any] = {}
         ns = getattr(mod, "normalized_shape", None)
@@ -258,6 +280,7 @@ def norm_spec(form: NormForm, base: LayerSpec | None = None) -> LayerSpec:
         size_attrs = base.size_attrs if base is not None and base.size_attrs is not None else _generic_sizes(form)
         update = base.update_attrs if base is not None else None
         spec = LayerSpec(base.kind if base is not None else form.kind, out_dims=out_dims, trace_unit=_norm_unit(form),
-                         masked_norm=form.apply, size_attrs=size_attrs, update_attrs=update, fold_mask=form.fold)
+                         masked_norm=form.apply, size_attrs=size_attrs, update_attrs=update,
+                         fold_mask=form.fold if out_dims else None, norm_dim=None if out_dims else form.dim)
         _SPECS[key] = spec
     return spec

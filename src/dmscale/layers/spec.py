@@ -109,6 +109,10 @@ class LayerSpec:
             multiply every ``out_dims`` parameter by ``m`` along its dim.
         refresh: ``fn(module)`` for layers that cache references to their parameters: called
             before every masked forward, after masks are removed and after export slicing.
+        norm_dim: with ``masked_norm`` and no ``out_dims`` (a norm without parameters, e.g. a non-affine
+            LayerNorm): the dim of its output that it normalises (-1 or 1); its output channels are found there,
+            and as it has no parameter to fold surviving mask values into, the hard-masked supernet masks its
+            output with 0 / 1 (what the smaller exported layer computes).
         norm_applies_mask: with ``masked_norm``: it is called as ``masked_norm(module, x, keep, mask)``
             and applies the output mask itself (a layer with a skip term such as GRN's ``+ x``, whose
             input already carries the mask), instead of the output being multiplied by the mask.
@@ -127,6 +131,7 @@ class LayerSpec:
     fold_mask: Callable[[nn.Module, torch.Tensor], None] | None = None
     refresh: Callable[[nn.Module], None] | None = None
     norm_applies_mask: bool = False
+    norm_dim: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or not self.kind:
@@ -146,8 +151,13 @@ class LayerSpec:
             fn = getattr(self, name)
             if fn is not None and not callable(fn):
                 raise TypeError(f"LayerSpec({self.kind!r}).{name} must be callable or None, got {fn!r}")
-        if (self.fold_into_weights or self.masked_norm is not None) and not self.out_dims:
-            raise ValueError(f"LayerSpec({self.kind!r}): fold_into_weights / masked_norm need out_dims")
+        if self.fold_into_weights and not self.out_dims:
+            raise ValueError(f"LayerSpec({self.kind!r}): fold_into_weights needs out_dims")
+        if self.masked_norm is not None and not self.out_dims and self.norm_dim is None:
+            raise ValueError(f"LayerSpec({self.kind!r}): masked_norm needs out_dims (or norm_dim, for a norm without "
+                             "parameters)")
+        if self.norm_dim is not None and (self.masked_norm is None or self.norm_dim not in (-1, 1)):
+            raise ValueError(f"LayerSpec({self.kind!r}): norm_dim (-1 or 1) goes with masked_norm, got {self.norm_dim!r}")
         missing = [p for p in self.out_dims if p not in self.params]
         if missing:
             raise ValueError(f"LayerSpec({self.kind!r}): out_dims names {missing} not listed in params {self.params}")
@@ -160,7 +170,7 @@ class LayerSpec:
     @property
     def maskable(self) -> bool:
         """True when the layer's output channels are masked and sliced as a unit."""
-        return bool(self.out_dims)
+        return bool(self.out_dims) or self.norm_dim is not None
 
     def sizes(self, module: nn.Module) -> dict[str, Any]:
         """The size attributes the module's weights imply (empty without ``size_attrs``)."""
@@ -176,12 +186,15 @@ class LayerSpec:
         if self.refresh is not None:
             self.refresh(module)
 
-    def fold(self, module: nn.Module, m: torch.Tensor) -> None:
-        """Fold output-mask values ``m`` into the module's parameters (see ``fold_mask``)."""
+    def fold(self, module: nn.Module, m: torch.Tensor, skip: tuple[str, ...] = ()) -> None:
+        """Fold output-mask values ``m`` into the module's parameters (see ``fold_mask``), except those in ``skip``
+        (folded by the caller, e.g. a weight-normalised weight)."""
         if self.fold_mask is not None:
             self.fold_mask(module, m)
             return
         for pname, d in self.out_dims.items():
+            if pname in skip:
+                continue
             p = getattr(module, pname, None)
             if isinstance(p, torch.Tensor) and p.dim() > d and p.shape[d] == m.numel():
                 shape = [1] * p.dim()

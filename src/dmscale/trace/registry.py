@@ -13,7 +13,8 @@ The rule API of the tracer (the ``tr`` argument), for rule writers:
 
 - ``tr.get(t) -> list[Space]``: the spaces of ``t``'s dims (fresh owned spaces for a parameter,
   fresh *fixed* ones for a tensor of unknown origin);
-- ``tr.set(t, spaces)``: label an output tensor (in place on a parameter: unites instead);
+- ``tr.set(t, spaces, act=True)``: label an output tensor (in place on a parameter: unites instead;
+  ``act=False`` for a tensor computed from parameters only, such as a weight-normalised weight);
 - ``tr.fresh(t, origin="", fixed=False)``: new spaces for a new tensor's dims;
 - ``tr.broadcast_union(tensors, out)``: the elementwise rule (unite aligned dims, label ``out``);
 - ``tr.unknown(name, args, kwargs, out, reason=None)``: treat the op as unsupported;

@@ -33,6 +33,7 @@ from .rules.metadata import METADATA as _METADATA
 from ..layers.spec import LayerSpec, layer_kind, spec_for
 from ..layers.predicates import is_rmsnorm
 from ..layers.norms import identify_norm, norm_candidate, norm_spec
+from ..layers.weightnorm import weight_norm_of, weight_norms
 
 __all__ = ["Space", "TraceResult", "trace", "TraceError", "is_rmsnorm", "layer_kind", "Tracer", "BlockRecord",
            "LayerRecord", "OpRecord", "ParamRecord", "ReshapeRecord"]
@@ -104,6 +105,7 @@ class Tracer(TorchFunctionMode):
         self.counter = _FlopCounter()
         self.leaf_flop_start: list[float] = []
         self.layer_outputs: dict[str, list[Space]] = {}
+        self.layer_blocks: dict[str, tuple[str, ...]] = {}  # the blocks a layer ran in
         self.unsupported_spaces: dict[str, list[Space]] = {}
         self.size_attrs: list[SizeAttrRecord] = []
         self.watches: dict[int, list[tuple[torch.Tensor, Callable[[str], None]]]] = {}
@@ -138,15 +140,18 @@ class Tracer(TorchFunctionMode):
         self.labels[id(t)] = (t, dims)
         return dims
 
-    def set(self, t: torch.Tensor, dims: list[Space]) -> None:
+    def set(self, t: torch.Tensor, dims: list[Space], act: bool = True) -> None:
+        """Label ``t`` with ``dims`` (``act=False``: a tensor computed from parameters only, e.g. a weight-normalised
+        weight, whose dims are not activation dims)."""
         if len(dims) != t.dim():
             raise TraceError(f"internal: label rank {len(dims)} != tensor rank {t.dim()}")
         if id(t) in self.param_names:  # in-place op on a parameter: unite instead
             for a, b in zip(self.get(t), dims):
                 union(a, b)
             return
-        for s in dims:
-            s.find().tags.add("act")
+        if act:
+            for s in dims:
+                s.find().tags.add("act")
         self.labels[id(t)] = (t, dims)
 
     def current_module(self) -> str:
@@ -397,6 +402,7 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
             y = first_tensor(output)
             if y is not None and name not in tr.layer_outputs:
                 tr.layer_outputs[name] = list(tr.get(y))
+                tr.layer_blocks[name] = tuple(tr.block_stack)
         info = containers.get(id(mod))
         if info is not None and tr.block_stack and tr.block_stack[-1] == name:
             tr.block_stack.pop()
@@ -459,9 +465,12 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     blocks = [b for b in blocks if not any(o.name.startswith(b.name + ".") for o in blocks)]
     # a parameter is raw (masked by its own parametrization) unless the layer record of its module
     # accounts for it (a layer that never ran, e.g. a projection whose weight an op reads, has none)
+    normed = _weight_normed_params(tr, model)
     for rec in tr.params.values():
         lrec = tr.layers.get(rec.module)
         rec.raw = lrec is None or lrec.spec is None or rec.attr not in lrec.spec.params
+        if rec.name in normed:  # g / v of a weight-normalised layer weight: accounted for by the layer
+            rec.raw = False
         # a space whose elements must be masked in every parameter that holds them (multi-query heads:
         # a pruned query head still outputs the shared value head, so the output projection is masked too)
         if not rec.raw and any("mask_params" in leaf.tags for s in rec.dims for leaf in s.leaves()):
@@ -516,11 +525,41 @@ def _model_outputs(out: Any) -> Any:
     return out
 
 
+def _weight_normed_params(tr: Tracer, model: nn.Module) -> set[str]:
+    """The qualified names of the g / v of weight-normalised weights that their layer's record accounts for.
+
+    The g / v of any other weight norm (a layer dmscale does not know, one whose output channels were not found,
+    one whose spec folds masks its own way, a shared weight) keep every dim fixed: masking v as a raw parameter
+    would cancel in ``v / ||v||``."""
+    out: set[str] = set()
+    for mname, mod in model.named_modules():
+        for attr, wn in weight_norms(mod).items():
+            names = wn.qualified(mname)
+            lrec = tr.layers.get(mname)
+            spec = lrec.spec if lrec is not None else None
+            ok = (spec is not None and attr in spec.params and spec.fold_mask is None and not lrec.tied
+                  and lrec.norm_space is None)
+            if ok:
+                out.update(names)
+                continue
+            for n in names:
+                rec = tr.params.get(n)
+                for s in rec.dims if rec is not None else ():
+                    fix(s, f"weight_norm of '{attr}' in {type(mod).__name__} '{mname}', which dmscale does not "
+                           "trace as a known layer")
+    return out
+
+
 def _layer_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> LayerRecord | None:
     """Where the output channels of a known layer live, read off its traced output."""
+    if spec.out_param is None:
+        return _paramless_norm_record(tr, mod, mname, spec)
     pname = spec.out_param
     w = getattr(mod, pname, None)
     key = f"{mname}.{pname}" if mname else pname
+    wn = weight_norm_of(mod, pname)
+    if wn is not None:  # W = g v / ||v||: its dims are v's (the _weight_norm rule)
+        key = wn.qualified(mname)[1]
     prec = tr.params.get(key)
     if prec is None or not isinstance(w, torch.Tensor):
         return None
@@ -546,3 +585,17 @@ def _layer_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> La
             return None
         norm_space = prec.dims[od]
     return LayerRecord(mname, spec.kind, dims, norm_space=norm_space, blocks=prec.blocks, spec=spec)
+
+
+def _paramless_norm_record(tr: Tracer, mod: nn.Module, mname: str, spec: LayerSpec) -> LayerRecord | None:
+    """A norm without parameters (``norm_dim``): its output channels are the normalised dim of its output."""
+    labels = tr.layer_outputs.get(mname)
+    if labels is None or spec.norm_dim is None or len(labels) < 2:
+        return None
+    d = spec.norm_dim % len(labels)
+    space = labels[d]
+    if spec.standard_forward is not None and type(mod).forward is not spec.standard_forward:
+        fix(space, f"{type(mod).__name__} '{mname}' normalises in a way dmscale does not model")
+        return None
+    return LayerRecord(mname, spec.kind, {d - len(labels): space}, norm_space=space, blocks=tr.layer_blocks.get(mname, ()),
+                       spec=spec)

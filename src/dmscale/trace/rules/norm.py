@@ -70,3 +70,18 @@ def group_norm(tr, c) -> None:
     if g != x.shape[1]:
         fix(xd[1], f"group_norm with {g} groups over {x.shape[1]} channels in {tr.current_module()}")
     tr.set(c.out, xd)
+
+
+@op_rule("_weight_norm")
+def weight_norm(tr, c) -> None:
+    """``W = g * v / ||v||`` (weight norm): W has v's dims; g is tied to v's dim ``dim`` (one norm per slice of it).
+
+    No dim is fixed: the masked supernet uses W as it is, and export rescales g so that the sliced layer computes
+    the kept part of W (:mod:`dmscale.layers.weightnorm`)."""
+    v, g = c.arg(0, "v"), c.arg(1, "g")
+    dim = c.arg(2, "dim", 0)
+    vd = list(tr.get(v))
+    if dim != -1 and isinstance(g, torch.Tensor) and g.dim() == v.dim():
+        d = dim % v.dim()
+        union(tr.get(g)[d], vd[d])
+    tr.set(c.out, vd, act=False)  # a weight, not an activation
