@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..registry import norm_dim, op_rule, tensors
+from ..lost import FOLDED
 from ..spaces import Space, TraceError, composite, fix, split, union
 from .index import advanced_getitem
 
@@ -73,6 +74,8 @@ def reshape(tr, c) -> None:
         for k in gj:
             if k not in gj_nz:
                 od[k] = Space(1, "unit")
+        if len(gi) > 1:
+            note_folds([sd[k] for k in gi], where)
         if len(gi) == 1 and len(gj_nz) == 1:
             od[gj_nz[0]] = sd[gi[0]]
         elif len(gj_nz) == 1:
@@ -89,6 +92,17 @@ def reshape(tr, c) -> None:
             for k, p in zip(gj_nz, parts):
                 od[k] = p
     tr.set(out, [s if s is not None else Space(outs[k], "unit") for k, s in enumerate(od)])
+
+
+def note_folds(merged: list[Space], where: str) -> None:
+    """A reshape merging a factor split off a feature dim with a fixed dim (the batch: heads folded into it,
+    ``(B, H, T, D) -> (B * H, T, D)``) tags that factor ``folded:<module>``: unless an attention op then reads
+    it as heads, the trace fixes it at the end and names it as lost (:func:`dmscale.trace.lost.fix_folded`)."""
+    leaves = [leaf for s in merged for leaf in s.leaves()]
+    if any(leaf.fixed for leaf in leaves):
+        for leaf in leaves:
+            if not leaf.fixed and "split" in leaf.tags and leaf.size > 1:
+                leaf.tags.add(f"{FOLDED}{where or 'model'}")
 
 
 @op_rule("permute", "transpose", "transpose_", "t", "swapaxes", "swapdims", "movedim", "moveaxis")
