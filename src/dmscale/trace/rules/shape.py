@@ -95,11 +95,13 @@ def reshape(tr, c) -> None:
 
 
 def note_folds(merged: list[Space], where: str) -> None:
-    """A reshape merging a factor split off a feature dim with a fixed dim (the batch: heads folded into it,
-    ``(B, H, T, D) -> (B * H, T, D)``) tags that factor ``folded:<module>``: unless an attention op then reads
-    it as heads, the trace fixes it at the end and names it as lost (:func:`dmscale.trace.lost.fix_folded`)."""
+    """A reshape merging a factor split off a feature dim with a dim of the model's input (the batch: heads
+    folded into it, ``(B, H, T, D) -> (B * H, T, D)``) tags that factor ``folded:<module>``: unless an attention
+    op then reads it as heads, the trace fixes it at the end and names it as lost
+    (:func:`dmscale.trace.lost.fix_folded`). Merging heads back with a fixed copy factor (grouped-query
+    ``repeat_kv``) is not a fold."""
     leaves = [leaf for s in merged for leaf in s.leaves()]
-    if any(leaf.fixed for leaf in leaves):
+    if any(leaf.fixed and any(r.startswith("model input") for r in leaf.fix_reasons) for leaf in leaves):
         for leaf in leaves:
             if not leaf.fixed and "split" in leaf.tags and leaf.size > 1:
                 leaf.tags.add(f"{FOLDED}{where or 'model'}")
