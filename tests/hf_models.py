@@ -273,6 +273,20 @@ def deberta_v2():
     return _lm("DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=32, **ENCODER)
 
 
+def deberta_v3():
+    """DeBERTa-v3's layout: relative attention (content->position and position->content terms with keys
+    shared with the content projections, log buckets) and a layer-normed relative embedding table."""
+    return _lm("DebertaV2Config", "DebertaV2ForSequenceClassification", max_position_embeddings=32,
+               relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, share_att_key=True,
+               norm_rel_ebd="layer_norm", **ENCODER)
+
+
+def deberta():
+    """DeBERTa (v1) with relative attention: heads kept 4-D, a fused in_proj and separate position projections."""
+    return _lm("DebertaConfig", "DebertaForSequenceClassification", max_position_embeddings=32,
+               relative_attention=True, pos_att_type=["p2c", "c2p"], **ENCODER)
+
+
 def mobilebert():
     return _lm("MobileBertConfig", "MobileBertForSequenceClassification", hidden_size=32, embedding_size=16,
                intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, intra_bottleneck_size=16,

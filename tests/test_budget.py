@@ -362,3 +362,21 @@ def test_refining_vit_gets_blocks_back_when_widths_are_maxed():
     assert float(dms.resource(soft=False)["flops_frac"]) < 0.5
     p = project(dms)
     assert p.ok and p.tier == "depth", str(p)
+
+
+def test_count_accepts_a_parameter_view_passed_to_a_submodule():
+    """DeBERTa slices its relative embedding table and passes the slice to a projection: under no_grad the
+    view requires grad without a graph, which FlopCounterMode's module hooks could not take."""
+    class Table(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(6, 4))
+            self.proj = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.proj(self.table[1:5].unsqueeze(0)) + x
+
+    model = Table()
+    got = dmscale.count(model, (torch.zeros(1, 4, 3),))
+    assert got == {"flops": 2.0 * 4 * 4 * 3, "params": 6 * 4 + 4 * 3 + 3}
+    assert all(p.requires_grad for p in model.parameters())

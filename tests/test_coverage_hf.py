@@ -36,9 +36,6 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DEBERTA = ("DeBERTa-v2 folds the heads into the batch dim (view(-1, seq, head_dim)) before its bmm attention with "
-           "relative position terms: no attention rule tags them, so heads are not searched")
-
 FFN = r"mlp|intermediate|ffn|DenseReluDense|dense_h_to_4h|c_fc|fc_in|\.fc1$|gate_up|up_proj|pwconv1|expand_conv"
 HIDDEN = r"embed|wte|word_embeddings|patch_embed|embeddings\.convolution|conv1|projection"
 
@@ -107,7 +104,10 @@ CASES = [
     Case("stablelm", H.stablelm, ALL, causal=True, uniform={}),
     # no family file: the generic fallback (size attributes by value) covers them
     Case("regnet", H.regnet, ("hidden", "layers")),
-    Case("deberta_v2", H.deberta_v2, ALL, xfail={"searchable-heads": DEBERTA}),
+    # heads folded into the batch dim (view(-1, seq, head_dim)) before a bmm: the matmul rule tags them heads
+    Case("deberta_v2", H.deberta_v2, ALL, uniform={}),
+    Case("deberta_v3", H.deberta_v3, ALL, uniform={}),
+    Case("deberta", H.deberta, ALL, uniform={}),
     Case("mobilebert", H.mobilebert, ALL),
 ]
 BY_NAME = {c.name: c for c in CASES}

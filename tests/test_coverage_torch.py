@@ -166,6 +166,59 @@ class EinsumTransformer(nn.Module):
         return self.head(x.mean(1))
 
 
+class FoldedHeadsAttention(nn.Module):
+    """Heads folded into the batch dim before ``bmm`` (``view(B * H, T, D)``, as DeBERTa and older fairseq
+    code do), with a content->position term: per-head keys of a learned position table, tiled over the
+    batch with ``repeat`` and read back by ``gather`` (DeBERTa's c2p)."""
+
+    def __init__(self, d: int, heads: int, positions: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(2 * positions, d) / d ** 0.5)
+        self.pos_key = nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+
+    def fold(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, self.head_dim).transpose(1, 2).reshape(b * self.heads, t, self.head_dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.fold(self.q(x)), self.fold(self.k(x)), self.fold(self.v(x))
+        att = torch.bmm(q, k.transpose(1, 2)) * self.head_dim ** -0.5
+        span = self.pos.shape[0] // 2
+        pos_k = self.fold(self.pos_key(self.pos.unsqueeze(0))).repeat(b, 1, 1)  # (B * H, 2 * span, D)
+        rel = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        index = torch.clamp(rel + span, 0, 2 * span - 1).unsqueeze(0).expand(b * self.heads, t, t)
+        att = att + torch.gather(torch.bmm(q, pos_k.transpose(1, 2)), -1, index)
+        out = torch.bmm(att.softmax(-1), v).view(b, self.heads, t, self.head_dim)
+        return self.proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FoldedHeadsTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.attn = nn.ModuleList([FoldedHeadsAttention(32, 4, 6) for _ in range(2)])
+        self.mlp = nn.ModuleList([nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(2)])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for attn, mlp in zip(self.attn, self.mlp):
+            x = x + attn(x)
+            x = x + mlp(x)
+        return self.head(x.mean(1))
+
+
+def _folded_heads_checks(model, small):
+    kept = [a.heads for a in small.attn]
+    assert all(a.q.out_features == a.k.out_features == a.pos_key.out_features == a.heads * a.head_dim
+               for a in small.attn)
+    assert min(kept) < 4 and all(a.proj.in_features == a.heads * 8 for a in small.attn)
+
+
 class RoundSTE(torch.autograd.Function):
     """Quantise to quarters in the forward, straight-through gradient in the backward."""
 
@@ -367,6 +420,11 @@ ROWS = {
     "einsum_attention": Row(EinsumTransformer, _randn(4, 6, 8),
                             {"embed": "width", "blocks.0.attn.qkv[heads]": "heads", "blocks.0": "width",
                              "blocks[depth]": "depth"}),
+    # heads folded into the batch dim + bmm: searched as heads; the position table's rows are read by
+    # gather (positions, not channels) and named as lost
+    "folded_heads_bmm": Row(FoldedHeadsTransformer, _randn(4, 6, 8),
+                            {"embed": "width", "attn.0.q[heads]": "heads", "attn.1.q[heads]": "heads",
+                             "mlp.0.0": "width"}, lost=["attn.0", "attn.1"], extra=_folded_heads_checks),
     "autograd_function": Row(QuantMLP, _randn(16, 12), {"fc1": "width", "fc2": "width"}, budget_today=0.02),
     "lstm_classifier": Row(LSTMClassifier, _ints(4, 7, high=50), {"embed": "width", "lstm": "width"},
                            budget_today=0.1, extra=_lstm_checks),

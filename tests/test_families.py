@@ -488,3 +488,19 @@ def test_bert_like_encoders_round_trip_through_save_pretrained(name, options, tm
     ex = dms.export()
     assert sum(p.numel() for p in ex.parameters()) < sum(p.numel() for p in model.parameters())
     H.assert_pretrained_round_trip(ex, args, {}, tmp_path)
+
+
+def test_deberta_pooler_narrower_than_the_model_is_named_and_embedding_size_follows_the_hidden_size():
+    """DeBERTa's ContextPooler is ``pooler_hidden_size`` wide in and out: a pooler pruned alone cannot be described;
+    a pruned hidden size moves the embeddings' ``embedding_size`` attribute with it."""
+    model, args, _ = H.build(H.deberta_v2)
+    dms = _dms(model, args)
+    _force(dms, {"pooler.dense": 0.5})
+    ex = dms.export()
+    assert "pooler_hidden_size" in ex.config.dmscale_inexact and not config_describes_model(ex)
+    model, args, _ = H.build(H.deberta_v2)
+    dms = _dms(model, args)
+    _force(dms, {"pooler.dense": 0.5, "deberta.embeddings.word_embeddings": 0.5, "heads": 0.5})  # head_dim stays 8
+    ex = dms.export()
+    assert ex.deberta.embeddings.embedding_size == ex.config.hidden_size == ex.config.pooler_hidden_size == 16
+    assert config_describes_model(ex) and "embedding_size" not in ex.config.to_dict()

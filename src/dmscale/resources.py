@@ -30,10 +30,18 @@ def count(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     example_kwargs = example_kwargs or {}
     was = model.training
     model.eval()
+    # FlopCounterMode's module tracker hooks the backward of every module input that requires grad: a view
+    # of a parameter taken under no_grad (DeBERTa's relative embedding table, sliced and passed to a
+    # projection) requires grad but has no graph, and the hook fails. Nothing here needs gradients.
+    grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for p, _ in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as fc:  # + fused RNN/MHA
             model(*example_inputs, **example_kwargs)
     finally:
+        for p, req in grads:
+            p.requires_grad_(req)
         model.train(was)
     seen: set[int] = set()
     params = 0

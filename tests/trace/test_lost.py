@@ -88,3 +88,46 @@ def test_flops_of_ops_without_a_rule_scale_with_depth():
     small = dms.export()
     assert len(small.blocks) == 1
     assert float(dms.resource(soft=False)["flops"]) == dmscale.count(small, (x,))["flops"]
+
+
+class FoldedHeads(nn.Module):
+    """Heads folded into the batch dim (``(B, T, H * D) -> (B * H, T, D)``); ``mix`` says what reads them."""
+
+    def __init__(self, mix: str) -> None:
+        super().__init__()
+        self.mix = mix
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def fold(self, x):
+        b, t, _ = x.shape
+        return x.view(b, t, 4, 2).transpose(1, 2).reshape(b * 4, t, 2)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (self.fold(p) for p in self.qkv(x).chunk(3, -1))
+        if self.mix == "bmm":  # attention: the folded factor is heads
+            y = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        elif self.mix == "sdpa":
+            y = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:  # a running mean over time, per head: nothing reads the factor as heads
+            y = (q * k).cumsum(1) + v
+        return self.head(self.out(y.view(b, 4, t, 2).transpose(1, 2).reshape(b, t, 8)))
+
+
+def test_heads_folded_into_the_batch_are_searched_by_attention_and_named_when_nothing_reads_them():
+    x = torch.randn(3, 5, 8)
+    for mix in ("bmm", "sdpa"):
+        dms = dmscale.DMS(FoldedHeads(mix), (x,), dmscale.Target(flops=0.9), total_steps=5, warn=False)
+        assert [g.kind for g in dms.groups if g.name == "qkv[heads]"] == ["heads"] and dms.trace.lost == [], mix
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        dms = dmscale.DMS(FoldedHeads("cumsum"), (x,), dmscale.Target(flops=0.9), total_steps=5)
+    assert not [g for g in dms.groups if g.kind == "heads"]
+    (lost,) = dms.trace.lost
+    assert lost.name == "qkv" and lost.size == 4
+    assert lost.reasons == ["folded into the batch dim by a reshape in model, and no attention op read it as heads"]
+    msgs = [str(x.message) for x in w if "could be searched but are fixed" in str(x.message)]
+    assert len(msgs) == 1 and "qkv (4 elements" in msgs[0] and "folded into the batch dim" in msgs[0]
+    assert "not searched (fixed):\n  qkv (4 elements" in dms.summary()

@@ -1,6 +1,7 @@
 """Matrix products couple the contracted dims (a[-1] with b[-2]; with vectors, the vector's dim) and
 equally sized batch dims; out = batch + [a[-2], b[-1]]; they fix nothing. Two 4-D operands tag the last
-batch dim 'heads' and the contracted dim 'head_dim'. ``addmm``-style ops also unite the added input
+batch dim 'heads' and the contracted dim 'head_dim'; otherwise the factors of a batch dim split off a feature
+dim (heads folded into the batch, ``view(B * H, T, D)`` + ``bmm``) are tagged 'heads'. ``addmm``-style ops also unite the added input
 with the product by broadcasting. Parameters used as operands are raw (masked by parametrization)."""
 
 import torch
@@ -31,6 +32,28 @@ def test_batched_4d_matmul_tags_heads_and_head_dim():
     assert same(qd[-1], kd[-1]) and same(qd[1], kd[1]) and same(qd[0], kd[0])
     assert "heads" in qd[1].find().tags and "head_dim" in qd[-1].find().tags
     assert same(od[2], qd[2]) and same(od[3], kd[2])
+
+
+def test_heads_folded_into_the_batch_dim_are_tagged_heads():
+    """``(B, T, H * D) -> (B * H, T, D)`` then ``bmm``: the H factor of the projection's width is heads, the
+    D factor head_dim; the batch factor is untouched, and unfolding after the bmm finds the same spaces."""
+    def attend(x):
+        b, t, _ = x.shape
+        q = x.view(b, t, 4, 2).transpose(1, 2).reshape(b * 4, t, 2)
+        out = torch.bmm(torch.bmm(q, q.transpose(1, 2)).softmax(-1), q)
+        return out.view(b, 4, t, 2).transpose(1, 2).reshape(b, t, 8)
+
+    tr, (x,), out = run_op(attend, torch.randn(3, 5, 8))
+    heads, head_dim = tr.get(x)[2].find().children
+    assert "heads" in heads.find().tags and "head_dim" not in heads.find().tags
+    assert "head_dim" in head_dim.find().tags and "heads" not in head_dim.find().tags
+    assert "heads" not in tr.get(x)[0].find().tags and free(heads) and free(head_dim)
+    assert all(same(a, b) for a, b in zip(tr.get(out)[2].find().children, (heads, head_dim)))
+
+
+def test_bmm_of_unsplit_batch_tags_nothing():
+    tr, (a, b), out = run_op(torch.bmm, torch.randn(2, 3, 4), torch.randn(2, 4, 5))
+    assert not any(t in s.find().tags for s in tr.get(a) + tr.get(b) for t in ("heads", "head_dim"))
 
 
 def test_broadcast_batch_dim():

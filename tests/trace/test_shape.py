@@ -3,8 +3,10 @@ split a space into a product (explicit ints recorded for export). Permutes reord
 a concatenation and couples the other dims; ``split`` / ``chunk`` refine a dim into a concatenation.
 ``stack`` couples its inputs. A contiguous slice (``x[..., a:b]``, ``narrow``, an index list of
 consecutive ints) refines its dim into a concatenation; equal ``chunk`` / ``split`` pieces are one space
-repeated. Fixed: the dim of an int index, a strided slice, ``select``, ``unbind``, a padded dim, a
-repeated dim, and dims broadcast by ``expand`` (new, fixed)."""
+repeated. A dim tiled by ``repeat`` / ``tile`` / ``repeat_interleave`` (an int count) is a product of the dim
+and a new fixed factor (the copies). Fixed: the dim of an int index, a strided slice, ``select``, ``unbind``,
+a padded dim, a dim repeated by per-element counts or from size 1, and dims broadcast by ``expand`` (new,
+fixed)."""
 
 import torch
 import torch.nn.functional as F
@@ -140,9 +142,29 @@ def test_pad_fixes_padded_dims_only():
     assert fixed(tr.get(x)[2]) and free(tr.get(x)[1]) and same(tr.get(out)[1], tr.get(x)[1])
 
 
-def test_repeat_fixes_repeated_dim():
-    tr, (x,), out = run_op(lambda x: x.repeat(1, 2), torch.randn(2, 3))
+def test_repeat_tiles_the_repeated_dim_as_copies_times_the_dim():
+    """Copy r of element i lands at r * n + i (``repeat``, ``tile``) or i * k + r (``repeat_interleave``)."""
+    for fn, order in ((lambda x: x.repeat(1, 2), "copies first"), (lambda x: torch.tile(x, (2,)), "copies first"),
+                      (lambda x: x.repeat_interleave(2, dim=1), "dim first")):
+        tr, (x,), out = run_op(fn, torch.randn(2, 3))
+        o = tr.get(out)[1].find()
+        assert free(tr.get(x)[1]) and free(tr.get(x)[0]) and same(tr.get(out)[0], tr.get(x)[0])
+        assert o.kind == "product" and [c.find().size for c in o.children] == ([2, 3] if order == "copies first" else [3, 2])
+        dim, copies = (o.children[1], o.children[0]) if order == "copies first" else o.children
+        assert same(dim, tr.get(x)[1]) and fixed(copies)
+    # a leading new dim (repeat with more sizes than dims) is a new fixed space; the tiled batch of
+    # DeBERTa's per-head position keys (H, P, D) -> (B * H, P, D) keeps the heads prunable
+    tr, (x,), out = run_op(lambda x: x.repeat(3, 2, 1, 1), torch.randn(4, 5, 8))
+    assert fixed(tr.get(out)[0]) and free(tr.get(x)[0]) and same(tr.get(out)[1].find().children[1], tr.get(x)[0])
+
+
+def test_repeat_by_counts_or_from_size_one_fixes_the_dim():
+    tr, (x,), out = run_op(lambda x: x.repeat_interleave(torch.tensor([1, 2, 1]), dim=1), torch.randn(2, 3))
     assert fixed(tr.get(x)[1]) and free(tr.get(x)[0]) and fixed(tr.get(out)[1])
+    tr, (x,), out = run_op(lambda x: x.repeat_interleave(2), torch.randn(2, 3))  # flattened: not a product
+    assert fixed(tr.get(x)[0]) and fixed(tr.get(x)[1]) and fixed(tr.get(out)[0])
+    tr, (x,), out = run_op(lambda x: x.repeat(1, 4), torch.randn(2, 1))
+    assert free(tr.get(x)[0]) and fixed(tr.get(out)[1])
 
 
 def test_roll_fixes_the_rolled_dims_only():

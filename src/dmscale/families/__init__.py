@@ -26,6 +26,6 @@ __all__ = ["Family", "ExportContext", "Transformer", "Attn", "Mlp", "Stack", "re
 # one module per family; none imports transformers (families match by ``config.model_type``)
 _BUILTIN = ("llama", "gemma", "phi3", "moe", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "bloom", "mpt", "bert",
             "distilbert", "t5", "vit", "clip", "seq2seq", "swin", "convnext", "efficientnet",
-            "segformer", "mobilevit", "swinv2")
+            "segformer", "mobilevit", "swinv2", "deberta")
 for _name in _BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")

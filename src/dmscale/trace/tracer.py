@@ -27,7 +27,7 @@ from .spaces import Space, TraceError, fix, union
 from .records import (BlockRecord, LayerRecord, OpRecord, ParamRecord, ReshapeRecord, SizeAttrRecord,
                       TraceResult)
 from .registry import OpCall, first_tensor, rule_for, tensors
-from .lost import lost_dimensions
+from .lost import fix_folded, lost_dimensions
 from . import rules as _rules  # noqa: F401  (registers the built-in op rules)
 from .rules.metadata import METADATA as _METADATA
 from ..layers.spec import LayerSpec, layer_kind, spec_for
@@ -480,6 +480,7 @@ def trace(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None =
     # report only ops that cost pruning freedom: they touched a dimension some parameter lives in
     unsupported = {op: mods for op, mods in tr.unsupported.items()
                    if any(leaf.owned and leaf.size > 1 for s in tr.unsupported_spaces.get(op, []) for leaf in s.leaves())}
+    fix_folded(tr.params)
     return TraceResult(tr.params, tr.layers, tr.ops, blocks, tr.reshapes, unsupported, tr.counter.total,
                        size_attrs=tr.size_attrs, lost=lost_dimensions(tr.params))
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..registry import op_rule
-from ..spaces import Space, fix, tag, union
+from ..spaces import Space, fix, union
+from .matmul import tag_folded_heads
 
 
 def _parse(term: str, ndim: int) -> list[str] | None:
@@ -94,13 +95,6 @@ def einsum(tr, c) -> None:
     if len(ops) == 2:
         batch = [k for k in out_keys if all(k in ks for ks in keys) and not k.startswith(".")]
         contracted = [k for k in spaces if k not in out_keys and count.get(k, 0) >= 2]
-        split_batch = [k for k in batch if "split" in spaces[k].find().tags or
-                       any("split" in leaf.tags for leaf in spaces[k].leaves())]
-        if split_batch:
-            for k in split_batch:
-                tag(spaces[k], "heads")
-            for k in contracted:
-                if any("split" in leaf.tags for leaf in spaces[k].leaves()):
-                    tag(spaces[k], "head_dim")
+        tag_folded_heads([spaces[k] for k in batch], [spaces[k] for k in contracted])
     tr.set(c.out, od)
     tr.record_op("einsum", c.flops, [spaces[k] for k in spaces if sizes[k] > 1])

@@ -13,7 +13,9 @@ def matmul_dims(tr, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, flops: 
 
     Couples a[-1] with b[-2] (b[0] / a[0] for vectors) and equally sized batch dims; out is
     batch + [a[-2], b[-1]]. With two 4-D operands the last batch dim is tagged as attention
-    heads and the contracted dim as head_dim. Fixes nothing; parameters used here are raw.
+    heads and the contracted dim as head_dim; otherwise the factors of the batch dims that were split off
+    a feature dim (heads folded into the batch, ``view(B * H, T, D)`` before a ``bmm``) are tagged as
+    heads (see :func:`tag_folded_heads`). Fixes nothing; parameters used here are raw.
     """
     ad, bd = list(tr.get(a)), list(tr.get(b))
     for t in (a, b):
@@ -51,6 +53,27 @@ def matmul_dims(tr, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, flops: 
     if nb >= 1 and a.dim() == 4 and b.dim() == 4:
         tag(batch[-1], "heads")
         tag(ad[-1], "head_dim")
+    else:
+        tag_folded_heads(batch, [ad[-1]])
+
+
+def _split_leaves(s: Space) -> list[Space]:
+    return [leaf for leaf in s.leaves() if "split" in leaf.tags]
+
+
+def tag_folded_heads(batch: list[Space], contracted: list[Space]) -> None:
+    """The factors of a product's batch dims that were split off a feature dim (heads folded into the batch:
+    ``view(B, T, H, D).transpose(1, 2).reshape(B * H, T, D)``) are attention heads: tag them 'heads', and
+    the factors of the contracted dims split off a feature dim 'head_dim' (so the heads are searched, or
+    named as lost when the trace fixes them, instead of staying an anonymous split factor). The other
+    factors (the batch itself) are left alone."""
+    folded = [leaf for s in batch for leaf in _split_leaves(s)]
+    for leaf in folded:
+        tag(leaf, "heads")
+    if folded:
+        for s in contracted:
+            for leaf in _split_leaves(s):
+                tag(leaf, "head_dim")
 
 
 @op_rule("matmul", "__matmul__", "__rmatmul__", "mm", "bmm")

@@ -3,8 +3,10 @@
 Slicing a contiguous range of a dimension (``x[..., a:b]``, ``narrow``, an index list like ``[-2]``)
 refines its space into a concatenation whose middle part is the slice (a fused ``qkv_proj`` cut into
 q | k | v by positions); the parts are not searched on their own unless an attention op tags them as
-heads. Indexing one element, a strided slice, and copying data along a dim (``repeat``, a
-broadcasting ``expand``) make that dimension unprunable: export could not slice it consistently.
+heads. Tiling a dim (``repeat``, ``tile``, ``repeat_interleave`` by an int) makes it a product of the dim and
+a fixed factor (the copies). Indexing one element, a strided slice, and copying data along a dim of size one
+or by per-element counts (``repeat``, a broadcasting ``expand``) make that dimension unprunable: export could
+not slice it consistently.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from ..registry import norm_dim, op_rule, tensors
+from ..lost import FOLDED
 from ..spaces import Space, TraceError, composite, fix, split, union
 from .index import advanced_getitem
 
@@ -71,6 +74,8 @@ def reshape(tr, c) -> None:
         for k in gj:
             if k not in gj_nz:
                 od[k] = Space(1, "unit")
+        if len(gi) > 1:
+            note_folds([sd[k] for k in gi], where)
         if len(gi) == 1 and len(gj_nz) == 1:
             od[gj_nz[0]] = sd[gi[0]]
         elif len(gj_nz) == 1:
@@ -87,6 +92,19 @@ def reshape(tr, c) -> None:
             for k, p in zip(gj_nz, parts):
                 od[k] = p
     tr.set(out, [s if s is not None else Space(outs[k], "unit") for k, s in enumerate(od)])
+
+
+def note_folds(merged: list[Space], where: str) -> None:
+    """A reshape merging a factor split off a feature dim with a dim of the model's input (the batch: heads
+    folded into it, ``(B, H, T, D) -> (B * H, T, D)``) tags that factor ``folded:<module>``: unless an attention
+    op then reads it as heads, the trace fixes it at the end and names it as lost
+    (:func:`dmscale.trace.lost.fix_folded`). Merging heads back with a fixed copy factor (grouped-query
+    ``repeat_kv``) is not a fold."""
+    leaves = [leaf for s in merged for leaf in s.leaves()]
+    if any(leaf.fixed and any(r.startswith("model input") for r in leaf.fix_reasons) for leaf in leaves):
+        for leaf in leaves:
+            if not leaf.fixed and "split" in leaf.tags and leaf.size > 1:
+                leaf.tags.add(f"{FOLDED}{where or 'model'}")
 
 
 @op_rule("permute", "transpose", "transpose_", "t", "swapaxes", "swapdims", "movedim", "moveaxis")
@@ -405,17 +423,39 @@ def roll(tr, c) -> None:
 
 @op_rule("repeat", "tile", "repeat_interleave")
 def repeat(tr, c) -> None:
-    """Unchanged dims pass through; a repeated dim is fixed and its output is a new fixed space."""
+    """Unchanged dims pass through. A dim of size n tiled k times (``repeat`` / ``tile``: copy r of element i
+    at r * n + i) is the product (k copies x the dim), ``repeat_interleave`` by an int k (at i * k + r) the
+    product (the dim x k copies): the copies are a new fixed factor and the dim itself stays prunable
+    (DeBERTa repeats per-head position keys over the batch folded with the heads). A dim broadcast from size
+    1, or repeated by per-element counts, is fixed and its output is a new fixed space."""
     src, out = c.args[0], c.out
     sd = list(tr.get(src))
+    where = tr.current_module() or "model"
+    interleave = c.name == "repeat_interleave"
+    if interleave and (out.dim() != src.dim() or not isinstance(c.arg(1, "repeats", None), int)):
+        return _fix_repeated(tr, c, sd, where)  # flattened (dim=None) or per-element counts: not a product
     od = []
     lead = out.dim() - src.dim()
     for i, n in enumerate(out.shape):
         j = i - lead
         if j >= 0 and src.shape[j] == n:
             od.append(sd[j])
+        elif j >= 0 and src.shape[j] > 1 and n % src.shape[j] == 0:
+            copies = Space(n // src.shape[j], c.name, fixed=True)
+            copies.fix_reasons.append(f"copies made by {c.name} in {where}")
+            od.append(composite("product", [sd[j], copies] if interleave else [copies, sd[j]], f"{c.name}:{where}"))
         else:
             if j >= 0:
-                fix(sd[j], f"{c.name} in {tr.current_module()}")
+                fix(sd[j], f"{c.name} in {where}")
             od.append(Space(n, c.name, fixed=True))
     tr.set(out, od)
+
+
+def _fix_repeated(tr, c, sd: list[Space], where: str) -> None:
+    """Every dim whose size changed is fixed; the output's dims are new fixed spaces there."""
+    src, out = c.args[0], c.out
+    for j, s in enumerate(sd):
+        if out.dim() != src.dim() or out.shape[j] != src.shape[j]:
+            fix(s, f"{c.name} in {where}")
+    tr.set(out, [sd[i] if out.dim() == src.dim() and out.shape[i] == src.shape[i] else Space(n, c.name, fixed=True)
+                 for i, n in enumerate(out.shape)])
