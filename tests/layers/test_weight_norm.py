@@ -15,7 +15,7 @@ from torch.nn.utils import weight_norm as legacy_weight_norm
 import dmscale
 from dmscale.layers.weightnorm import weight_norm_of
 from dmscale.trace.tracer import trace
-from prunetools import prune_and_export, search_to_budget
+from prunetools import load_trusting, prune_and_export, search_to_budget
 
 
 def legacy(mod, dim=0):
@@ -137,3 +137,22 @@ def test_weight_norm_outside_a_known_layer_stays_fixed_and_named():
     assert lost and lost[0].size == 16
     assert not any(r.raw and any(not s.find().fixed for s in r.dims) for n, r in tr.params.items() if "kernel" in n
                    or "original" in n)
+
+
+def test_save_refuses_a_weight_normed_export_and_says_how_to_bake_it_in(tmp_path):
+    """``dmscale.save`` cannot store a parametrized class or a forward pre-hook (loading never runs code): the error
+    names the module and the fix; after ``remove_parametrizations`` the export saves and loads bit-identically."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = MLP(weight_norm)
+    x = torch.randn(4, 8)
+    _, small = prune_and_export(model, x)
+    with pytest.raises(TypeError, match=r"module 'a'.*remove_parametrizations"):
+        dmscale.save(small, tmp_path / "wn")
+    assert not (tmp_path / "wn").exists()
+    want = small(x)
+    for name in ("a", "b"):
+        parametrize.remove_parametrizations(getattr(small, name), "weight")
+    dmscale.save(small, tmp_path / "plain")
+    torch.testing.assert_close(load_trusting(tmp_path / "plain", __name__)(x), want, rtol=0, atol=0)

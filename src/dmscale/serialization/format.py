@@ -268,9 +268,15 @@ class _Saver:
         try:
             spec = ref_name(cls, where)
         except TypeError:
+            hint = ""
+            params = getattr(m, "parametrizations", None)
+            if isinstance(params, nn.ModuleDict) and len(params):
+                names = ", ".join(repr(k) for k in params)
+                hint = (f"; it is parametrized ({names}: e.g. weight_norm): bake the parametrization in with "
+                        f"torch.nn.utils.parametrize.remove_parametrizations(module, name) before saving")
             raise TypeError(
                 f"{where}: class {cls.__module__}:{cls.__qualname__} does not import back to the same class "
-                "(dynamically created classes, e.g. from torch.nn.utils.parametrize, cannot be saved)"
+                "(dynamically created classes, e.g. from torch.nn.utils.parametrize, cannot be saved)" + hint
             ) from None
         if "_compiled_call_impl" in m.__dict__ and m.__dict__["_compiled_call_impl"] is not None:
             raise TypeError(f"{where}: module was compiled with .compile(); save the uncompiled module")
