@@ -27,7 +27,7 @@ def legacy(mod, dim=0):
 FORMS = {"parametrized": weight_norm, "legacy": legacy}
 
 
-class MLP(nn.Module):
+class NormedMLP(nn.Module):
     def __init__(self, wn, dim=0):
         super().__init__()
         self.a = wn(nn.Linear(8, 32), dim=dim)
@@ -50,7 +50,7 @@ class ConvNet(nn.Module):
         return self.c(torch.relu(self.b(h)).mean(-1))
 
 
-MODELS = {"mlp": (MLP, (5, 8)), "conv": (ConvNet, (2, 3, 6, 6))}
+MODELS = {"mlp": (NormedMLP, (5, 8)), "conv": (ConvNet, (2, 3, 6, 6))}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -98,7 +98,7 @@ def test_export_equals_hard_masked_supernet(name, form, dim):
 def test_output_mask_values_fold_into_g():
     """The surviving soft mask values of a weight-normalised Linear end up in g (v keeps its direction and norm)."""
     torch.manual_seed(1)
-    model = MLP(weight_norm)
+    model = NormedMLP(weight_norm)
     x = torch.randn(5, 8)
     dms, small = prune_and_export(model, x, ratio=0.5)
     keep = dms.masker.keep_for(dms.trace.layers["a"].out_dims[-1])
@@ -145,7 +145,7 @@ def test_save_refuses_a_weight_normed_export_and_says_how_to_bake_it_in(tmp_path
     from torch.nn.utils import parametrize
 
     torch.manual_seed(0)
-    model = MLP(weight_norm)
+    model = NormedMLP(weight_norm)
     x = torch.randn(4, 8)
     _, small = prune_and_export(model, x)
     with pytest.raises(TypeError, match=r"module 'a'.*remove_parametrizations"):
