@@ -29,7 +29,7 @@ by Debian's ``dataset-fashion-mnist``; falls back to MNIST-5k if unavailable). M
     python benchmarks/bench_quality.py --datasets fashion-mnist --limit-train 0 --limit-test 0 --steps 1200 \
         --name bench_quality_long
     python benchmarks/bench_quality.py --markdown benchmarks/results/bench_quality_short.json \
-        benchmarks/results/bench_quality_long.json
+        benchmarks/results/bench_quality_long.json --plot docs/images/quality_vs_flops.png
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None, help="training images (0: all; default per dataset)")
     ap.add_argument("--limit-test", type=int, default=None, help="test images (0: all; default per dataset)")
     ap.add_argument("--budgets", default=None, help="comma list of FLOPs fractions (default 0.25,0.5,0.75)")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="with --markdown: one accuracy-vs-FLOPs panel per file")
     ap.add_argument("--methods", default=None, help=f"comma list of methods (default: all of {METHODS})")
     ap.add_argument("--patch", nargs=2, default=None, metavar=("BASE", "EXTRA"),
                     help="rewrite result file BASE with EXTRA's runs of the methods EXTRA ran (a re-run of some "
@@ -168,6 +169,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.markdown:
         print(markdown(args.markdown))
+        if args.plot:
+            plot_regimes(args.markdown, args.plot)
         return
     if args.patch:
         print(patch(*args.patch))
@@ -312,7 +315,60 @@ def markdown(paths: list[str]) -> str:
                 if row_has:
                     out.append(f"| {b:.2f} | {method} | " + " | ".join(cells) + " |")
         out.append("")
+        for r in parts:
+            for b in budgets:
+                line = paired_line(r, b)
+                if line:
+                    out.append(f"- B = {r['steps_B']}, FLOPs {b:.2f}: {line}")
+        out.append("")
     return "\n".join(out)
+
+
+def paired_line(r: dict, budget: float) -> str | None:
+    """DMS minus the best other method at ``budget`` (by mean), paired by seed: mean ± std of the differences,
+    wins, paired t-test and exact sign-flip permutation p (``common.paired_test``)."""
+    by: dict[str, dict[int, float]] = {}
+    for x in r["runs"]:
+        if x["budget"] == budget and x["method"] != "base":
+            by.setdefault(x["method"], {})[x["seed"]] = 100 * x["acc"]
+    if "DMS" not in by or len(by) < 2:
+        return None
+    means = {m: statistics.mean(v.values()) for m, v in by.items() if m != "DMS"}
+    best = max(means, key=means.__getitem__)
+    seeds = sorted(set(by["DMS"]) & set(by[best]))
+    if len(seeds) < 2:
+        return None
+    t = common.paired_test([by["DMS"][s] for s in seeds], [by[best][s] for s in seeds])
+    p = f", paired t p = {t['p_ttest']:.2g}" if t.get("p_ttest") is not None else ""
+    return (f"DMS − {best} (best other) = {t['mean_diff']:+.2f} ± {t['std_diff']:.2f} points, wins "
+            f"{t['wins']}/{t['n']}{p}, sign-flip p = {t['p_permutation']:.2g}")
+
+
+def plot_regimes(paths: list[str], out: str) -> None:
+    """Accuracy vs FLOPs, one panel per result file (e.g. the short and the long training budget)."""
+    import json
+
+    p = common.plt()
+    runs = [json.loads(open(x).read()) for x in paths]
+    panels = [(r, ds) for r in runs for ds in r["datasets"]]
+    fig, axs = p.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (r, ds) in zip(axs[0], panels):
+        d = r["datasets"][ds]
+        for method in METHODS:
+            a = sorted((x for x in d["aggregate"] if x["method"] == method), key=lambda x: x["budget"])
+            if a:
+                c, mk, ls = STYLE[method]
+                ax.errorbar([x["flops_frac_mean"] for x in a], [100 * x["acc_mean"] for x in a],
+                            yerr=[100 * x["acc_std"] for x in a], color=c, marker=mk, ls=ls, capsize=3, label=method)
+        base = [x for x in d["aggregate"] if x["method"] == "base"]
+        if base:
+            ax.axhline(100 * base[0]["acc_mean"], color="k", lw=0.8, ls=":", label="base model (1.0)")
+        ax.set(xlabel="FLOPs / base model FLOPs", ylabel="test accuracy (%)",
+               title=f"{ds}: {d['steps_B']} steps per method, {len(d['seeds'])} seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def merge(names: list[str], into: str = NAME) -> dict:
