@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = {"command": "python benchmarks/hp_transfer.py" + (" --quick" if a.quick else ""), "quick": a.quick,
            "seeds": a.seeds, "jobs": a.jobs, "seconds": round(time.time() - t_start, 1), "results": results,
            "runs": {n: [{k: v for k, v in u.items()} for u in units[n]] for n in chosen}}
-    path = common.save_result(name, out)
+    path = common.save_result(name, out, indent=None)  # committed: no indentation
     png = os.path.join(common.RESULTS, f"{name}.png")
     plot(results, units, png)
     if a.png:
