@@ -212,11 +212,15 @@ STYLE = {"DMS": ("C3", "o", "-"), "DMS_p": ("C1", "s", "-"), "DMS_fast": ("C5", 
 
 
 def plot(out: dict, name: str = NAME) -> None:
+    draw([(r, f"{ds}: equal training budget ({r['steps_B']} steps), {len(r['seeds'])} seed(s)")
+          for ds, r in out["datasets"].items()], common.plot_path(name))
+
+
+def draw(panels: list[tuple[dict, str]], path: str) -> None:
+    """Accuracy vs FLOPs (mean ± std per method), one panel per (dataset result, title)."""
     p = common.plt()
-    dss = list(out["datasets"])
-    fig, axs = p.subplots(1, len(dss), figsize=(6 * len(dss), 4.5), squeeze=False)
-    for ax, ds in zip(axs[0], dss):
-        r = out["datasets"][ds]
+    fig, axs = p.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (r, title) in zip(axs[0], panels):
         for method in METHODS:
             a = sorted((x for x in r["aggregate"] if x["method"] == method), key=lambda x: x["budget"])
             if not a:
@@ -227,12 +231,11 @@ def plot(out: dict, name: str = NAME) -> None:
         b = [x for x in r["aggregate"] if x["method"] == "base"]
         if b:
             ax.axhline(100 * b[0]["acc_mean"], color="k", lw=0.8, ls=":", label="base model (1.0)")
-        ax.set(xlabel="FLOPs / base model FLOPs", ylabel="test accuracy (%)",
-               title=f"{ds}: equal training budget ({r['steps_B']} steps), {len(r['seeds'])} seed(s)")
+        ax.set(xlabel="FLOPs / base model FLOPs", ylabel="test accuracy (%)", title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(common.plot_path(name), dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -348,27 +351,9 @@ def plot_regimes(paths: list[str], out: str) -> None:
     """Accuracy vs FLOPs, one panel per result file (e.g. the short and the long training budget)."""
     import json
 
-    p = common.plt()
     runs = [json.loads(open(x).read()) for x in paths]
-    panels = [(r, ds) for r in runs for ds in r["datasets"]]
-    fig, axs = p.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (r, ds) in zip(axs[0], panels):
-        d = r["datasets"][ds]
-        for method in METHODS:
-            a = sorted((x for x in d["aggregate"] if x["method"] == method), key=lambda x: x["budget"])
-            if a:
-                c, mk, ls = STYLE[method]
-                ax.errorbar([x["flops_frac_mean"] for x in a], [100 * x["acc_mean"] for x in a],
-                            yerr=[100 * x["acc_std"] for x in a], color=c, marker=mk, ls=ls, capsize=3, label=method)
-        base = [x for x in d["aggregate"] if x["method"] == "base"]
-        if base:
-            ax.axhline(100 * base[0]["acc_mean"], color="k", lw=0.8, ls=":", label="base model (1.0)")
-        ax.set(xlabel="FLOPs / base model FLOPs", ylabel="test accuracy (%)",
-               title=f"{ds}: {d['steps_B']} steps per method, {len(d['seeds'])} seeds")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    draw([(r["datasets"][ds], f"{ds}: {r['datasets'][ds]['steps_B']} steps per method, "
+                              f"{len(r['datasets'][ds]['seeds'])} seeds") for r in runs for ds in r["datasets"]], out)
 
 
 def merge(names: list[str], into: str = NAME) -> dict:
