@@ -384,10 +384,7 @@ def measure_export(dms: "DMS") -> float:
     device and batch size, median over ``ROUNDS`` rounds)."""
     device, _, args, kwargs = _timing_setup(dms)
     small = dms.export(check=False, project=False).to(device).eval()
-    try:
-        return _interleaved(_timer(dms.config), [(small, _to(args, device), _to(kwargs, device))], ROUNDS)[0]
-    finally:
-        del small
+    return _interleaved(_timer(dms.config), [(small, _to(args, device), _to(kwargs, device))], ROUNDS)[0]
 
 
 @torch.no_grad()
@@ -406,6 +403,8 @@ def land_measured(dms: "DMS", when: str) -> Any:
     from .budget import project
 
     cfg = dms.config
+    if cfg.latency_checks < 1:
+        raise ValueError(f"land_measured needs latency_checks >= 1, got {cfg.latency_checks}")
     target = float(dms.target.latency)
     params = list(dms.structure_parameters())
     searched = [p.detach().clone() for p in params]
@@ -427,7 +426,6 @@ def land_measured(dms: "DMS", when: str) -> Any:
         if err <= cfg.latency_tolerance:
             break
         dms.latency_scale = scale  # this structure's measured / predicted: the next projection aims with it
-    assert best is not None  # latency_checks >= 1 (the caller checks)
     _, proj, ratios, dms.latency_scale, kept = best
     kept["kept"] = True
     for p, r in zip(params, ratios):
