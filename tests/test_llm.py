@@ -286,6 +286,24 @@ def test_dms_fast_freezes_weights_and_meets_target() -> None:
     assert uniform_sizes(uni) is not None and uni.config.num_hidden_layers == len(decoder_layers(uni)[1])
 
 
+def test_llm_recipes_grow_the_resource_weight_fast_enough_to_land_by_themselves() -> None:
+    """The LLM recipes' resource-weight rate (``ADAPTIVE_WEIGHT_FAST``, overridable): the search itself ends
+    near the budget, so the refine-phase projection moves it by less than 2%; at the library's default rate
+    1.0 the same 24-step search ran far below and the projection had to move it back up."""
+    moved = {}
+    for rate in (None, 1.0):
+        model, ids = _make("llama"), _corpus_ids()
+        target = L.params_target(model, 0.7)
+        kw = {} if rate is None else {"dms_kwargs": {"adaptive_weight": rate}}
+        _, log = L.dms_fast(model, ids, target, steps=24, seq_len=16, batch_size=2, lr_structure=0.05,
+                            progress=False, remove=False, **kw)
+        dms = log["dms"]
+        assert dms.adaptive_weight == (L.ADAPTIVE_WEIGHT_FAST if rate is None else rate)
+        moved[rate] = abs(dict(dms.projections)["refine"].moved)
+        dms.remove()
+    assert moved[None] < 0.02 < moved[1.0], moved
+
+
 def test_dms_p_with_distillation_and_finetune() -> None:
     model = _make("llama")
     ids = _corpus_ids()

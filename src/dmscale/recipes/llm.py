@@ -165,6 +165,16 @@ def run_search(dms: DMS, train_ids: torch.Tensor, steps: int, *, seq_len: int = 
                       progress=progress, desc=desc, on_step=on_step)
 
 
+# Rate of the resource weight's multiplier update (DMSConfig.adaptive_weight; library default 1.0) in the LLM
+# recipes. At 1.0 the weight grows too slowly against a language model's task loss for searches of a few hundred
+# steps: SmolLM2-135M's 24-step DMS_fast stalled at 0.98 of the parameters and the projection did the pruning
+# (0.98 -> 0.84). At these rates the search reached the budget by itself in the reduced and the full benchmark
+# runs (BENCHMARKS.md, LLM: projections <= 2.7% and <= 0.85% of the target). DMS_p needs more: its CE + KL loss
+# resists pruning more (at 5.0 it stalled at 0.887 for 0.842 on 64-token windows). ``dms_kwargs`` overrides.
+ADAPTIVE_WEIGHT_FAST = 5.0
+ADAPTIVE_WEIGHT_P = 20.0
+
+
 def _builder(prune_hidden: bool, prune_heads: bool, prune_depth: bool,
              dms_kwargs: dict[str, Any] | None) -> Callable[[nn.Module, tuple, Target, int], DMS]:
     def build(model: nn.Module, example: tuple, target: Target, steps: int) -> DMS:
@@ -214,6 +224,8 @@ def dms_fast(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps
              dms_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """DMS_fast on text (:func:`dmscale.recipes.pipelines.dms_fast` with a causal-LM task); (model, log).
 
+    The resource weight grows at ``ADAPTIVE_WEIGHT_FAST`` (``dms_kwargs={"adaptive_weight": ...}`` overrides).
+
     The weights are frozen and ``model`` is left as it was (``remove`` takes the masks out); pass
     ``remove=False`` to keep the search state in ``log['dms']`` (e.g. for :func:`export_uniform`).
     """
@@ -222,7 +234,8 @@ def dms_fast(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps
             model, CausalLM(), window_batches(train_ids, seq_len, batch_size, seed + 1), target, steps,
             train_mode=gradient_checkpointing, structure_lr=lr_structure, progress=progress, check=check,
             atol=EXPORT_ATOL, rtol=1e-3, example=_example(train_ids, seq_len, seed, target),
-            builder=_builder(prune_hidden, prune_heads, prune_depth, dms_kwargs),
+            builder=_builder(prune_hidden, prune_heads, prune_depth,
+                             {"adaptive_weight": ADAPTIVE_WEIGHT_FAST, **(dms_kwargs or {})}),
             ratios=uniform_ratios if uniform else None, remove=remove)
     return exported, _log("DMS_fast", info)
 
@@ -247,6 +260,8 @@ def dms_p(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps: i
           dms_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """DMS_p on text (:func:`dmscale.recipes.pipelines.dms_p` with a causal-LM task); (model, log).
 
+    The resource weight grows at ``ADAPTIVE_WEIGHT_P`` (``dms_kwargs={"adaptive_weight": ...}`` overrides).
+
     With ``distill > 0`` the loss adds ``distill * KL(teacher || student)`` on the logits; the teacher
     is a frozen copy of the unpruned model taken before the search (or ``teacher=``). The weights
     of ``model`` are trained in place.
@@ -262,7 +277,8 @@ def dms_p(model: nn.Module, train_ids: torch.Tensor, target: Target, *, steps: i
             finetune_steps=finetune_steps, finetune_batches=window_batches(train_ids, seq_len, batch_size, seed + 2),
             lr=lr, optimizer="adamw", structure_lr=lr_structure, progress=progress, check=check, atol=EXPORT_ATOL,
             rtol=1e-3, example=_example(train_ids, seq_len, seed, target),
-            builder=_builder(prune_hidden, prune_heads, prune_depth, dms_kwargs),
+            builder=_builder(prune_hidden, prune_heads, prune_depth,
+                             {"adaptive_weight": ADAPTIVE_WEIGHT_P, **(dms_kwargs or {})}),
             ratios=uniform_ratios if uniform else None, remove=remove)
     return exported, _log("DMS_p", info, distill=distill)
 
