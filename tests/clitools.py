@@ -19,6 +19,11 @@ def set_args(*pairs: str) -> list[str]:
     return out
 
 
+def tiny_sets(*extra: str) -> list[str]:
+    """``--set`` arguments for the tiny digits config (``TINY``) plus extras."""
+    return set_args(*TINY, *extra)
+
+
 def fake_seconds(module: nn.Module) -> float:
     """A deterministic stand-in for a latency measurement: 1 us per parameter of the module timed (plus 1 us)."""
     return 1e-6 * (1 + sum(p.numel() for p in module.parameters()))

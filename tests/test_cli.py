@@ -10,15 +10,10 @@ import torch
 
 import dmscale
 from dmscale.app.cli import main
-from clitools import TINY, set_args
+from clitools import tiny_sets as sets
 
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
-
-
-def sets(*extra: str) -> list[str]:
-    """``--set`` arguments for the tiny config plus extras."""
-    return set_args(*TINY, *extra)
 
 
 @pytest.fixture(scope="module")
